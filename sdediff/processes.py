@@ -1,0 +1,155 @@
+r"""Reverse-time processes built from a forward SDE and a score function.
+
+For a forward SDE :math:`dx = f(x,t)\,dt + g(t)\,dw`, the family
+
+.. math::  dx = \big[f(x,t) - \tfrac12(1+\lambda^2)\,g(t)^2\,\nabla\log p_t(x)\big]\,dt + \lambda\,g(t)\,d\bar w,
+           \qquad \lambda \ge 0,
+
+run from ``t = T`` down to ``0`` has the same marginals :math:`p_t` for every :math:`\lambda`
+(all satisfy the forward Fokker–Planck equation). :math:`\lambda = 1` is Anderson's reverse SDE,
+:math:`\lambda = 0` the deterministic probability-flow ODE.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ._utils import batch_time, expand_as
+from .sdes.base import SDE
+
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class CountedScore:
+    """A score function wrapper that counts evaluations and checks the output shape.
+
+    Parameters
+    ----------
+    score_fn : callable
+        ``score_fn(x, t) -> tensor like x`` with ``t`` a ``(batch,)`` tensor (any ``nn.Module`` works).
+
+    Attributes
+    ----------
+    nfe : int
+        Number of calls so far (each call on a batch counts once).
+    """
+
+    def __init__(self, score_fn: ScoreFn) -> None:
+        if not callable(score_fn):
+            raise TypeError(f"score_fn must be callable as score_fn(x, t), got {type(score_fn).__name__}")
+        self.score_fn = score_fn.score_fn if isinstance(score_fn, CountedScore) else score_fn
+        self.nfe = 0
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        out = self.score_fn(x, batch_time(t, x))
+        self.nfe += 1
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"score_fn must return a tensor shaped like x {tuple(x.shape)}, got {got}")
+        return out
+
+
+class ReverseProcess:
+    r"""The reverse-time process with noise scale :math:`\lambda` for ``(sde, score_fn)``.
+
+    Drift and diffusion are written for time running *backwards*: a step from ``t`` to
+    ``t + h`` with ``h < 0`` is :math:`x + \mathrm{drift}(x,t)\,h + \mathrm{diffusion}(t)\sqrt{|h|}\,z`.
+
+    Parameters
+    ----------
+    sde : SDE
+        The forward SDE.
+    score_fn : callable
+        ``score_fn(x, t)``, an approximation of :math:`\nabla_x\log p_t(x)`.
+    noise_scale : float
+        :math:`\lambda \ge 0`; ``1`` is the reverse SDE, ``0`` the probability-flow ODE.
+
+    Notes
+    -----
+    A :class:`ReverseProcess` is a torchdiffeq-compatible vector field: ``process(t, x)`` returns the
+    drift for a scalar ``t``, so ``torchdiffeq.odeint(sde.probability_flow(score_fn), x_T,
+    torch.tensor([T, eps]))`` integrates the probability flow. :meth:`as_torchsde` gives a
+    torchsde-compatible object for the stochastic members.
+    """
+
+    def __init__(self, sde: SDE, score_fn: ScoreFn, noise_scale: float = 1.0) -> None:
+        if not isinstance(sde, SDE):
+            raise TypeError(f"sde must be an sdediff.SDE, got {type(sde).__name__}")
+        if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) \
+                or not math.isfinite(noise_scale) or noise_scale < 0:
+            raise ValueError(f"noise_scale must be a finite float >= 0, got {noise_scale!r}")
+        self.sde = sde
+        self.score = CountedScore(score_fn)
+        self.noise_scale = float(noise_scale)
+
+    @property
+    def nfe(self) -> int:
+        """Score evaluations made through this process."""
+        return self.score.nfe
+
+    def drift(self, x: Tensor, t: Tensor, score: Tensor | None = None) -> Tensor:
+        r""":math:`f(x,t) - \tfrac12(1+\lambda^2)g(t)^2 s(x,t)`; pass ``score`` to reuse an evaluation."""
+        t = batch_time(t, x)
+        if score is None:
+            score = self.score(x, t)
+        g2 = expand_as(self.sde.diffusion(t) ** 2, x)
+        return self.sde.drift(x, t) - (0.5 * (1 + self.noise_scale**2)) * g2 * score
+
+    def diffusion(self, t: Tensor) -> Tensor:
+        r""":math:`\lambda\,g(t)`, shape ``(batch,)``."""
+        return self.noise_scale * self.sde.diffusion(t)
+
+    def __call__(self, t: Tensor, x: Tensor) -> Tensor:
+        """torchdiffeq convention ``f(t, x)``: the drift at a scalar time ``t``."""
+        return self.drift(x, batch_time(t, x))
+
+    def as_torchsde(self, shape: tuple[int, ...] | torch.Size, sde_type: str = "ito") -> TorchSDEAdapter:
+        """A torchsde-compatible SDE for states of ``shape`` in reversed time ``u = T - t`` (see
+        :class:`TorchSDEAdapter`)."""
+        return TorchSDEAdapter(self, shape, sde_type=sde_type)
+
+    def __repr__(self) -> str:
+        return f"ReverseProcess({self.sde!r}, noise_scale={self.noise_scale})"
+
+
+class TorchSDEAdapter(torch.nn.Module):
+    r"""The reverse process as a torchsde SDE, in forward time :math:`u = T - t`.
+
+    torchsde integrates forward in time on flat ``(batch, d)`` states, so with :math:`t = T - u`:
+
+    .. math::  dy = -\mathrm{drift}(y, T - u)\,du + \lambda g(T - u)\,dW_u.
+
+    The noise is additive (it does not depend on ``y``), so the Itô and Stratonovich readings agree
+    and either ``sde_type`` is exact; ``noise_type`` is ``"diagonal"``. Solve from ``u = 0``
+    (``t = T``) to ``u = T - eps``, then reshape with :meth:`unflatten`.
+    """
+
+    noise_type = "diagonal"
+
+    def __init__(self, process: ReverseProcess, shape: tuple[int, ...] | torch.Size,
+                 sde_type: str = "ito") -> None:
+        super().__init__()
+        if sde_type not in ("ito", "stratonovich"):
+            raise ValueError(f"sde_type must be 'ito' or 'stratonovich', got {sde_type!r}")
+        self.process = process
+        self.sde_type = sde_type
+        self.shape = tuple(shape)
+
+    def unflatten(self, y: Tensor) -> Tensor:
+        """Reshape a flat ``(batch, d)`` state back to ``shape``."""
+        return y.reshape(self.shape)
+
+    def f(self, u: Tensor, y: Tensor) -> Tensor:
+        """Drift in forward time ``u``."""
+        x = self.unflatten(y)
+        t = batch_time(self.process.sde.T - u, x)
+        return -self.process.drift(x, t).reshape(y.shape)
+
+    def g(self, u: Tensor, y: Tensor) -> Tensor:
+        """Diagonal diffusion in forward time ``u``."""
+        t = batch_time(self.process.sde.T - u, y)
+        return self.process.diffusion(t)[:, None].expand_as(y)

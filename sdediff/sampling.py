@@ -1,0 +1,140 @@
+"""The sampling entry point :func:`sample`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .processes import CountedScore, ScoreFn
+from .sdes.base import SDE
+from .solvers.base import Callback, Context, Solver, get_solver
+from .solvers.grids import GridFn, make_grid
+
+
+@dataclass
+class SampleResult:
+    """What :func:`sample` returns with ``return_info=True``.
+
+    Attributes
+    ----------
+    samples : Tensor
+        The samples at ``t = eps`` (or the denoised ``x_0`` estimate with ``denoise=True``).
+    nfe : int
+        Score evaluations used (the final denoising step included).
+    times : Tensor
+        The time grid, decreasing from ``T`` to ``eps``.
+    trajectory : Tensor or None
+        With ``keep_trajectory=True``, the states at every time of ``times``, shape
+        ``(len(times), *samples.shape)``.
+    """
+
+    samples: Tensor
+    nfe: int
+    times: Tensor
+    trajectory: Tensor | None = None
+
+
+def check_eps(eps: float, sde: SDE) -> float:
+    """Validate the final time ``eps`` in ``(0, T)``."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or not 0 < eps < sde.T:
+        raise ValueError(f"eps must be a float in (0, T={sde.T}), got {eps!r}")
+    return float(eps)
+
+
+def _resolve_start(sde: SDE, shape: Sequence[int], x_init: Tensor | None, generator: torch.Generator | None,
+                   device: torch.device | str | None, dtype: torch.dtype | None) -> Tensor:
+    """The starting state at ``t = T``: ``x_init`` (checked) or a prior draw."""
+    shape = tuple(shape)
+    if not shape or any(not isinstance(n, int) or n < 1 for n in shape):
+        raise ValueError(f"shape must be a non-empty tuple of positive ints (batch, ...), got {shape!r}")
+    if x_init is None:
+        if device is None and generator is not None:
+            device = generator.device
+        return sde.prior_sample(shape, generator=generator, device=device,
+                                dtype=dtype or torch.get_default_dtype())
+    if not isinstance(x_init, Tensor):
+        raise TypeError(f"x_init must be a tensor, got {type(x_init).__name__}")
+    if tuple(x_init.shape) != shape:
+        raise ValueError(f"x_init has shape {tuple(x_init.shape)}, expected shape {shape}")
+    if not x_init.is_floating_point():
+        raise TypeError(f"x_init must be a floating-point tensor, got {x_init.dtype}")
+    return x_init.to(device=device or x_init.device, dtype=dtype or x_init.dtype)
+
+
+def sample(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solver: str | Solver = "euler_maruyama",
+           steps: int = 1000, eps: float = 1e-3, x_init: Tensor | None = None,
+           generator: torch.Generator | None = None, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None, *, time_grid: str | GridFn | Sequence[float] | Tensor = "uniform",
+           denoise: bool = False, progress: bool = False, callback: Callback | None = None,
+           return_info: bool = False, keep_trajectory: bool = False,
+           **solver_options: Any) -> Tensor | SampleResult:
+    r"""Draw samples by running a reverse-time solver from ``t = T`` down to ``t = eps``.
+
+    Parameters
+    ----------
+    sde : SDE
+        The forward SDE.
+    score_fn : callable
+        ``score_fn(x, t) -> tensor like x`` with ``t`` a ``(batch,)`` tensor; an approximation of
+        :math:`\nabla_x \log p_t(x)` (wrap ε-, x₀- or v-prediction networks with
+        :class:`sdediff.score.ScoreModel`).
+    shape : tuple of int
+        ``(batch, ...)``, any number of trailing dimensions.
+    solver : str or Solver
+        A registered name (see :func:`sdediff.available_solvers`): ``"euler_maruyama"``,
+        ``"reverse_diffusion"``, ``"ancestral"``, ``"pc"``, ``"langevin"``, ``"euler"``, ``"heun"``,
+        ``"ode"``, ... or a solver instance.
+    steps : int
+        Number of time steps on the grid (ignored by adaptive ``"ode"`` except for trajectories).
+    eps : float
+        Final time, in ``(0, T)``; the samples follow :math:`p_{eps}`.
+    x_init : Tensor, optional
+        Starting state at ``T``, replacing the prior draw.
+    generator : torch.Generator, optional
+        Source of every random number drawn (prior and solver noise).
+    device, dtype : optional
+        Where and in what precision to sample (default: ``x_init``'s, else the generator's device and
+        the default dtype).
+    time_grid : str, callable or sequence
+        ``"uniform"`` (default), ``"quadratic"``, ``"log_snr"``, ``"karras"``, a callable
+        ``(sde, steps, eps) -> times`` or explicit decreasing times from ``T`` to ``eps``.
+    denoise : bool
+        Finish with one noise-free denoising step to ``t = 0`` (Tweedie's
+        :math:`\hat x_0 = (x + s^2 s_\theta)/m` for linear SDEs); costs one score evaluation.
+    progress : bool
+        Show a tqdm progress bar.
+    callback : callable, optional
+        ``callback(i, t, x)`` after each step ``i`` with the new time and state (for plots).
+    return_info : bool
+        Return a :class:`SampleResult` (samples, NFE, time grid, trajectory) instead of a tensor.
+    keep_trajectory : bool
+        Store the state at every grid time in ``SampleResult.trajectory`` (implies ``return_info``).
+    **solver_options
+        Passed to the solver (e.g. ``snr=``, ``corrector_steps=`` for ``"pc"``; ``rtol=``, ``atol=``,
+        ``method=`` for ``"ode"``; ``noise_scale=`` for ``"euler_maruyama"``).
+
+    Returns
+    -------
+    Tensor of ``shape`` (or :class:`SampleResult`).
+    """
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be an sdediff.SDE, got {type(sde).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    eps = check_eps(eps, sde)
+    the_solver = get_solver(solver, **solver_options)
+    x = _resolve_start(sde, shape, x_init, generator, device, dtype)
+    ts = make_grid(sde, steps, eps, time_grid, device=x.device, dtype=x.dtype)
+    ctx = Context(sde=sde, score=CountedScore(score_fn), generator=generator)
+    x, trajectory = the_solver.solve(ctx, x, ts, callback=callback, progress=progress,
+                                     keep_trajectory=keep_trajectory)
+    if denoise:
+        x = sde.denoise(x, ts[-1], ctx.score(x, ts[-1]))
+    if return_info or keep_trajectory:
+        return SampleResult(samples=x, nfe=ctx.score.nfe, times=ts, trajectory=trajectory)
+    return x

@@ -1,0 +1,136 @@
+"""Solver objects, the registry of names, and the one fixed-step time loop they share.
+
+A fixed-step solver is a small object with a :meth:`FixedStepSolver.step` that maps the state at
+``t`` to the state at ``t_next < t``; :func:`integrate` owns the loop (progress bar, callbacks,
+trajectory, finiteness check) for all of them. Solvers that choose their own steps (adaptive ODE)
+override :meth:`Solver.solve` instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..processes import CountedScore
+from ..sdes.base import SDE
+
+Callback = Callable[[int, Tensor, Tensor], None]
+
+_REGISTRY: dict[str, type[Solver]] = {}
+
+
+@dataclass
+class Context:
+    """What a solver sees during one run: the SDE, the counted score, the generator, scratch state."""
+
+    sde: SDE
+    score: CountedScore
+    generator: torch.Generator | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class Solver:
+    """Base class of all solvers. Subclasses set ``name`` and register with :func:`register_solver`."""
+
+    name: str = ""
+    #: whether the solver draws random numbers (and so uses the generator)
+    stochastic: bool = False
+
+    def solve(self, ctx: Context, x: Tensor, ts: Tensor, *, callback: Callback | None = None,
+              progress: bool = False, keep_trajectory: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Integrate from ``ts[0]`` to ``ts[-1]``; return the final state and, if asked, the states at ``ts``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+class FixedStepSolver(Solver):
+    """A solver that advances on a given time grid; subclasses implement :meth:`step`."""
+
+    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
+        """Called once before the loop: check the SDE suits the solver, reset per-run state."""
+
+    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+        """Advance ``x`` from time ``t`` to ``t_next`` (0-d tensors, ``t_next < t``)."""
+        raise NotImplementedError
+
+    def solve(self, ctx: Context, x: Tensor, ts: Tensor, *, callback: Callback | None = None,
+              progress: bool = False, keep_trajectory: bool = False) -> tuple[Tensor, Tensor | None]:
+        return integrate(self, ctx, x, ts, callback=callback, progress=progress,
+                         keep_trajectory=keep_trajectory)
+
+
+def integrate(solver: FixedStepSolver, ctx: Context, x: Tensor, ts: Tensor, *,
+              callback: Callback | None = None, progress: bool = False,
+              keep_trajectory: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The time loop every fixed-step solver shares.
+
+    Runs ``solver.step`` over consecutive pairs of ``ts`` with no host synchronisation: the
+    index of the first step that produced a non-finite state is tracked on the device and checked
+    once, at the end, where a :class:`FloatingPointError` names the step and time.
+
+    Returns
+    -------
+    (x, trajectory) : the state at ``ts[-1]`` and, with ``keep_trajectory``, a tensor
+    ``(len(ts), *x.shape)`` of the states at every time in ``ts`` (else ``None``).
+    """
+    n = len(ts) - 1
+    solver.start(ctx, x, ts)
+    first_bad = torch.full((), -1, dtype=torch.long, device=x.device)
+    trajectory = [x] if keep_trajectory else None
+    for i in tqdm(range(n), desc=solver.name, disable=not progress, leave=False):
+        x = solver.step(ctx, x, ts[i], ts[i + 1])
+        bad = ~torch.isfinite(x).all()
+        first_bad = torch.where(bad & (first_bad < 0), i, first_bad)
+        if trajectory is not None:
+            trajectory.append(x)
+        if callback is not None:
+            callback(i, ts[i + 1], x)
+    k = int(first_bad)
+    if k >= 0:
+        raise FloatingPointError(
+            f"solver {solver.name!r} produced non-finite values at step {k} of {n} (t = {float(ts[k]):.6g} -> "
+            f"{float(ts[k + 1]):.6g}); check the score function and the time grid (eps)")
+    return x, (torch.stack(trajectory) if trajectory is not None else None)
+
+
+def register_solver(name: str) -> Callable[[type[Solver]], type[Solver]]:
+    """Class decorator that makes a solver available to :func:`sdediff.sample` under ``name``."""
+
+    def deco(cls: type[Solver]) -> type[Solver]:
+        if name in _REGISTRY:
+            raise ValueError(f"a solver named {name!r} is already registered ({_REGISTRY[name].__name__})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available_solvers() -> list[str]:
+    """Names accepted by ``sdediff.sample(solver=...)``."""
+    return sorted(_REGISTRY)
+
+
+def get_solver(name: str | Solver, **options: Any) -> Solver:
+    """Build the solver registered as ``name`` with ``options`` (or return a solver instance as is)."""
+    if isinstance(name, Solver):
+        if options:
+            raise TypeError(f"solver options {sorted(options)} given with a solver instance; set them on it")
+        return name
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown solver {name!r}; known solvers: {', '.join(available_solvers())}")
+    cls = _REGISTRY[name]
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = set(options) - accepted
+    if unknown:
+        raise TypeError(f"solver {name!r} got unknown option(s) {sorted(unknown)}; it accepts {sorted(accepted)}")
+    return cls(**options)

@@ -1,0 +1,124 @@
+r"""Solvers of the probability-flow ODE :math:`dx/dt = v(x,t) = f(x,t) - \tfrac12 g(t)^2 s_\theta(x,t)`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torchdiffeq
+from torch import Tensor
+from torchdiffeq._impl.odeint import SOLVERS
+from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver
+from tqdm.auto import tqdm
+
+from .._utils import batch_time, expand_as
+from .base import Callback, Context, FixedStepSolver, Solver, register_solver
+
+_ODE_METHODS = {k: v for k, v in SOLVERS.items() if k != "scipy_solver"}
+
+
+def pf_drift(ctx: Context, x: Tensor, t: Tensor) -> Tensor:
+    r"""The probability-flow velocity :math:`v(x,t) = f(x,t) - \tfrac12 g(t)^2 s_\theta(x,t)`."""
+    t = batch_time(t, x)
+    return ctx.sde.drift(x, t) - 0.5 * expand_as(ctx.sde.diffusion(t) ** 2, x) * ctx.score(x, t)
+
+
+def odeint_options(method: str, options: dict[str, Any] | None, t_start: Tensor, t_end: Tensor) -> dict[str, Any] | None:
+    """torchdiffeq options that keep an adaptive solver inside ``[t_start, t_end]``.
+
+    torchdiffeq guesses the first step from the drift at the start, and steps past the last output
+    time before interpolating back. Where the flow is nearly still (the prior end of a diffusion)
+    the guess can be huge, and past ``eps`` or ``T`` the schedule may be undefined (VP's
+    :math:`\beta(t)` turns negative below 0). So the first step defaults to 1% of the span and
+    ``t_end`` is a forced step point (``step_t``) that no step crosses.
+    """
+    options = dict(options or {})
+    if issubclass(_ODE_METHODS[method], AdaptiveStepsizeODESolver):
+        options.setdefault("first_step", 0.01 * abs(float(t_end - t_start)))
+        options.setdefault("step_t", t_end.reshape(1))
+    return options or None
+
+
+@register_solver("euler")
+class Euler(FixedStepSolver):
+    r"""Euler's method on the probability flow: :math:`x \leftarrow x + h\,v(x, t)` (order 1, 1 NFE/step)."""
+
+    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+        return x + (t_next - t) * pf_drift(ctx, x, t)
+
+
+@register_solver("heun")
+class Heun(FixedStepSolver):
+    r"""Heun's method (explicit trapezoid) on the probability flow, order 2, 2 NFE per step.
+
+    .. math::  \tilde x = x + h\,v(x,t), \qquad x \leftarrow x + \tfrac h2\,[v(x,t) + v(\tilde x, t+h)].
+    """
+
+    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+        h = t_next - t
+        d = pf_drift(ctx, x, t)
+        d_next = pf_drift(ctx, x + h * d, t_next)
+        return x + (0.5 * h) * (d + d_next)
+
+
+@register_solver("ode")
+class AdaptiveODE(Solver):
+    """Adaptive-step integration of the probability flow with torchdiffeq.
+
+    Parameters
+    ----------
+    rtol, atol : float
+        Relative and absolute tolerances of the embedded error estimate (``> 0``).
+    method : str
+        Any torchdiffeq method; adaptive ones (``"dopri5"``, ``"dopri8"``, ``"bosh3"``,
+        ``"adaptive_heun"``) choose their own steps, fixed-grid ones (``"rk4"``, ``"midpoint"``, ...)
+        step on the sampler's time grid.
+    options : dict, optional
+        Passed to ``torchdiffeq.odeint`` (e.g. ``{"max_num_steps": 10_000}``).
+
+    Notes
+    -----
+    The state of the whole batch shares one step size (torchdiffeq's error norm is over the batch).
+    The score evaluations are counted exactly; the step-size decisions sync with the host, as any
+    adaptive solver must.
+    """
+
+    def __init__(self, rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5",
+                 options: dict[str, Any] | None = None) -> None:
+        for name, tol in (("rtol", rtol), ("atol", atol)):
+            if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
+                raise ValueError(f"{name} must be a positive float, got {tol!r}")
+        known = sorted(_ODE_METHODS)
+        if method not in known:
+            raise ValueError(f"unknown ODE method {method!r}; torchdiffeq knows: {', '.join(known)}")
+        self.rtol, self.atol, self.method = float(rtol), float(atol), method
+        self.options = dict(options or {})
+
+    def solve(self, ctx: Context, x: Tensor, ts: Tensor, *, callback: Callback | None = None,
+              progress: bool = False, keep_trajectory: bool = False) -> tuple[Tensor, Tensor | None]:
+        bar = tqdm(total=float(ts[0] - ts[-1]), desc=self.name, disable=not progress, leave=False,
+                   bar_format="{l_bar}{bar}| t={postfix}")
+        t0 = float(ts[0])
+
+        def field(t: Tensor, y: Tensor) -> Tensor:
+            if progress:
+                bar.n = t0 - float(t)
+                bar.set_postfix_str(f"{float(t):.4f} nfe={ctx.score.nfe}")
+            return pf_drift(ctx, y, t)
+
+        # adaptive methods only need the end points; fixed-grid ones step on the sampler's grid
+        adaptive = issubclass(_ODE_METHODS[self.method], AdaptiveStepsizeODESolver)
+        times = ts if (keep_trajectory or callback is not None or not adaptive) else ts[[0, -1]]
+        try:
+            out = torchdiffeq.odeint(field, x, times, rtol=self.rtol, atol=self.atol, method=self.method,
+                                     options=odeint_options(self.method, self.options, ts[0], ts[-1]))
+        finally:
+            bar.close()
+        if not torch.isfinite(out[-1]).all():
+            raise FloatingPointError(f"solver 'ode' ({self.method}) produced non-finite values; check the score "
+                                     "function and eps")
+        if callback is not None:
+            for i in range(1, len(times)):
+                callback(i - 1, times[i], out[i])
+        return out[-1], (out if keep_trajectory else None)

@@ -1,0 +1,102 @@
+r"""Stochastic samplers of the reverse SDE: Euler–Maruyama, reverse diffusion, ancestral.
+
+Each takes one score evaluation per step, at the start of the step. Times run backwards, so the
+step :math:`h = t_{next} - t` is negative.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from .._utils import expand_as, randn_like
+from .base import Context, FixedStepSolver, register_solver
+
+
+def _check_noise_scale(noise_scale: float) -> float:
+    if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) \
+            or not math.isfinite(noise_scale) or noise_scale < 0:
+        raise ValueError(f"noise_scale must be a finite float >= 0, got {noise_scale!r}")
+    return float(noise_scale)
+
+
+def linear_kernel(ctx: Context, solver: str) -> None:
+    """Raise a clear error when a solver that needs the Gaussian kernel gets an SDE without one."""
+    if not hasattr(ctx.sde, "transition"):
+        raise TypeError(f"solver {solver!r} needs a linear SDE with a Gaussian kernel (sdediff.LinearSDE); "
+                        f"{type(ctx.sde).__name__} has none: use 'euler_maruyama' or 'reverse_diffusion'")
+
+
+@register_solver("euler_maruyama")
+class EulerMaruyama(FixedStepSolver):
+    r"""Euler–Maruyama on the reverse process with noise scale :math:`\lambda`.
+
+    .. math::  x \leftarrow x + [f(x,t) - \tfrac12(1+\lambda^2) g(t)^2 s_\theta(x,t)]\,h
+               + \lambda g(t)\sqrt{|h|}\,z, \qquad h = t_{next} - t < 0.
+
+    ``noise_scale=1`` (default) is the reverse SDE; ``0`` gives Euler on the probability flow.
+    """
+
+    stochastic = True
+
+    def __init__(self, noise_scale: float = 1.0) -> None:
+        self.noise_scale = _check_noise_scale(noise_scale)
+
+    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+        tb = t.expand(x.shape[0])
+        h = t_next - t
+        g = ctx.sde.diffusion(tb)
+        score = ctx.score(x, tb)
+        drift = ctx.sde.drift(x, tb) - (0.5 * (1 + self.noise_scale**2)) * expand_as(g**2, x) * score
+        x = x + drift * h
+        if self.noise_scale == 0:
+            return x
+        return x + expand_as(self.noise_scale * g, x) * (-h).sqrt() * randn_like(x, ctx.generator)
+
+
+@register_solver("reverse_diffusion")
+class ReverseDiffusion(FixedStepSolver):
+    r"""Reverse-diffusion predictor: reverse the forward SDE's own discrete step.
+
+    With the forward step :math:`x_t = x_{t_{next}} + f_i + G_i z` from :meth:`SDE.discretize`
+    (exact for linear SDEs: DDPM's for VP, SMLD's for VE),
+
+    .. math::  x \leftarrow x - f_i + G_i^2\,s_\theta(x, t) + G_i z.
+    """
+
+    stochastic = True
+
+    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+        tb = t.expand(x.shape[0])
+        f, G = ctx.sde.discretize(x, tb, (t - t_next).expand(x.shape[0]))
+        G = expand_as(G, x)
+        return x - f + G**2 * ctx.score(x, tb) + G * randn_like(x, ctx.generator)
+
+
+@register_solver("ancestral")
+class Ancestral(FixedStepSolver):
+    r"""Ancestral sampling: draw from the Gaussian posterior :math:`q(x_{t_{next}} | x_t, \hat x_0)`.
+
+    With the exact transition :math:`x_t = r\,x_{t_{next}} + \sigma z` (:meth:`LinearSDE.transition`)
+    and :math:`\hat x_0` from Tweedie's formula, the posterior mean simplifies to
+
+    .. math::  x \leftarrow \frac{x + \sigma^2 s_\theta(x, t)}{r}
+               + \sigma\,\frac{s(t_{next})}{s(t)}\,z,
+
+    DDPM's step :math:`x_{t-1} = (x_t + \beta_t s_\theta)/\sqrt{1-\beta_t} + \tilde\sigma_t z` for VP
+    (with the posterior variance :math:`\tilde\beta_t = \beta_t(1-\bar\alpha_{t-1})/(1-\bar\alpha_t)`)
+    and SMLD's ancestral step for VE. Needs a :class:`~sdediff.LinearSDE`.
+    """
+
+    stochastic = True
+
+    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
+        linear_kernel(ctx, self.name)
+
+    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+        tb = t.expand(x.shape[0])
+        r, sigma = ctx.sde.transition(tb, (t - t_next).expand(x.shape[0]))
+        ratio = ctx.sde.marginal_std(t_next.expand(x.shape[0])) / ctx.sde.marginal_std(tb)
+        mean = (x + expand_as(sigma**2, x) * ctx.score(x, tb)) / expand_as(r, x)
+        return mean + expand_as(sigma * ratio, x) * randn_like(x, ctx.generator)
