@@ -17,16 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torchdiffeq
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ._utils import randn, sum_except_batch
 from .processes import CountedScore, ScoreFn
 from .sampling import check_eps
 from .sdes.base import SDE
 from .solvers.base import Context
-from .solvers.ode import AdaptiveODE, odeint_options, pf_drift
+from .solvers.ode import AdaptiveODE, odeint, pf_drift
 
 TRACES = ("exact", "hutchinson")
 NOISES = ("rademacher", "gaussian")
@@ -150,32 +148,19 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
         if noise == "rademacher":
             probe = probe.sign()
 
-    bar = tqdm(total=sde.T - eps, desc="log_likelihood", disable=not progress, leave=False)
-
     def augmented(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        y = state[0]
-        if progress:
-            bar.n = float(t) - eps
-            bar.refresh()
-
         def v(z: Tensor) -> Tensor:
             return pf_drift(ctx, z, t)
 
         if probe is None:
-            return divergence_exact(v, y)
-        return divergence_hutchinson(v, y, probe)
+            return divergence_exact(v, state[0])
+        return divergence_hutchinson(v, state[0], probe)
 
     ts = torch.tensor([eps, sde.T], dtype=x.dtype, device=x.device)
     state0 = (x.detach(), torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
-    try:
-        xs, ells = torchdiffeq.odeint(augmented, state0, ts, rtol=rtol, atol=atol, method=method,
-                                      options=odeint_options(method, options, ts[0], ts[-1]))
-    finally:
-        bar.close()
+    xs, ells = odeint(augmented, state0, ts, rtol=rtol, atol=atol, method=method, options=options, progress=progress,
+                      what="log_likelihood")
     latent, delta = xs[-1], ells[-1]
-    if not (torch.isfinite(latent).all() and torch.isfinite(delta).all()):
-        raise FloatingPointError("log_likelihood: the probability flow produced non-finite values; check the "
-                                 "score function and eps")
     prior = sde.prior_log_prob(latent)
     return LikelihoodResult(log_prob=prior + delta, latent=latent, nfe=ctx.score.nfe, prior_log_prob=prior,
                             delta_log_prob=delta)
@@ -231,5 +216,12 @@ def dequantize(k: Tensor, bits: int = 8, generator: torch.Generator | None = Non
     if bool(((k < 0) | (k > 2**bits - 1)).any()):
         raise ValueError(f"k must lie in [0, {2**bits - 1}] for bits={bits}")
     dtype = dtype or (k.dtype if k.is_floating_point() else torch.get_default_dtype())
-    u = torch.rand(k.shape, generator=generator, device=generator.device if generator else k.device, dtype=dtype)
-    return lo + (hi - lo) * (k.to(dtype) + u.to(k.device)) / 2**bits
+    u = torch.rand(k.shape, generator=generator, device=generator.device if generator is not None else k.device,
+                   dtype=dtype)
+    k = k.to(dtype)
+    x = lo + (hi - lo) * (k + u.to(k.device)) / 2**bits
+    # In floating point, k + u rounds up to k + 1 when u is within half an ulp of 1 (float32: about one
+    # draw in 10^5 for k >= 128), which would put x on the left edge of the next bin. Keep every x in its
+    # own half-open bin [lo + w k / 2^b, lo + w (k + 1) / 2^b).
+    upper = lo + (hi - lo) * (k + 1) / 2**bits
+    return torch.minimum(x, torch.nextafter(upper, torch.full_like(upper, -math.inf)))

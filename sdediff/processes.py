@@ -104,7 +104,14 @@ class ReverseProcess:
         return self.noise_scale * self.sde.diffusion(t)
 
     def __call__(self, t: Tensor, x: Tensor) -> Tensor:
-        """torchdiffeq convention ``f(t, x)``: the drift at a scalar time ``t``."""
+        """torchdiffeq convention ``f(t, x)``: the drift at a scalar time ``t``.
+
+        ``t`` is clamped to ``[0, T]``: torchdiffeq's adaptive methods step past the last output time
+        and interpolate back (and may try a huge first step), and outside ``[0, T]`` a schedule can be
+        undefined (VP's :math:`1 - m(t)^2 < 0` for ``t < 0``), which would poison the step-size control
+        with NaNs. Inside ``[0, T]`` the field is unchanged.
+        """
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).clamp(0.0, self.sde.T)
         return self.drift(x, batch_time(t, x))
 
     def as_torchsde(self, shape: tuple[int, ...] | torch.Size, sde_type: str = "ito") -> TorchSDEAdapter:

@@ -57,7 +57,7 @@ class LangevinCorrector:
         for _ in range(self.steps):
             score = ctx.score(x, tb)
             z = randn_like(x, ctx.generator)
-            z_norm, s_norm = z.flatten(1).norm(dim=1), score.flatten(1).norm(dim=1)
+            z_norm, s_norm = z.reshape(len(z), -1).norm(dim=1), score.reshape(len(z), -1).norm(dim=1)
             if self.norm == "batch":
                 z_norm, s_norm = z_norm.mean(), s_norm.mean()
             ratio = z_norm / s_norm.clamp_min(torch.finfo(x.dtype).tiny)
