@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,12 +31,16 @@ class SampleResult:
     trajectory : Tensor or None
         With ``keep_trajectory=True``, the states at every time of ``times``, shape
         ``(len(times), *samples.shape)``.
+    stats : dict
+        Solver-specific figures, e.g. ``"nfe_per_sample"`` (a ``(batch,)`` tensor) from solvers with
+        per-sample adaptive steps.
     """
 
     samples: Tensor
     nfe: int
     times: Tensor
     trajectory: Tensor | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 def check_eps(eps: float, sde: SDE) -> float:
@@ -136,5 +140,5 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solver: str | Solv
     if denoise:
         x = sde.denoise(x, ts[-1], ctx.score(x, ts[-1]))
     if return_info or keep_trajectory:
-        return SampleResult(samples=x, nfe=ctx.score.nfe, times=ts, trajectory=trajectory)
+        return SampleResult(samples=x, nfe=ctx.score.nfe, times=ts, trajectory=trajectory, stats=ctx.stats)
     return x

@@ -27,12 +27,17 @@ _REGISTRY: dict[str, type[Solver]] = {}
 
 @dataclass
 class Context:
-    """What a solver sees during one run: the SDE, the counted score, the generator, scratch state."""
+    """What a solver sees during one run.
+
+    ``state`` is scratch space for the solver (e.g. a multistep history; reset it in ``start``);
+    ``stats`` is reported to the user in :attr:`sdediff.SampleResult.stats`.
+    """
 
     sde: SDE
     score: CountedScore
     generator: torch.Generator | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class Solver:
@@ -41,6 +46,8 @@ class Solver:
     name: str = ""
     #: whether the solver draws random numbers (and so uses the generator)
     stochastic: bool = False
+    #: for a family registered as ``"family"``: the option that ``"family:value"`` sets (e.g. ``"method"``)
+    name_option: str | None = None
 
     def solve(self, ctx: Context, x: Tensor, ts: Tensor, *, callback: Callback | None = None,
               progress: bool = False, keep_trajectory: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -116,19 +123,30 @@ def register_solver(name: str) -> Callable[[type[Solver]], type[Solver]]:
 
 
 def available_solvers() -> list[str]:
-    """Names accepted by ``sdediff.sample(solver=...)``."""
-    return sorted(_REGISTRY)
+    """Names accepted by ``sdediff.sample(solver=...)`` (families as ``"family:<option>"``)."""
+    return sorted(f"{k}:<{c.name_option}>" if c.name_option else k for k, c in _REGISTRY.items())
 
 
 def get_solver(name: str | Solver, **options: Any) -> Solver:
-    """Build the solver registered as ``name`` with ``options`` (or return a solver instance as is)."""
+    """Build the solver registered as ``name`` with ``options`` (or return a solver instance as is).
+
+    ``"family:value"`` builds the family's solver with its :attr:`Solver.name_option` set to ``value``
+    (e.g. ``"torchsde:srk"`` is the ``torchsde`` solver with ``method="srk"``).
+    """
     if isinstance(name, Solver):
         if options:
             raise TypeError(f"solver options {sorted(options)} given with a solver instance; set them on it")
         return name
-    if name not in _REGISTRY:
+    if not isinstance(name, str):
+        raise TypeError(f"solver must be a name or a Solver instance, got {type(name).__name__}")
+    family, _, value = name.partition(":")
+    cls = _REGISTRY.get(family)
+    if cls is None or (value and cls.name_option is None):
         raise ValueError(f"unknown solver {name!r}; known solvers: {', '.join(available_solvers())}")
-    cls = _REGISTRY[name]
+    if value:
+        if cls.name_option in options:
+            raise TypeError(f"solver {name!r} names its {cls.name_option} already; do not pass {cls.name_option}=")
+        options = {cls.name_option: value, **options}
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = set(options) - accepted
     if unknown:
