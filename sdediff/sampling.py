@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .processes import CountedScore, ScoreFn
 from .sdes.base import SDE
@@ -50,24 +51,21 @@ def check_eps(eps: float, sde: SDE) -> float:
     return float(eps)
 
 
-def _resolve_start(sde: SDE, shape: Sequence[int], x_init: Tensor | None, generator: torch.Generator | None,
-                   device: torch.device | str | None, dtype: torch.dtype | None) -> Tensor:
-    """The starting state at ``t = T``: ``x_init`` (checked) or a prior draw."""
+def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(shape)
-    if not shape or any(not isinstance(n, int) or n < 1 for n in shape):
+    if not shape or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
         raise ValueError(f"shape must be a non-empty tuple of positive ints (batch, ...), got {shape!r}")
-    if x_init is None:
-        if device is None and generator is not None:
-            device = generator.device
-        return sde.prior_sample(shape, generator=generator, device=device,
-                                dtype=dtype or torch.get_default_dtype())
+    return shape
+
+
+def _check_x_init(x_init: Tensor, shape: tuple[int, ...]) -> Tensor:
     if not isinstance(x_init, Tensor):
         raise TypeError(f"x_init must be a tensor, got {type(x_init).__name__}")
     if tuple(x_init.shape) != shape:
         raise ValueError(f"x_init has shape {tuple(x_init.shape)}, expected shape {shape}")
     if not x_init.is_floating_point():
         raise TypeError(f"x_init must be a floating-point tensor, got {x_init.dtype}")
-    return x_init.to(device=device or x_init.device, dtype=dtype or x_init.dtype)
+    return x_init
 
 
 def sample(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solver: str | Solver = "euler_maruyama",
@@ -75,7 +73,7 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solver: str | Solv
            generator: torch.Generator | None = None, device: torch.device | str | None = None,
            dtype: torch.dtype | None = None, *, time_grid: str | GridFn | Sequence[float] | Tensor = "uniform",
            denoise: bool = False, progress: bool = False, callback: Callback | None = None,
-           return_info: bool = False, keep_trajectory: bool = False,
+           return_info: bool = False, keep_trajectory: bool = False, batch_size: int | None = None,
            **solver_options: Any) -> Tensor | SampleResult:
     r"""Draw samples by running a reverse-time solver from ``t = T`` down to ``t = eps``.
 
@@ -118,6 +116,11 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solver: str | Solv
         Return a :class:`SampleResult` (samples, NFE, time grid, trajectory) instead of a tensor.
     keep_trajectory : bool
         Store the state at every grid time in ``SampleResult.trajectory`` (implies ``return_info``).
+    batch_size : int, optional
+        Run the solver on chunks of at most this many samples, one after the other, so memory stays
+        bounded however many samples are asked for (the output itself is still ``shape``). The
+        chunks draw from ``generator`` in turn, so results depend on ``batch_size``; ``callback``
+        is called for every chunk.
     **solver_options
         Passed to the solver (e.g. ``snr=``, ``corrector_steps=`` for ``"pc"``; ``rtol=``, ``atol=``,
         ``method=`` for ``"ode"``; ``noise_scale=`` for ``"euler_maruyama"``).
@@ -132,13 +135,37 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solver: str | Solv
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     eps = check_eps(eps, sde)
     the_solver = get_solver(solver, **solver_options)
-    x = _resolve_start(sde, shape, x_init, generator, device, dtype)
-    ts = make_grid(sde, steps, eps, time_grid, device=x.device, dtype=x.dtype)
-    ctx = Context(sde=sde, score=CountedScore(score_fn), generator=generator)
-    x, trajectory = the_solver.solve(ctx, x, ts, callback=callback, progress=progress,
-                                     keep_trajectory=keep_trajectory)
-    if denoise:
-        x = sde.denoise(x, ts[-1], ctx.score(x, ts[-1]))
+    shape = _check_shape(shape)
+    n = shape[0]
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    chunk = min(batch_size or n, n)
+    if chunk < n and keep_trajectory:
+        raise ValueError("keep_trajectory needs the whole batch at once; drop batch_size or sample fewer points")
+    if x_init is not None:
+        x_init = _check_x_init(x_init, shape)
+    score = CountedScore(score_fn)
+    pieces, stats, trajectory, ts = [], {}, None, None
+    for start in tqdm(range(0, n, chunk), desc="chunks", disable=not progress or chunk == n, leave=False):
+        size = min(chunk, n - start)
+        if x_init is None:
+            x = sde.prior_sample((size, *shape[1:]), generator=generator, dtype=dtype or torch.get_default_dtype(),
+                                 device=device if device is not None or generator is None else generator.device)
+        else:
+            x = x_init[start:start + size]
+            x = x.to(device=device or x.device, dtype=dtype or x.dtype)
+        if ts is None:
+            ts = make_grid(sde, steps, eps, time_grid, device=x.device, dtype=x.dtype)
+        ctx = Context(sde=sde, score=score, generator=generator)
+        x, trajectory = the_solver.solve(ctx, x, ts, callback=callback, progress=progress,
+                                         keep_trajectory=keep_trajectory)
+        if denoise:
+            x = sde.denoise(x, ts[-1], score(x, ts[-1]))
+        pieces.append(x)
+        for key, value in ctx.stats.items():
+            stats.setdefault(key, []).append(value)
+    x = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     if return_info or keep_trajectory:
-        return SampleResult(samples=x, nfe=ctx.score.nfe, times=ts, trajectory=trajectory, stats=ctx.stats)
+        stats = {k: (torch.cat(v) if isinstance(v[0], Tensor) else v if len(v) > 1 else v[0]) for k, v in stats.items()}
+        return SampleResult(samples=x, nfe=score.nfe, times=ts, trajectory=trajectory, stats=stats)
     return x

@@ -327,3 +327,20 @@ def test_non_finite_values_are_reported_with_the_step():
         sdediff.sample(sde, exploding, (4, 2), steps=10, eps=0.1, generator=gen(0))
     with pytest.raises(FloatingPointError, match="non-finite"):
         sdediff.sample(sde, exploding, (4, 2), solver="ode", eps=0.1)
+
+
+def test_batch_size_chunks_give_the_same_samples_for_deterministic_solvers():
+    sde = sdediff.VPSDE()
+    score = MIXTURE.score_fn(sde)
+    x_T = torch.randn(50, 2, generator=gen(0), dtype=T64)
+    whole = sdediff.sample(sde, score, (50, 2), solver="heun", steps=20, x_init=x_T)
+    info = sdediff.sample(sde, score, (50, 2), solver="heun", steps=20, x_init=x_T, batch_size=16, return_info=True)
+    torch.testing.assert_close(info.samples, whole, rtol=1e-12, atol=1e-12)
+    assert info.nfe == 4 * 40  # 4 chunks (16, 16, 16, 2) x 20 Heun steps x 2 evaluations
+    chunked = sdediff.sample(sde, score, (50, 2), steps=20, batch_size=7, generator=gen(1))
+    assert chunked.shape == (50, 2) and torch.isfinite(chunked).all()
+    assert torch.equal(chunked, sdediff.sample(sde, score, (50, 2), steps=20, batch_size=7, generator=gen(1)))
+    with pytest.raises(ValueError, match="batch_size"):
+        sdediff.sample(sde, score, (50, 2), batch_size=0)
+    with pytest.raises(ValueError, match="keep_trajectory"):
+        sdediff.sample(sde, score, (50, 2), batch_size=10, keep_trajectory=True)
