@@ -177,7 +177,9 @@ def bits_per_dim(log_prob: Tensor, num_dims: int, bits: int = 8, data_width: flo
     .. math::  \text{bits/dim} = -\frac{\log p(x)}{D\ln 2} + b - \log_2 w,
 
     i.e. :math:`-\log p(x)/(D\ln 2) + b - 1` on :math:`[-1,1]`. With uniform dequantisation it upper
-    bounds the discrete code length (average over several ``u`` to tighten it).
+    bounds the discrete code length. Averaging bits/dim over several draws of ``u`` only reduces its
+    variance; to tighten the bound, average the *densities* over the draws (log-mean-exp of
+    ``log_prob``) before converting.
 
     Parameters
     ----------

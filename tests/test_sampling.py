@@ -344,3 +344,12 @@ def test_batch_size_chunks_give_the_same_samples_for_deterministic_solvers():
         sdediff.sample(sde, score, (50, 2), batch_size=0)
     with pytest.raises(ValueError, match="keep_trajectory"):
         sdediff.sample(sde, score, (50, 2), batch_size=10, keep_trajectory=True)
+
+
+def test_pc_on_a_numerically_integrated_linear_sde():
+    """The corrector's alpha_i uses the step just taken, never the schedule below t = 0 (regression)."""
+    vp = sdediff.VPSDE()
+    numeric = sdediff.LinearSDE(drift_coef=vp.drift_coef, diffusion=vp.diffusion)
+    a = sdediff.sample(numeric, MIXTURE.score_fn(numeric), (64, 2), solver="pc", steps=10, generator=gen(0), dtype=T64)
+    b = sdediff.sample(vp, MIXTURE.score_fn(vp), (64, 2), solver="pc", steps=10, generator=gen(0), dtype=T64)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

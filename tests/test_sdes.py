@@ -215,3 +215,11 @@ def test_general_sde_has_no_marginal_but_discretizes_with_euler_maruyama():
         sde.marginal(x, t)
     with pytest.raises(TypeError):
         sdediff.SDE()  # abstract
+
+
+def test_numerical_kernel_clamps_times_outside_the_table():
+    vp = sdediff.VPSDE()
+    numeric = sdediff.LinearSDE(drift_coef=vp.drift_coef, diffusion=vp.diffusion)
+    t = torch.tensor([-0.5, 0.0, 1.0, 5.2], dtype=T64)
+    m = numeric.mean_coeff(t)
+    assert torch.isfinite(m).all() and m[0] == m[1] and m[2] == m[3]

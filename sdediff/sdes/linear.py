@@ -184,10 +184,15 @@ class LinearSDE(SDE):
         return torch.as_tensor(table)
 
     def _interpolate(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Cubic Hermite interpolation of ``(log m(t), s(t)^2)`` from the cached table."""
+        """Cubic Hermite interpolation of ``(log m(t), s(t)^2)`` from the cached table.
+
+        Times outside ``[0, T]``, where the schedule is not tabulated, are clamped to it (checking
+        them would cost a host synchronisation on every call; the public entry points validate times).
+        """
         t = torch.as_tensor(t)
         if not t.is_floating_point():
             t = t.to(torch.get_default_dtype())
+        t = t.clamp(0.0, self.T)
         key = (t.device, t.dtype)
         if key not in self._table:
             if not self._table:

@@ -147,7 +147,7 @@ def get_solver(name: str | Solver, **options: Any) -> Solver:
         if cls.name_option in options:
             raise TypeError(f"solver {name!r} names its {cls.name_option} already; do not pass {cls.name_option}=")
         options = {cls.name_option: value, **options}
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    accepted = set(inspect.signature(cls).parameters)
     unknown = set(options) - accepted
     if unknown:
         raise TypeError(f"solver {name!r} got unknown option(s) {sorted(unknown)}; it accepts {sorted(accepted)}")

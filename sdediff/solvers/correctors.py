@@ -51,9 +51,12 @@ class LangevinCorrector:
         self.snr, self.steps, self.norm = float(snr), steps, norm
 
     def correct(self, ctx: Context, x: Tensor, t: Tensor, dt: Tensor) -> Tensor:
-        """Run :attr:`steps` Langevin steps at time ``t`` (0-d); ``dt`` is the grid spacing there."""
+        """Run :attr:`steps` Langevin steps at time ``t`` (0-d), reached by a step of length ``dt`` from ``t + dt``.
+
+        :math:`\alpha_i` is that of the step just taken, the forward step from ``t`` to ``t + dt``.
+        """
         tb = t.expand(x.shape[0])
-        alpha = ctx.sde.discrete_alpha(tb, dt.expand(x.shape[0]))
+        alpha = ctx.sde.discrete_alpha((t + dt).expand(x.shape[0]), dt.expand(x.shape[0]))
         for _ in range(self.steps):
             score = ctx.score(x, tb)
             z = randn_like(x, ctx.generator)
