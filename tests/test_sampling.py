@@ -349,7 +349,7 @@ def test_batch_size_chunks_give_the_same_samples_for_deterministic_solvers():
 def test_pc_on_a_numerically_integrated_linear_sde():
     """The corrector's alpha_i uses the step just taken, never the schedule below t = 0 (regression)."""
     vp = sdediff.VPSDE()
-    numeric = sdediff.LinearSDE(drift_coef=vp.drift_coef, diffusion=vp.diffusion)
+    numeric = sdediff.LinearSDE(drift_coef=vp.drift_coef, diffusion=vp.diffusion, prior_std=1.0)
     a = sdediff.sample(numeric, MIXTURE.score_fn(numeric), (64, 2), solver="pc", steps=10, generator=gen(0), dtype=T64)
     b = sdediff.sample(vp, MIXTURE.score_fn(vp), (64, 2), solver="pc", steps=10, generator=gen(0), dtype=T64)
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
