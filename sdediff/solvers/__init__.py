@@ -3,14 +3,16 @@
 Importing this package registers the built-in solvers (one module per family).
 """
 
-from . import correctors, grids, ode, sde
+from . import correctors, exponential, grids, ode, sde
 from .base import Context, FixedStepSolver, Solver, available_solvers, get_solver, integrate, register_solver
 from .correctors import AnnealedLangevin, LangevinCorrector, PredictorCorrector
+from .exponential import DDIM, LMS, DPMSolver, EDMHeun
 from .ode import AdaptiveODE, Euler, Heun
 from .sde import Ancestral, EulerMaruyama, ReverseDiffusion
 
 __all__ = [
     "Solver", "FixedStepSolver", "Context", "integrate", "register_solver", "get_solver", "available_solvers",
     "EulerMaruyama", "ReverseDiffusion", "Ancestral", "LangevinCorrector", "PredictorCorrector",
-    "AnnealedLangevin", "Euler", "Heun", "AdaptiveODE", "grids", "correctors", "ode", "sde",
+    "AnnealedLangevin", "Euler", "Heun", "AdaptiveODE", "DPMSolver", "DDIM", "LMS", "EDMHeun",
+    "grids", "correctors", "exponential", "ode", "sde",
 ]

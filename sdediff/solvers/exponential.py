@@ -1,0 +1,512 @@
+r"""Few-step solvers of the probability-flow ODE that exploit the linear SDE's Gaussian kernel.
+
+For a linear SDE with kernel :math:`x_t \mid x_0 \sim N(m_t x_0, s_t^2 I)` the probability flow
+:math:`dx/dt = a(t)x - \tfrac12 g(t)^2\nabla\log p_t(x)` is semi-linear. With the half log-SNR
+:math:`\lambda = \log(m/s)` as time, and the data and noise predictions given by Tweedie's formula,
+
+.. math::  \hat x_0 = (x + s^2\,\nabla\log p_t(x))/m, \qquad \hat\epsilon = -s\,\nabla\log p_t(x)
+           \qquad (x = m\hat x_0 + s\hat\epsilon),
+
+it reads
+
+.. math::  \frac{dx}{d\lambda} = \frac{d\log s}{d\lambda}\,x + m\,\hat x_0
+           = \frac{d\log m}{d\lambda}\,x - s\,\hat\epsilon,
+
+whose linear part integrates exactly (variation of constants), from :math:`\lambda_s` to
+:math:`\lambda_t = \lambda_s + h`:
+
+.. math::  x_t = \frac{s_t}{s_s}\,x_s + s_t\int_{\lambda_s}^{\lambda_t} e^{\lambda}\,\hat x_0\,d\lambda
+                = \frac{m_t}{m_s}\,x_s - m_t\int_{\lambda_s}^{\lambda_t} e^{-\lambda}\,\hat\epsilon\,d\lambda.
+
+Expanding the prediction in a Taylor series in :math:`\lambda` and integrating each term exactly gives
+
+.. math::  x_t = \frac{s_t}{s_s}x_s + m_t\sum_{k\ge0} h^{k+1}\varphi_{k+1}(-h)\,\hat x_0^{(k)}(\lambda_s)
+           \quad\text{(data)}, \qquad
+           x_t = \frac{m_t}{m_s}x_s - s_t\sum_{k\ge0} h^{k+1}\varphi_{k+1}(h)\,\hat\epsilon^{(k)}(\lambda_s)
+           \quad\text{(noise)},
+
+with :math:`\varphi_1(z) = (e^z-1)/z`, :math:`\varphi_{k+1}(z) = (\varphi_k(z) - 1/k!)/z`. The solvers here
+differ in how they estimate the derivatives :math:`\hat x_0^{(k)}` (from past steps or extra stages).
+
+The EDM form is the same flow in :math:`(\sigma, y) = (s/m, x/m)`: :math:`dy/d\sigma = (y - \hat x_0)/\sigma
+= \hat\epsilon`, used by ``lms`` and ``edm_heun``.
+
+All solvers here need only :math:`m(t)` and :math:`s(t)` (any :class:`~sdediff.LinearSDE`), work on any time
+grid, precompute their per-grid coefficients once in ``start`` (in float64 where the device has it), and make
+no host synchronisation in ``step``.
+
+Solvers (NFE = score evaluations, :math:`N` = number of grid steps):
+
+=============== ============================================================ =====================
+name            method                                                       NFE
+=============== ============================================================ =====================
+``dpm_solver``  DPM-Solver / DPM-Solver++ (orders 1-3, multi- or singlestep)  :math:`N` or order·N
+``ddim``        DDIM, deterministic (``eta=0``) or stochastic (``eta>0``)     :math:`N`
+``lms``         Adams–Bashforth in :math:`\sigma` (orders 1-4)                :math:`N`
+``edm_heun``    Heun in :math:`\sigma` (EDM), optional stochastic churn       :math:`2N`
+=============== ============================================================ =====================
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._utils import randn_like
+from .base import Context, FixedStepSolver, register_solver
+
+__all__ = ["DPMSolver", "DDIM", "LMS", "EDMHeun", "phi_terms", "adams_bashforth_weights"]
+
+
+# --- shared helpers ---------------------------------------------------------------------------------
+def _work_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the per-grid coefficients, except where the device has none (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _require_kernel(ctx: Context, solver: str) -> Any:
+    """The SDE, checked to expose its Gaussian kernel ``mean_coeff`` / ``marginal_std`` (a LinearSDE)."""
+    sde = ctx.sde
+    if not (callable(getattr(sde, "mean_coeff", None)) and callable(getattr(sde, "marginal_std", None))):
+        raise TypeError(f"solver {solver!r} needs a linear SDE with a Gaussian kernel m(t), s(t) "
+                        f"(sdediff.LinearSDE); {type(sde).__name__} has none: use 'heun', 'ode' or 'euler_maruyama'")
+    return sde
+
+
+def _kernel(sde: Any, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``(m, s, lambda)`` at the times ``t``, with :math:`\lambda = \log m - \log s`."""
+    m, s = sde.mean_coeff(t), sde.marginal_std(t)
+    return m, s, m.log() - s.log()
+
+
+def _time_of_lambda(sde: Any, lam: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    r"""Times in ``[lo, hi]`` (elementwise) where the decreasing :math:`\lambda(t) = \log(m/s)` equals ``lam``.
+
+    Bisection with a fixed number of halvings: no host synchronisation, vectorised over all entries.
+    """
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        above = _kernel(sde, mid)[2] > lam  # lambda decreases with t: mid is still too early
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+def phi_terms(z: Tensor, k: int) -> Tensor:
+    r""":math:`\psi_j(z) = z^j\varphi_j(z) = e^z - \sum_{n<j} z^n/n!` for :math:`j = 1..k`, stacked on a new last axis.
+
+    The closed form loses relative accuracy as :math:`z \to 0` (cancellation), so for :math:`|z| < 1/2`
+    the series :math:`\sum_{n\ge j} z^n/n!` (20 terms, to float64 precision) is used instead.
+    """
+    small = z.abs() < 0.5
+    zs = torch.where(small, z, torch.zeros_like(z))
+    out = []
+    for j in range(1, k + 1):
+        closed = torch.expm1(z) - sum(z**n * (1.0 / math.factorial(n)) for n in range(1, j))
+        series = sum(zs**n * (1.0 / math.factorial(n)) for n in range(j + 20, j - 1, -1))
+        out.append(torch.where(small, series, closed))
+    return torch.stack(out, dim=-1)
+
+
+def _exp_coefficients(prediction: str, start: tuple[Tensor, Tensor, Tensor], end: tuple[Tensor, Tensor, Tensor],
+                      k: int) -> tuple[Tensor, Tensor]:
+    r"""Coefficients of the exponential-integrator step from ``start = (m_s, s_s, lambda_s)`` to ``end``.
+
+    Returns ``(a, c)`` with :math:`x_t = a\,x_s + \sum_j c_{j}\,P^{(j)}(\lambda_s)` for the prediction
+    :math:`P` and its first ``k - 1`` derivatives in :math:`\lambda`:
+
+    - data: :math:`a = s_t/s_s`, :math:`c_j = m_t h^{j+1}\varphi_{j+1}(-h) = -m_t\,\psi_{j+1}(-h)\,(-1)^{j}`,
+    - noise: :math:`a = m_t/m_s`, :math:`c_j = -s_t h^{j+1}\varphi_{j+1}(h) = -s_t\,\psi_{j+1}(h)`.
+
+    ``c`` has a last axis of length ``k``.
+    """
+    (m_s, s_s, lam_s), (m_t, s_t, lam_t) = start, end
+    h = lam_t - lam_s
+    if prediction == "data":
+        signs = torch.tensor([(-1.0) ** (j + 1) for j in range(k)], dtype=h.dtype, device=h.device)
+        return s_t / s_s, m_t[..., None] * signs * phi_terms(-h, k)
+    return m_t / m_s, -s_t[..., None] * phi_terms(h, k)
+
+
+def _check_choice(option: str, value: Any, allowed: tuple[Any, ...]) -> Any:
+    if type(value) is not type(allowed[0]) or value not in allowed:  # no bools or floats for an int option
+        raise ValueError(f"{option} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    return value
+
+
+def _check_nonneg(option: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{option} must be a finite float >= 0, got {value!r}")
+    return float(value)
+
+
+def _tick(ctx: Context) -> int:
+    """The index of the grid step being taken (a host-side counter reset in ``start``)."""
+    i = ctx.state["i"]
+    ctx.state["i"] = i + 1
+    return i
+
+
+def _noise_pred(ctx: Context, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
+    r""":math:`\hat\epsilon = -s\,\nabla\log p_t(x)` (one score evaluation)."""
+    return -s * ctx.score(x, t)
+
+
+# --- DPM-Solver -------------------------------------------------------------------------------------
+@register_solver("dpm_solver")
+class DPMSolver(FixedStepSolver):
+    r"""DPM-Solver (noise prediction) and DPM-Solver++ (data prediction), orders 1 to 3.
+
+    An exponential integrator in :math:`\lambda = \log(m/s)`: the linear part of the probability flow is
+    integrated exactly and the prediction :math:`P` (:math:`\hat x_0` or :math:`\hat\epsilon`) by a Taylor
+    expansion in :math:`\lambda` (module docstring). With :math:`h = \lambda_t - \lambda_s`,
+    :math:`a, c_1, c_2, c_3` from the table below and :math:`P_0 = P(x_s, s)`,
+
+    .. math::  x_t = a\,x_s + c_1 P_0 + c_2 P' + c_3 P'',
+
+    ========== ======================= =========================================================
+    prediction :math:`a`               :math:`c_{k}`, :math:`k = 1, 2, 3`
+    ========== ======================= =========================================================
+    ``data``   :math:`s_t/s_s`         :math:`m_t\,h^k\varphi_k(-h)` (:math:`c_1 = m_t(1 - e^{-h})`)
+    ``noise``  :math:`m_t/m_s`         :math:`-s_t\,h^k\varphi_k(h)` (:math:`c_1 = -s_t(e^{h} - 1)`)
+    ========== ======================= =========================================================
+
+    Order 1 (either method) is DDIM. The derivatives are estimated as follows.
+
+    **multistep** (1 NFE per step): from the predictions at the previous grid points
+    :math:`\lambda_{-1} = \lambda_s - h_1`, :math:`\lambda_{-2} = \lambda_{-1} - h_2` (divided differences of
+    the interpolating polynomial):
+
+    .. math::  \text{order 2:}\ P' = \frac{P_0 - P_{-1}}{h_1}; \qquad
+               \text{order 3:}\ P' = D_{01} + h_1 D_{012},\ P'' = 2D_{012},
+
+    with :math:`D_{01} = (P_0 - P_{-1})/h_1`, :math:`D_{12} = (P_{-1} - P_{-2})/h_2`,
+    :math:`D_{012} = (D_{01} - D_{12})/(h_1 + h_2)`. The first steps use lower orders (order ``min(order,
+    i + 1)`` at step ``i``).
+
+    **singlestep** (``order`` NFE per step): intermediate points at :math:`\lambda_s + r h`, reached by
+    lower-order steps from :math:`x_s` (their times found by bisection once, in ``start``):
+
+    - order 2 (:math:`r_1 = 1/2`): :math:`u = \text{order-1 step to } r_1`, :math:`P' = (P(u) - P_0)/(r_1 h)`;
+    - order 3 (:math:`r_1 = 1/3, r_2 = 2/3`): :math:`u_1` = order-1 step to :math:`r_1`; :math:`u_2` = the
+      step to :math:`r_2` with :math:`P' = (P(u_1) - P_0)/(r_1 h)`; the final step uses
+      :math:`P' = (P(u_2) - P_0)/(r_2 h)` and no :math:`c_3` term (third order because
+      :math:`r_2\varphi_2/2 = \varphi_3 + O(h)`, as in DPM-Solver-3).
+
+    Parameters
+    ----------
+    order : {1, 2, 3}
+        Order of accuracy (default 2; 3 for unconditional sampling at few steps).
+    method : {"multistep", "singlestep"}
+        Reuse past predictions (1 NFE per step, default) or take ``order`` stages per step.
+    prediction : {"data", "noise"}
+        Expand :math:`\hat x_0` (DPM-Solver++, default) or :math:`\hat\epsilon` (DPM-Solver).
+    lower_order_final : bool
+        Multistep only: on grids of fewer than 15 steps, use order ``min(order, N - i)`` for the last
+        steps (standard practice; it makes few-step sampling more stable). With 15 steps or more it has no
+        effect, so the asymptotic order is kept.
+
+    Notes
+    -----
+    NFE: ``steps`` (multistep) or ``order * steps`` (singlestep). Needs a :class:`~sdediff.LinearSDE`.
+    The grid ``time_grid="log_snr"`` (uniform :math:`h`) suits these solvers best.
+    """
+
+    ORDERS = (1, 2, 3)
+    METHODS = ("multistep", "singlestep")
+    PREDICTIONS = ("data", "noise")
+    #: grids shorter than this use lower orders on their final steps when ``lower_order_final``
+    LOWER_ORDER_FINAL_BELOW = 15
+
+    def __init__(self, order: int = 2, method: str = "multistep", prediction: str = "data",
+                 lower_order_final: bool = True) -> None:
+        self.order = _check_choice("order", order, self.ORDERS)
+        self.method = _check_choice("method", method, self.METHODS)
+        self.prediction = _check_choice("prediction", prediction, self.PREDICTIONS)
+        if not isinstance(lower_order_final, bool):
+            raise ValueError(f"lower_order_final must be True or False, got {lower_order_final!r}")
+        self.lower_order_final = lower_order_final
+
+    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
+        sde = _require_kernel(ctx, self.name)
+        wd = _work_dtype(ts.device)
+        t64 = ts.to(wd)
+        m, s, lam = _kernel(sde, t64)
+        a, c = _exp_coefficients(self.prediction, (m[:-1], s[:-1], lam[:-1]), (m[1:], s[1:], lam[1:]), self.order)
+        h = lam[1:] - lam[:-1]
+        st: dict[str, Any] = {"i": 0, "n": len(ts) - 1, "history": [], "m": m, "s": s, "h": h, "a": a, "c": c}
+        if self.method == "singlestep" and self.order > 1:
+            fractions = (0.5,) if self.order == 2 else (1 / 3, 2 / 3)
+            for j, r in enumerate(fractions, start=1):
+                t_r = _time_of_lambda(sde, lam[:-1] + r * h, t64[1:], t64[:-1])
+                m_r, s_r, lam_r = _kernel(sde, t_r)
+                st[f"t{j}"], st[f"m{j}"], st[f"s{j}"] = t_r, m_r, s_r
+                st[f"a{j}"], st[f"c{j}"] = _exp_coefficients(self.prediction, (m[:-1], s[:-1], lam[:-1]),
+                                                             (m_r, s_r, lam_r), j)
+                st[f"r{j}h"] = r * h
+        ctx.state.update({key: (v.to(x.dtype) if isinstance(v, Tensor) else v) for key, v in st.items()})
+
+    def _predict(self, ctx: Context, x: Tensor, t: Tensor, m: Tensor, s: Tensor) -> Tensor:
+        r""":math:`\hat x_0 = (x + s^2\nabla\log p_t)/m` or :math:`\hat\epsilon = -s\nabla\log p_t` (one NFE)."""
+        score = ctx.score(x, t)
+        return (x + s**2 * score) / m if self.prediction == "data" else -s * score
+
+    def _order_at(self, i: int, n: int) -> int:
+        order = min(self.order, i + 1)
+        if self.lower_order_final and n < self.LOWER_ORDER_FINAL_BELOW:
+            order = min(order, n - i)
+        return order
+
+    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+        st, i = ctx.state, _tick(ctx)
+        p0 = self._predict(ctx, x, t, st["m"][i], st["s"][i])
+        a, c = st["a"][i], st["c"][i]
+        if self.method == "singlestep":
+            return self._singlestep(ctx, x, p0, i, a, c)
+        hist = st["history"]
+        hist.insert(0, p0)
+        del hist[self.order:]  # keep at most `order` predictions: P_0, P_{-1}, P_{-2}
+        order = self._order_at(i, st["n"])
+        if order == 1:
+            return a * x + c[0] * p0
+        h1 = st["h"][i - 1]
+        d01 = (p0 - hist[1]) / h1
+        if order == 2:
+            return a * x + c[0] * p0 + c[1] * d01
+        d012 = (d01 - (hist[1] - hist[2]) / st["h"][i - 2]) / (h1 + st["h"][i - 2])
+        return a * x + c[0] * p0 + c[1] * (d01 + h1 * d012) + c[2] * (2 * d012)
+
+    def _singlestep(self, ctx: Context, x: Tensor, p0: Tensor, i: int, a: Tensor, c: Tensor) -> Tensor:
+        st = ctx.state
+        if self.order == 1:
+            return a * x + c[0] * p0
+        u1 = st["a1"][i] * x + st["c1"][i][0] * p0
+        p1 = self._predict(ctx, u1, st["t1"][i], st["m1"][i], st["s1"][i])
+        if self.order == 2:
+            return a * x + c[0] * p0 + c[1] * (p1 - p0) / st["r1h"][i]
+        c2 = st["c2"][i]
+        u2 = st["a2"][i] * x + c2[0] * p0 + c2[1] * (p1 - p0) / st["r1h"][i]
+        p2 = self._predict(ctx, u2, st["t2"][i], st["m2"][i], st["s2"][i])
+        return a * x + c[0] * p0 + c[1] * (p2 - p0) / st["r2h"][i]
+
+
+# --- DDIM -------------------------------------------------------------------------------------------
+@register_solver("ddim")
+class DDIM(FixedStepSolver):
+    r"""DDIM for any linear SDE: deterministic (``eta = 0``) or stochastic (``eta > 0``).
+
+    With :math:`\hat x_0, \hat\epsilon` from the score at :math:`(x_s, s)` and :math:`h = \lambda_t - \lambda_s`,
+
+    .. math::  x_t = m_t\,\hat x_0 + \sqrt{s_t^2 - \sigma^2}\,\hat\epsilon + \sigma z, \qquad
+               \sigma = \min\big(\eta\,s_t\sqrt{1 - e^{-2h}},\ s_t\big), \qquad
+               e^{-2h} = \frac{m_s^2 s_t^2}{m_t^2 s_s^2}.
+
+    ``eta = 0`` is the deterministic DDIM step, equal to first-order DPM-Solver:
+    :math:`x_t = (s_t/s_s)x_s + m_t(1 - e^{-h})\hat x_0`. ``eta = 1`` makes :math:`\sigma^2` the variance of
+    the forward posterior :math:`q(x_t \mid x_s, x_0)`, :math:`s_t^2(1 - e^{-2h})` (for VP this is DDIM's
+    :math:`\frac{1-\bar\alpha_t}{1-\bar\alpha_s}(1 - \bar\alpha_s/\bar\alpha_t)`), i.e. ancestral sampling.
+    ``eta > 1`` adds more noise, capped at :math:`\sigma = s_t` (every step then re-noises
+    :math:`m_t\hat x_0`).
+
+    Parameters
+    ----------
+    eta : float
+        Noise level :math:`\eta \ge 0` (default 0).
+
+    Notes
+    -----
+    1 NFE per step. With ``eta > 0`` the solver is stochastic and draws from the sampler's generator.
+    """
+
+    def __init__(self, eta: float = 0.0) -> None:
+        self.eta = _check_nonneg("eta", eta)
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        """Whether the solver draws noise (``eta > 0``)."""
+        return self.eta > 0
+
+    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
+        sde = _require_kernel(ctx, self.name)
+        m, s, lam = _kernel(sde, ts.to(_work_dtype(ts.device)))
+        h = lam[1:] - lam[:-1]
+        sigma = torch.minimum(self.eta * s[1:] * (-torch.expm1(-2 * h)).sqrt(), s[1:])
+        keep = (s[1:] ** 2 - sigma**2).clamp_min(0).sqrt()  # sqrt(s_t^2 - sigma^2), the share of eps_hat kept
+        ctx.state.update({"i": 0, **{k: v.to(x.dtype) for k, v in dict(m=m, s=s, sigma=sigma, keep=keep).items()}})
+
+    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+        st, i = ctx.state, _tick(ctx)
+        eps = _noise_pred(ctx, x, t, st["s"][i])
+        x0 = (x - st["s"][i] * eps) / st["m"][i]
+        x = st["m"][i + 1] * x0 + st["keep"][i] * eps
+        if self.eta == 0:
+            return x
+        return x + st["sigma"][i] * randn_like(x, ctx.generator)
+
+
+# --- linear multistep in sigma ----------------------------------------------------------------------
+def _gauss_legendre(points: int) -> tuple[Tensor, Tensor]:
+    nodes, weights = np.polynomial.legendre.leggauss(points)
+    return torch.from_numpy(nodes), torch.from_numpy(weights)
+
+
+def adams_bashforth_weights(sigma: Tensor, order: int) -> Tensor:
+    r"""Variable-step Adams–Bashforth weights on the grid ``sigma`` (any device), shape ``(N, order)``.
+
+    Row ``i`` holds :math:`b_{ij} = \int_{\sigma_i}^{\sigma_{i+1}} L_{ij}(\sigma)\,d\sigma`, with :math:`L_{ij}`
+    the Lagrange basis polynomials on the nodes :math:`\sigma_i, \sigma_{i-1}, \dots, \sigma_{i-k+1}`,
+    :math:`k = \min(\text{order}, i + 1)` (columns ``j >= k`` are zero). The integrals are exact:
+    Gauss–Legendre quadrature with ``order`` points integrates the degree ``k - 1`` polynomials exactly.
+    """
+    n = len(sigma) - 1
+    u, w = (v.to(sigma) for v in _gauss_legendre(order))
+    half = 0.5 * (sigma[1:] - sigma[:-1])
+    q = (0.5 * (sigma[1:] + sigma[:-1]))[:, None] + half[:, None] * u  # (N, order) quadrature nodes per step
+    out = torch.zeros(n, order, dtype=sigma.dtype, device=sigma.device)
+    steps = torch.arange(n, device=sigma.device)
+    for k in range(1, order + 1):
+        rows = steps[k - 1:] if k == order else steps[k - 1:k]  # the steps that use k nodes
+        nodes = sigma[rows[:, None] - torch.arange(k, device=sigma.device)]  # (R, k): sigma_i, sigma_{i-1}, ...
+        for j in range(k):
+            basis = torch.ones_like(q[rows])
+            for l in range(k):
+                if l != j:
+                    basis = basis * (q[rows] - nodes[:, l:l + 1]) / (nodes[:, j:j + 1] - nodes[:, l:l + 1])
+            out[rows, j] = half[rows] * (basis * w).sum(-1)
+    return out
+
+
+@register_solver("lms")
+class LMS(FixedStepSolver):
+    r"""Linear multistep (Adams–Bashforth) on the probability flow in EDM form.
+
+    In :math:`\sigma = s/m` and :math:`y = x/m` the flow is :math:`dy/d\sigma = d(y, \sigma) = (y - \hat x_0)/\sigma
+    = \hat\epsilon`. With the derivatives :math:`d_i` at the last :math:`k` grid points,
+
+    .. math::  y_{i+1} = y_i + \sum_{j<k} b_{ij}\,d_{i-j}, \qquad
+               b_{ij} = \int_{\sigma_i}^{\sigma_{i+1}} L_{ij}(\sigma)\,d\sigma,
+
+    :math:`L_{ij}` the Lagrange basis on :math:`\sigma_i, \dots, \sigma_{i-k+1}` and :math:`k = \min(\text{order},
+    i+1)` (lower orders while the history fills). The weights are exact for any grid and computed once per run
+    (:func:`adams_bashforth_weights`).
+
+    Parameters
+    ----------
+    order : {1, 2, 3, 4}
+        Number of past derivatives used (default 4); order 1 is Euler in :math:`\sigma`.
+
+    Notes
+    -----
+    1 NFE per step. The first steps, of lower order, limit the asymptotic convergence rate; near
+    :math:`\sigma_{max}` the flow is nearly straight, so their error is small in practice.
+    Needs a :class:`~sdediff.LinearSDE`; ``time_grid="karras"`` suits it.
+    """
+
+    ORDERS = (1, 2, 3, 4)
+
+    def __init__(self, order: int = 4) -> None:
+        self.order = _check_choice("order", order, self.ORDERS)
+
+    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
+        sde = _require_kernel(ctx, self.name)
+        m, s, _ = _kernel(sde, ts.to(_work_dtype(ts.device)))
+        b = adams_bashforth_weights(s / m, self.order)
+        ctx.state.update({"i": 0, "history": [], "m": m.to(x.dtype), "s": s.to(x.dtype), "b": b.to(x.dtype)})
+
+    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+        st, i = ctx.state, _tick(ctx)
+        hist = st["history"]
+        hist.insert(0, _noise_pred(ctx, x, t, st["s"][i]))  # d_i = dy/dsigma
+        del hist[self.order:]
+        y = x / st["m"][i]
+        y = y + sum(st["b"][i, j] * d for j, d in enumerate(hist))
+        return st["m"][i + 1] * y
+
+
+# --- EDM Heun ---------------------------------------------------------------------------------------
+@register_solver("edm_heun")
+class EDMHeun(FixedStepSolver):
+    r"""Heun's method in :math:`(\sigma, y) = (s/m, x/m)` with EDM's optional stochastic churn (Karras et al. 2022).
+
+    With :math:`d(y, \sigma) = (y - \hat x_0)/\sigma = \hat\epsilon` (the flow :math:`dy/d\sigma`), one step from
+    :math:`\sigma_i` to :math:`\sigma_{i+1}` is
+
+    .. math::  \gamma_i = \begin{cases}\min(S_{churn}/N, \sqrt2 - 1) & S_{tmin} \le \sigma_i \le S_{tmax}\\
+                                        0 & \text{otherwise}\end{cases}, \qquad
+               \hat\sigma = \min(\sigma_i(1 + \gamma_i),\ \sigma(T)),
+
+    .. math::  \hat y = y_i + \sqrt{\hat\sigma^2 - \sigma_i^2}\,S_{noise}\,z, \qquad
+               \tilde y = \hat y + (\sigma_{i+1} - \hat\sigma)\,d(\hat y, \hat\sigma), \qquad
+               y_{i+1} = \hat y + \tfrac12(\sigma_{i+1} - \hat\sigma)\,[d(\hat y, \hat\sigma)
+               + d(\tilde y, \sigma_{i+1})],
+
+    and :math:`x = m\,y` at the matching times. The raised level :math:`\hat\sigma` is mapped to its time
+    :math:`\hat t \in [t_i, T]` by bisection once per run (in ``start``), and capped at the SDE's
+    :math:`\sigma(T)`, since the SDE is not defined past ``T``. ``churn = 0`` (default) is the
+    deterministic Heun step; pair it with ``time_grid="karras"`` for EDM's discretisation.
+
+    Parameters
+    ----------
+    churn : float
+        :math:`S_{churn} \ge 0`, the total amount of stochasticity (default 0: deterministic).
+    s_tmin, s_tmax : float
+        Range of :math:`\sigma` in which churn is applied (default ``0`` to ``inf``).
+    s_noise : float
+        :math:`S_{noise} \ge 0`, scale of the added noise (default 1; EDM used slightly above 1).
+
+    Notes
+    -----
+    2 NFE per step (the final :math:`\sigma` is never 0 here since ``eps > 0``). Needs a
+    :class:`~sdediff.LinearSDE`.
+    """
+
+    def __init__(self, churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
+                 s_noise: float = 1.0) -> None:
+        self.churn = _check_nonneg("churn", churn)
+        self.s_tmin = _check_nonneg("s_tmin", s_tmin)
+        if isinstance(s_tmax, bool) or not isinstance(s_tmax, (int, float)) or math.isnan(s_tmax) or s_tmax < s_tmin:
+            raise ValueError(f"s_tmax must be a float >= s_tmin={s_tmin} (inf allowed), got {s_tmax!r}")
+        self.s_tmax = float(s_tmax)
+        self.s_noise = _check_nonneg("s_noise", s_noise)
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        """Whether the solver draws noise (``churn > 0``)."""
+        return self.churn > 0
+
+    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
+        sde = _require_kernel(ctx, self.name)
+        t64 = ts.to(_work_dtype(ts.device))
+        m, s, _ = _kernel(sde, t64)
+        st = {"m": m, "s": s, "sigma": s / m}
+        if self.churn > 0:
+            sigma = st["sigma"][:-1]
+            t_max = torch.full_like(t64[:1], sde.T)
+            sigma_max = (sde.marginal_std(t_max) / sde.mean_coeff(t_max))[0]
+            inside = (sigma >= self.s_tmin) & (sigma <= self.s_tmax)
+            gamma = inside.to(sigma.dtype) * min(self.churn / (len(ts) - 1), math.sqrt(2) - 1)
+            sigma_hat = torch.minimum(sigma * (1 + gamma), torch.maximum(sigma_max, sigma))
+            t_hat = _time_of_lambda(sde, -sigma_hat.log(), t64[:-1], torch.full_like(sigma, sde.T))
+            t_hat = torch.where(sigma_hat > sigma, t_hat, t64[:-1])
+            m_hat, s_hat, _ = _kernel(sde, t_hat)
+            sigma_hat = s_hat / m_hat
+            noise = self.s_noise * (sigma_hat**2 - sigma**2).clamp_min(0).sqrt()
+            st.update(t_hat=t_hat, m_hat=m_hat, s_hat=s_hat, sigma_hat=sigma_hat, noise=noise)
+        ctx.state.update({"i": 0, **{k: v.to(x.dtype) for k, v in st.items()}})
+
+    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+        st, i = ctx.state, _tick(ctx)
+        y = x / st["m"][i]
+        if self.churn > 0:  # raise the noise level to sigma_hat (a Python option, not a tensor value)
+            y = y + st["noise"][i] * randn_like(y, ctx.generator)
+            t, m, s, sigma = st["t_hat"][i], st["m_hat"][i], st["s_hat"][i], st["sigma_hat"][i]
+        else:
+            m, s, sigma = st["m"][i], st["s"][i], st["sigma"][i]
+        dsigma = st["sigma"][i + 1] - sigma
+        d = _noise_pred(ctx, m * y, t, s)
+        y_euler = y + dsigma * d
+        d_next = _noise_pred(ctx, st["m"][i + 1] * y_euler, t_next, st["s"][i + 1])
+        return st["m"][i + 1] * (y + 0.5 * dsigma * (d + d_next))
