@@ -3,7 +3,8 @@
 Importing this package registers the built-in solvers (one module per family).
 """
 
-from . import correctors, exponential, grids, ode, sde
+from . import adaptive, correctors, exponential, grids, ode, sde
+from .adaptive import AdaptiveReverseSDE, AdaptiveRungeKutta
 from .base import Context, FixedStepSolver, Solver, available_solvers, get_solver, integrate, register_solver
 from .correctors import AnnealedLangevin, LangevinCorrector, PredictorCorrector
 from .exponential import DDIM, LMS, DPMSolver, EDMHeun
@@ -14,5 +15,5 @@ __all__ = [
     "Solver", "FixedStepSolver", "Context", "integrate", "register_solver", "get_solver", "available_solvers",
     "EulerMaruyama", "ReverseDiffusion", "Ancestral", "LangevinCorrector", "PredictorCorrector",
     "AnnealedLangevin", "Euler", "Heun", "AdaptiveODE", "DPMSolver", "DDIM", "LMS", "EDMHeun",
-    "grids", "correctors", "exponential", "ode", "sde",
+    "AdaptiveRungeKutta", "AdaptiveReverseSDE", "grids", "adaptive", "correctors", "exponential", "ode", "sde",
 ]
