@@ -3,17 +3,19 @@
 Importing this package registers the built-in solvers (one module per family).
 """
 
-from . import adaptive, correctors, exponential, grids, ode, sde
+from . import adaptive, correctors, exponential, grids, ode, sde, stochastic
 from .adaptive import AdaptiveReverseSDE, AdaptiveRungeKutta
 from .base import Context, FixedStepSolver, Solver, available_solvers, get_solver, integrate, register_solver
 from .correctors import AnnealedLangevin, LangevinCorrector, PredictorCorrector
 from .exponential import DDIM, LMS, DPMSolver, EDMHeun
 from .ode import AdaptiveODE, Euler, Heun
 from .sde import Ancestral, EulerMaruyama, ReverseDiffusion
+from .stochastic import DDPM, SDEDPMSolver, TorchSDE
 
 __all__ = [
     "Solver", "FixedStepSolver", "Context", "integrate", "register_solver", "get_solver", "available_solvers",
     "EulerMaruyama", "ReverseDiffusion", "Ancestral", "LangevinCorrector", "PredictorCorrector",
     "AnnealedLangevin", "Euler", "Heun", "AdaptiveODE", "DPMSolver", "DDIM", "LMS", "EDMHeun",
-    "AdaptiveRungeKutta", "AdaptiveReverseSDE", "grids", "adaptive", "correctors", "exponential", "ode", "sde",
+    "AdaptiveRungeKutta", "AdaptiveReverseSDE", "grids", "adaptive", "correctors", "exponential", "ode", "sde", "stochastic",
+    "DDPM", "SDEDPMSolver", "TorchSDE",
 ]

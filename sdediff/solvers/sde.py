@@ -81,15 +81,30 @@ class Ancestral(FixedStepSolver):
     With the exact transition :math:`x_t = r\,x_{t_{next}} + \sigma z` (:meth:`LinearSDE.transition`)
     and :math:`\hat x_0` from Tweedie's formula, the posterior mean simplifies to
 
-    .. math::  x \leftarrow \frac{x + \sigma^2 s_\theta(x, t)}{r}
-               + \sigma\,\frac{s(t_{next})}{s(t)}\,z,
+    .. math::  x \leftarrow \frac{x + \sigma^2 s_\theta(x, t)}{r} + \tilde\sigma\,z, \qquad
+               \tilde\sigma^2 = \begin{cases} \sigma^2\,s(t_{next})^2 / s(t)^2 & \text{variance="posterior"} \\
+                                               \sigma^2 & \text{variance="beta"} \end{cases}
 
-    DDPM's step :math:`x_{t-1} = (x_t + \beta_t s_\theta)/\sqrt{1-\beta_t} + \tilde\sigma_t z` for VP
-    (with the posterior variance :math:`\tilde\beta_t = \beta_t(1-\bar\alpha_{t-1})/(1-\bar\alpha_t)`)
-    and SMLD's ancestral step for VE. Needs a :class:`~sdediff.LinearSDE`.
+    DDPM's step :math:`x_{t-1} = (x_t + \beta_t s_\theta)/\sqrt{1-\beta_t} + \sigma_t z` for VP
+    (:math:`\sigma^2 = \beta_t = 1 - r^2`), with DDPM's two choices of :math:`\sigma_t^2`: the posterior
+    variance :math:`\tilde\beta_t = \beta_t(1-\bar\alpha_{t-1})/(1-\bar\alpha_t)` (that of
+    :math:`q(x_{t-1} | x_t, x_0)` itself) or the transition variance :math:`\beta_t` (a little more noise per
+    step; both converge as the steps shrink). For VE it is SMLD's ancestral step. Needs a
+    :class:`~sdediff.LinearSDE`; see also ``"ddpm"``, the same sampler with ``variance="beta"``.
+
+    Parameters
+    ----------
+    variance : {"posterior", "beta"}
+        The noise variance :math:`\tilde\sigma^2` above (default ``"posterior"``).
     """
 
     stochastic = True
+    VARIANCES = ("posterior", "beta")
+
+    def __init__(self, variance: str = "posterior") -> None:
+        if variance not in self.VARIANCES:
+            raise ValueError(f"variance must be one of {', '.join(map(repr, self.VARIANCES))}, got {variance!r}")
+        self.variance = variance
 
     def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
         linear_kernel(ctx, self.name)
@@ -97,6 +112,7 @@ class Ancestral(FixedStepSolver):
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
         tb = t.expand(x.shape[0])
         r, sigma = ctx.sde.transition(tb, (t - t_next).expand(x.shape[0]))
-        ratio = ctx.sde.marginal_std(t_next.expand(x.shape[0])) / ctx.sde.marginal_std(tb)
         mean = (x + expand_as(sigma**2, x) * ctx.score(x, tb)) / expand_as(r, x)
-        return mean + expand_as(sigma * ratio, x) * randn_like(x, ctx.generator)
+        if self.variance == "posterior":
+            sigma = sigma * (ctx.sde.marginal_std(t_next.expand(x.shape[0])) / ctx.sde.marginal_std(tb))
+        return mean + expand_as(sigma, x) * randn_like(x, ctx.generator)
