@@ -27,6 +27,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from ._utils import batch_time, expand_as
+from .sdes.linear import require_linear
 
 PREDICTIONS = ("score", "eps", "x0", "v", "flow")
 
@@ -37,8 +38,7 @@ def _check(prediction: str) -> None:
 
 
 def _coeffs(sde, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    if not hasattr(sde, "mean_coeff"):
-        raise TypeError(f"converting predictions needs a linear SDE (sdediff.LinearSDE), got {type(sde).__name__}")
+    require_linear(sde, "converting predictions")
     t = batch_time(t, x)
     return expand_as(sde.mean_coeff(t), x), expand_as(sde.marginal_std(t), x)
 

@@ -98,6 +98,22 @@ class LinearSDE(SDE):
         r"""Log signal-to-noise ratio :math:`\lambda(t) = \log(m(t)^2 / s(t)^2)`."""
         return 2 * (self.mean_coeff(t).log() - self.marginal_std(t).log())
 
+    def time_of_log_snr(self, log_snr: Tensor, lo: Tensor | float = 0.0, hi: Tensor | float | None = None) -> Tensor:
+        r"""The times in ``[lo, hi]`` (elementwise) where the decreasing :math:`\lambda(t) = \log(m^2/s^2)`
+        equals ``log_snr``.
+
+        Bisection with a fixed number of halvings (64, float64 precision): vectorised, and with no host
+        synchronisation, so it can run on the device.
+        """
+        lo = torch.as_tensor(lo, dtype=log_snr.dtype, device=log_snr.device).expand_as(log_snr)
+        hi = torch.as_tensor(self.T if hi is None else hi, dtype=log_snr.dtype,
+                             device=log_snr.device).expand_as(log_snr)
+        for _ in range(64):
+            mid = 0.5 * (lo + hi)
+            early = self.log_snr(mid) > log_snr  # the log-SNR decreases with t: mid is still too early
+            lo, hi = torch.where(early, mid, lo), torch.where(early, hi, mid)
+        return 0.5 * (lo + hi)
+
     @property
     def prior_std(self) -> float:
         """Standard deviation of the Gaussian prior ``p_T = N(0, prior_std^2 I)``."""
@@ -213,3 +229,11 @@ class LinearSDE(SDE):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(T={self.T}, initial_std={self.initial_std})"
+
+
+def require_linear(sde: SDE, what: str) -> LinearSDE:
+    """Return ``sde`` if it is a :class:`LinearSDE`, else raise a ``TypeError`` saying ``what`` needs its kernel."""
+    if not isinstance(sde, LinearSDE):
+        raise TypeError(f"{what} needs a linear SDE with a Gaussian kernel m(t), s(t) (sdediff.LinearSDE); "
+                        f"{type(sde).__name__} has none")
+    return sde

@@ -57,6 +57,7 @@ import torch
 from torch import Tensor
 
 from .._utils import randn_like
+from ..sdes.linear import require_linear
 from .base import Context, FixedStepSolver, register_solver
 
 __all__ = ["DPMSolver", "DDIM", "LMS", "EDMHeun", "phi_terms", "adams_bashforth_weights"]
@@ -68,31 +69,10 @@ def _work_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _require_kernel(ctx: Context, solver: str) -> Any:
-    """The SDE, checked to expose its Gaussian kernel ``mean_coeff`` / ``marginal_std`` (a LinearSDE)."""
-    sde = ctx.sde
-    if not (callable(getattr(sde, "mean_coeff", None)) and callable(getattr(sde, "marginal_std", None))):
-        raise TypeError(f"solver {solver!r} needs a linear SDE with a Gaussian kernel m(t), s(t) "
-                        f"(sdediff.LinearSDE); {type(sde).__name__} has none: use 'heun', 'ode' or 'euler_maruyama'")
-    return sde
-
-
 def _kernel(sde: Any, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     r"""``(m, s, lambda)`` at the times ``t``, with :math:`\lambda = \log m - \log s`."""
     m, s = sde.mean_coeff(t), sde.marginal_std(t)
     return m, s, m.log() - s.log()
-
-
-def _time_of_lambda(sde: Any, lam: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    r"""Times in ``[lo, hi]`` (elementwise) where the decreasing :math:`\lambda(t) = \log(m/s)` equals ``lam``.
-
-    Bisection with a fixed number of halvings: no host synchronisation, vectorised over all entries.
-    """
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        above = _kernel(sde, mid)[2] > lam  # lambda decreases with t: mid is still too early
-        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
-    return 0.5 * (lo + hi)
 
 
 def phi_terms(z: Tensor, k: int) -> Tensor:
@@ -231,7 +211,7 @@ class DPMSolver(FixedStepSolver):
         self.lower_order_final = lower_order_final
 
     def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        sde = _require_kernel(ctx, self.name)
+        sde = require_linear(ctx.sde, f"solver {self.name!r}")
         wd = _work_dtype(ts.device)
         t64 = ts.to(wd)
         m, s, lam = _kernel(sde, t64)
@@ -241,7 +221,7 @@ class DPMSolver(FixedStepSolver):
         if self.method == "singlestep" and self.order > 1:
             fractions = (0.5,) if self.order == 2 else (1 / 3, 2 / 3)
             for j, r in enumerate(fractions, start=1):
-                t_r = _time_of_lambda(sde, lam[:-1] + r * h, t64[1:], t64[:-1])
+                t_r = sde.time_of_log_snr(2 * (lam[:-1] + r * h), t64[1:], t64[:-1])
                 m_r, s_r, lam_r = _kernel(sde, t_r)
                 st[f"t{j}"], st[f"m{j}"], st[f"s{j}"] = t_r, m_r, s_r
                 st[f"a{j}"], st[f"c{j}"] = _exp_coefficients(self.prediction, (m[:-1], s[:-1], lam[:-1]),
@@ -330,7 +310,7 @@ class DDIM(FixedStepSolver):
         return self.eta > 0
 
     def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        sde = _require_kernel(ctx, self.name)
+        sde = require_linear(ctx.sde, f"solver {self.name!r}")
         m, s, lam = _kernel(sde, ts.to(_work_dtype(ts.device)))
         h = lam[1:] - lam[:-1]
         sigma = torch.minimum(self.eta * s[1:] * (-torch.expm1(-2 * h)).sqrt(), s[1:])
@@ -411,7 +391,7 @@ class LMS(FixedStepSolver):
         self.order = _check_choice("order", order, self.ORDERS)
 
     def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        sde = _require_kernel(ctx, self.name)
+        sde = require_linear(ctx.sde, f"solver {self.name!r}")
         m, s, _ = _kernel(sde, ts.to(_work_dtype(ts.device)))
         b = adams_bashforth_weights(s / m, self.order)
         ctx.state.update({"i": 0, "history": [], "m": m.to(x.dtype), "s": s.to(x.dtype), "b": b.to(x.dtype)})
@@ -478,7 +458,7 @@ class EDMHeun(FixedStepSolver):
         return self.churn > 0
 
     def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        sde = _require_kernel(ctx, self.name)
+        sde = require_linear(ctx.sde, f"solver {self.name!r}")
         t64 = ts.to(_work_dtype(ts.device))
         m, s, _ = _kernel(sde, t64)
         st = {"m": m, "s": s, "sigma": s / m}
@@ -489,7 +469,7 @@ class EDMHeun(FixedStepSolver):
             inside = (sigma >= self.s_tmin) & (sigma <= self.s_tmax)
             gamma = inside.to(sigma.dtype) * min(self.churn / (len(ts) - 1), math.sqrt(2) - 1)
             sigma_hat = torch.minimum(sigma * (1 + gamma), torch.maximum(sigma_max, sigma))
-            t_hat = _time_of_lambda(sde, -sigma_hat.log(), t64[:-1], torch.full_like(sigma, sde.T))
+            t_hat = sde.time_of_log_snr(-2 * sigma_hat.log(), t64[:-1])
             t_hat = torch.where(sigma_hat > sigma, t_hat, t64[:-1])
             m_hat, s_hat, _ = _kernel(sde, t_hat)
             sigma_hat = s_hat / m_hat

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..sdes.base import SDE
+from ..sdes.linear import require_linear
 
 GridFn = Callable[[SDE, int, float], Tensor]
 
@@ -28,24 +29,6 @@ def quadratic(sde: SDE, steps: int, eps: float) -> Tensor:
     return eps + (sde.T - eps) * u**2
 
 
-def _require_log_snr(sde: SDE) -> None:
-    if not hasattr(sde, "log_snr"):
-        raise TypeError(f"this time grid needs a linear SDE with a log-SNR (sdediff.LinearSDE); got "
-                        f"{type(sde).__name__}")
-
-
-def _time_of_log_snr(sde: SDE, lam: Tensor, eps: float) -> Tensor:
-    """Invert the (decreasing) log-SNR of a linear SDE on ``[eps, T]`` by bisection, to float64 precision."""
-    lo = torch.full_like(lam, eps)
-    hi = torch.full_like(lam, sde.T)
-    for _ in range(64):
-        mid = 0.5 * (lo + hi)
-        above = sde.log_snr(mid) > lam  # still too early: the log-SNR decreases with t
-        lo = torch.where(above, mid, lo)
-        hi = torch.where(above, hi, mid)
-    return 0.5 * (lo + hi)
-
-
 def _pinned(sde: SDE, ts: Tensor, eps: float) -> Tensor:
     ts[0], ts[-1] = sde.T, eps
     return ts
@@ -53,10 +36,10 @@ def _pinned(sde: SDE, ts: Tensor, eps: float) -> Tensor:
 
 def log_snr(sde: SDE, steps: int, eps: float) -> Tensor:
     r"""Uniform in log-SNR :math:`\lambda(t) = \log(m^2/s^2)` between :math:`\lambda(T)` and :math:`\lambda(\epsilon)`."""
-    _require_log_snr(sde)
+    sde = require_linear(sde, "time_grid='log_snr'")
     lam_T, lam_eps = sde.log_snr(torch.tensor([sde.T, eps], dtype=torch.float64))
     lam = torch.linspace(float(lam_T), float(lam_eps), steps + 1, dtype=torch.float64)
-    return _pinned(sde, _time_of_log_snr(sde, lam, eps), eps)
+    return _pinned(sde, sde.time_of_log_snr(lam, eps), eps)
 
 
 def karras(sde: SDE, steps: int, eps: float, rho: float = 7.0) -> Tensor:
@@ -65,11 +48,11 @@ def karras(sde: SDE, steps: int, eps: float, rho: float = 7.0) -> Tensor:
     :math:`\sigma_i = \big(\sigma_{max}^{1/\rho} + \tfrac iN(\sigma_{min}^{1/\rho} - \sigma_{max}^{1/\rho})\big)^\rho`,
     with :math:`\sigma_{max}, \sigma_{min}` the levels at ``T`` and ``eps``, mapped back to times.
     """
-    _require_log_snr(sde)
+    sde = require_linear(sde, "time_grid='karras'")
     sig_max, sig_min = (-0.5 * sde.log_snr(torch.tensor([sde.T, eps], dtype=torch.float64))).exp()
     u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
     sigma = (sig_max ** (1 / rho) + u * (sig_min ** (1 / rho) - sig_max ** (1 / rho))) ** rho
-    return _pinned(sde, _time_of_log_snr(sde, -2 * sigma.log(), eps), eps)
+    return _pinned(sde, sde.time_of_log_snr(-2 * sigma.log(), eps), eps)
 
 
 GRIDS: dict[str, GridFn] = {"uniform": uniform, "quadratic": quadratic, "log_snr": log_snr, "karras": karras}

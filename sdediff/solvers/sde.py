@@ -11,6 +11,7 @@ import math
 from torch import Tensor
 
 from .._utils import expand_as, randn_like
+from ..sdes.linear import require_linear
 from .base import Context, FixedStepSolver, register_solver
 
 
@@ -19,13 +20,6 @@ def _check_noise_scale(noise_scale: float) -> float:
             or not math.isfinite(noise_scale) or noise_scale < 0:
         raise ValueError(f"noise_scale must be a finite float >= 0, got {noise_scale!r}")
     return float(noise_scale)
-
-
-def linear_kernel(ctx: Context, solver: str) -> None:
-    """Raise a clear error when a solver that needs the Gaussian kernel gets an SDE without one."""
-    if not hasattr(ctx.sde, "transition"):
-        raise TypeError(f"solver {solver!r} needs a linear SDE with a Gaussian kernel (sdediff.LinearSDE); "
-                        f"{type(ctx.sde).__name__} has none: use 'euler_maruyama' or 'reverse_diffusion'")
 
 
 @register_solver("euler_maruyama")
@@ -107,7 +101,7 @@ class Ancestral(FixedStepSolver):
         self.variance = variance
 
     def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        linear_kernel(ctx, self.name)
+        require_linear(ctx.sde, f"solver {self.name!r}")
 
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
         tb = t.expand(x.shape[0])

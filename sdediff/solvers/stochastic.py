@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from .._utils import expand_as, randn_like
 from ..processes import ReverseProcess
+from ..sdes.linear import require_linear
 from .base import Callback, Context, FixedStepSolver, Solver, register_solver
-from .sde import Ancestral, _check_noise_scale, linear_kernel
+from .sde import Ancestral, _check_noise_scale
 
 
 @register_solver("ddpm")
@@ -107,7 +108,7 @@ class SDEDPMSolver(FixedStepSolver):
         self.order, self.solver_type, self.lower_order_final = int(order), solver_type, lower_order_final
 
     def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        linear_kernel(ctx, self.name)
+        require_linear(ctx.sde, f"solver {self.name!r}")
         ctx.state["sde_dpm_solver"] = {"x0": None, "lam": None, "steps_left": len(ts) - 1}
 
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
