@@ -12,7 +12,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from ._io import atomic_write
 from .data import GaussianMixture
 from .likelihood import log_likelihood
 from .metrics import noise_floor, sliced_wasserstein
@@ -33,21 +33,6 @@ DEMO_SOLVERS: list[tuple[str, int, dict[str, Any]]] = [
     ("heun", 50, {}),
     ("ode", 1, {"rtol": 1e-5, "atol": 1e-5}),
 ]
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:

@@ -1,0 +1,119 @@
+r"""Two-dimensional toy data sets, roughly centred with unit scale, drawn from a :class:`torch.Generator`.
+
+=====================  ==================================================================================
+name                   construction (before the fixed affine map to roughly zero mean, unit std)
+=====================  ==================================================================================
+``"moons"``            two interleaved half circles: :math:`(\cos\theta, \sin\theta)` and
+                       :math:`(1 - \cos\theta, \tfrac12 - \sin\theta)`, :math:`\theta \sim U(0, \pi)`, plus
+                       :math:`N(0, 0.05^2)` noise
+``"checkerboard"``     uniform on the 8 dark squares of a 4×4 board on :math:`[-2, 2]^2`
+``"swiss_roll"``       :math:`\theta(\cos\theta, \sin\theta)`, :math:`\theta \sim U(1.5\pi, 4.5\pi)`, plus
+                       :math:`N(0, 0.25^2)` noise
+``"rings"``            four concentric circles of radii 1, 2, 3, 4 (equally likely), plus
+                       :math:`N(0, 0.08^2)` noise
+``"gaussian_mixture"`` eight equal Gaussians on a circle of radius 1.4, std 0.15 — :func:`toy_mixture`
+                       returns it as a :class:`~sdediff.data.GaussianMixture`, with exact scores
+=====================  ==================================================================================
+
+Draws are made in float64 on the generator's device (the CPU without one) and then cast, so a seeded
+generator gives the same points whatever ``dtype`` and ``device`` are asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .mixture import GaussianMixture
+
+TOY_DATASETS = ("moons", "checkerboard", "swiss_roll", "rings", "gaussian_mixture")
+_F64 = torch.float64
+
+
+def toy_mixture() -> GaussianMixture:
+    """The ``"gaussian_mixture"`` toy set as a :class:`GaussianMixture` (exact density and score at every t)."""
+    return GaussianMixture.ring(num_components=8, radius=1.4, std=0.15)
+
+
+def _uniform(n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
+    return torch.rand(n, generator=g, device=dev, dtype=_F64)
+
+
+def _normal(shape: tuple[int, ...], g: torch.Generator | None, dev: torch.device) -> Tensor:
+    return torch.randn(shape, generator=g, device=dev, dtype=_F64)
+
+
+def _moons(n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
+    theta = math.pi * _uniform(n, g, dev)
+    lower = torch.rand(n, generator=g, device=dev) < 0.5
+    x = torch.where(lower, 1 - theta.cos(), theta.cos())
+    y = torch.where(lower, 0.5 - theta.sin(), theta.sin())
+    pts = torch.stack([x, y], 1) + 0.05 * _normal((n, 2), g, dev)
+    return (pts - torch.tensor([0.5, 0.25], dtype=_F64, device=dev)) / torch.tensor([0.87, 0.5], dtype=_F64, device=dev)
+
+
+def _checkerboard(n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
+    cell = torch.randint(8, (n,), generator=g, device=dev)  # dark squares: (i + j) even, 2 per row
+    row = cell // 2
+    col = 2 * (cell % 2) + row % 2
+    u = torch.rand(n, 2, generator=g, device=dev, dtype=_F64)
+    pts = torch.stack([col, row], 1).to(_F64) + u - 2.0
+    return pts / 1.15
+
+
+def _swiss_roll(n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
+    theta = 1.5 * math.pi * (1 + 2 * _uniform(n, g, dev))
+    pts = torch.stack([theta * theta.cos(), theta * theta.sin()], 1) + 0.25 * _normal((n, 2), g, dev)
+    return (pts - torch.tensor([2.0, 0.2], dtype=_F64, device=dev)) / 6.8
+
+
+def _rings(n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
+    radius = 1.0 + torch.randint(4, (n,), generator=g, device=dev).to(_F64)
+    theta = 2 * math.pi * _uniform(n, g, dev)
+    pts = radius[:, None] * torch.stack([theta.cos(), theta.sin()], 1) + 0.08 * _normal((n, 2), g, dev)
+    return pts / 1.95
+
+
+def _gaussian_mixture(n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
+    return toy_mixture().sample(n, generator=g, device=dev, dtype=_F64)
+
+
+_MAKERS: dict[str, Callable[[int, torch.Generator | None, torch.device], Tensor]] = {
+    "moons": _moons, "checkerboard": _checkerboard, "swiss_roll": _swiss_roll, "rings": _rings,
+    "gaussian_mixture": _gaussian_mixture,
+}
+
+
+def make_toy(name: str, n: int, generator: torch.Generator | None = None, *, dtype: torch.dtype | None = None,
+             device: torch.device | str | None = None) -> Tensor:
+    """``n`` points ``(n, 2)`` of the toy set ``name`` (see the module table).
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`TOY_DATASETS`.
+    n : int
+        Number of points.
+    generator : torch.Generator, optional
+        Source of randomness (the global RNG when ``None``).
+    dtype : torch.dtype, optional
+        Floating dtype of the result (default: the default dtype).
+    device : optional
+        Device of the result (default: the generator's).
+    """
+    if name not in _MAKERS:
+        raise ValueError(f"unknown toy data set {name!r}; known: {', '.join(TOY_DATASETS)}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    dtype = dtype or torch.get_default_dtype()
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    draw = generator.device if generator is not None else torch.device("cpu")
+    pts = _MAKERS[name](n, generator, draw)
+    return pts.to(device=device if device is not None else draw, dtype=dtype)
+
+
+sample_toy = make_toy

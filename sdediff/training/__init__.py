@@ -1,0 +1,21 @@
+"""Training: the denoising score-matching loss, small networks, checkpoints and a trainer (DDP-ready)."""
+
+from .checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_model,
+    load_state_dict_file,
+    load_weights,
+    save_checkpoint,
+)
+from .losses import dsm_loss, nll_bound, sample_time
+from .models import MLP, FourierEmbedding, SinusoidalEmbedding, UNet
+from .trainer import NonFiniteLossError, TrainConfig, Trainer, seed_everything
+
+__all__ = [
+    "dsm_loss", "nll_bound", "sample_time", "MLP", "UNet", "SinusoidalEmbedding", "FourierEmbedding", "Trainer",
+    "TrainConfig", "NonFiniteLossError", "seed_everything", "CheckpointError", "save_checkpoint", "load_checkpoint",
+    "latest_checkpoint", "list_checkpoints", "load_model", "load_weights", "load_state_dict_file",
+]

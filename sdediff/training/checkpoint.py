@@ -1,0 +1,181 @@
+"""Checkpoints as safetensors files, written atomically and verified on load.
+
+A checkpoint is one safetensors file: the tensors (model and EMA weights, optimizer moments, RNG
+states as ``uint8`` tensors, the loss history) plus string metadata holding a JSON document (step,
+config, optimizer hyper-parameters, model and SDE description) and a SHA-256 digest of every tensor.
+Nothing is unpickled on load, so a checkpoint cannot run code.
+
+Writes go to a temporary file in the target folder, which is flushed and fsynced, renamed over the
+final name with :func:`os.replace` (atomic on POSIX and Windows), and the folder is fsynced so the
+rename itself survives a crash. A process killed at any point leaves either the old state or the new
+one, never a torn file under the final name; stray ``.ckpt_*.tmp`` files are ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._io import atomic_write_file
+
+FORMAT = "sdediff-checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^ckpt_(\d{8,})\.safetensors$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is missing, truncated, corrupt, or not an sdediff checkpoint."""
+
+
+def checkpoint_name(step: int) -> str:
+    """File name of the checkpoint at ``step``: ``ckpt_{step:08d}.safetensors``."""
+    return f"ckpt_{step:08d}.safetensors"
+
+
+def _digest(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key]
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> Path:
+    """Write ``tensors`` and the JSON-serialisable ``metadata`` to the safetensors file ``path`` atomically.
+
+    Returns the path. Tensors are copied to the CPU (and de-aliased: safetensors refuses shared storage).
+    """
+    from safetensors.torch import save_file
+
+    cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    header = {"format": FORMAT, "version": str(VERSION), "sha256": _digest(cpu), "sdediff": json.dumps(metadata)}
+    return atomic_write_file(path, lambda tmp: save_file(cpu, str(tmp), metadata=header))
+
+
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
+                    verify: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a checkpoint written by :func:`save_checkpoint`: ``(tensors, metadata)``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    CheckpointError
+        If the file is not a readable safetensors file (truncated, corrupt), not an sdediff checkpoint,
+        or (with ``verify``) its tensors do not match the stored SHA-256 digest. The message names the file.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for every kind of damage
+        raise CheckpointError(f"cannot read checkpoint {path}: not a valid safetensors file (truncated or "
+                              f"corrupt?): {err}") from err
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not an sdediff checkpoint (no '{FORMAT}' header)")
+    if int(header.get("version", "0")) > VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {header['version']}; this sdediff reads up "
+                              f"to {VERSION}: upgrade sdediff")
+    if verify and _digest(tensors) != header.get("sha256"):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its tensors do not match the stored SHA-256 digest")
+    try:
+        metadata = json.loads(header["sdediff"])
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} has unreadable metadata: {err}") from err
+    return {k: v.to(device) for k, v in tensors.items()}, metadata
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Checkpoints ``ckpt_*.safetensors`` in ``directory``, oldest step first (no validity check)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name)) and p.is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest checkpoint in ``directory`` that loads and verifies, or ``None``.
+
+    Damaged newer files are skipped with a warning naming them (e.g. a file truncated by a full disk).
+    """
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            load_checkpoint(path)
+        except CheckpointError as err:
+            warnings.warn(f"skipping damaged checkpoint: {err}", RuntimeWarning, stacklevel=2)
+            continue
+        return path
+    return None
+
+
+def load_state_dict_file(path: str | os.PathLike, device: torch.device | str = "cpu", ema: bool = True) -> dict[str, Tensor]:
+    """Load plain weights from a ``.safetensors`` file, or a PyTorch file with ``torch.load(weights_only=True)``.
+
+    From an sdediff trainer checkpoint it returns the EMA weights (``ema=True``, the default) or the raw
+    model weights. Pickled code is never executed: a PyTorch file holding anything but tensors and plain
+    containers is refused with :class:`CheckpointError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # a zip (torch.save) or a raw pickle
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f"refusing to load {path}: torch.load(weights_only=True) failed (the file holds "
+                                  f"pickled objects other than tensors, or is damaged): {err}") from err
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
+        return state
+    try:
+        tensors, _ = load_checkpoint(path, device)
+    except CheckpointError as err:
+        if "not an sdediff checkpoint" not in str(err):
+            raise
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device=str(device))
+    prefix = "ema." if ema else "model."
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not state:
+        raise CheckpointError(f"checkpoint {path} has no {'EMA' if ema else 'model'} weights")
+    return state
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, ema: bool = True) -> nn.Module:
+    """Load weights into ``model`` (strictly) from a trainer checkpoint (EMA by default), a plain
+    safetensors file or a ``torch.save``-d state dict (see :func:`load_state_dict_file`)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.load_state_dict(load_state_dict_file(path, device, ema=ema))
+    return model
+
+
+def load_model(path: str | os.PathLike, ema: bool = True, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild the :class:`~sdediff.training.MLP` or :class:`~sdediff.training.UNet` saved in a trainer
+    checkpoint and load its EMA (default) or raw weights; returned in eval mode."""
+    from .models import MODELS
+
+    _, meta = load_checkpoint(path)
+    info = meta.get("model") or {}
+    if info.get("class") not in MODELS or "config" not in info:
+        raise CheckpointError(f"checkpoint {path} holds a {info.get('class', 'custom')!r} model that sdediff cannot "
+                              f"rebuild; construct it yourself and call load_weights(model, path)")
+    model = MODELS[info["class"]](**info["config"]).to(device)
+    return load_weights(model, path, ema=ema).eval()
