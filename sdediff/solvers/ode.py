@@ -22,7 +22,7 @@ _ODE_METHODS = {k: v for k, v in SOLVERS.items() if k != "scipy_solver"}
 def pf_drift(ctx: Context, x: Tensor, t: Tensor) -> Tensor:
     r"""The probability-flow velocity :math:`v(x,t) = f(x,t) - \tfrac12 g(t)^2 s_\theta(x,t)`."""
     t = batch_time(t, x)
-    return ctx.sde.drift(x, t) - 0.5 * expand_as(ctx.sde.diffusion(t) ** 2, x) * ctx.score(x, t)
+    return torch.addcmul(ctx.sde.drift(x, t), expand_as(-0.5 * ctx.sde.diffusion(t) ** 2, x), ctx.score(x, t))
 
 
 def batch_max_norm(state: Tensor | tuple[Tensor, ...]) -> Tensor:
@@ -58,7 +58,7 @@ class Euler(FixedStepSolver):
     r"""Euler's method on the probability flow: :math:`x \leftarrow x + h\,v(x, t)` (order 1, 1 NFE/step)."""
 
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        return x + (t_next - t) * pf_drift(ctx, x, t)
+        return torch.addcmul(x, t_next - t, pf_drift(ctx, x, t))
 
 
 @register_solver("heun")
@@ -71,8 +71,8 @@ class Heun(FixedStepSolver):
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
         h = t_next - t
         d = pf_drift(ctx, x, t)
-        d_next = pf_drift(ctx, x + h * d, t_next)
-        return x + (0.5 * h) * (d + d_next)
+        d_next = pf_drift(ctx, torch.addcmul(x, h, d), t_next)
+        return torch.addcmul(x, 0.5 * h, d + d_next)
 
 
 @register_solver("ode")

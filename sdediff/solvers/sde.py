@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from .._utils import expand_as, randn_like
@@ -42,11 +43,11 @@ class EulerMaruyama(FixedStepSolver):
         h = t_next - t
         g = ctx.sde.diffusion(tb)
         score = ctx.score(x, tb)
-        drift = ctx.sde.drift(x, tb) - (0.5 * (1 + self.noise_scale**2)) * expand_as(g**2, x) * score
-        x = x + drift * h
+        drift = torch.addcmul(ctx.sde.drift(x, tb), expand_as(-0.5 * (1 + self.noise_scale**2) * g**2, x), score)
+        x = torch.addcmul(x, h, drift)
         if self.noise_scale == 0:
             return x
-        return x + expand_as(self.noise_scale * g, x) * (-h).sqrt() * randn_like(x, ctx.generator)
+        return torch.addcmul(x, expand_as(self.noise_scale * g * (-h).sqrt(), x), randn_like(x, ctx.generator))
 
 
 @register_solver("reverse_diffusion")
