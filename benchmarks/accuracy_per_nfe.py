@@ -1,0 +1,581 @@
+"""Accuracy per score evaluation (NFE) of every sampler, on Gaussian mixtures with the exact score.
+
+For each problem (VP and VE, d = 2 and d = 64) every method starts from the *same* exact samples of
+p_T and ends at t = eps:
+
+* deterministic (probability-flow ODE) solvers: pathwise RMSE against a tight reference solve
+  (``sdediff.sample(solver="ode", method="dopri8", rtol=atol=1e-10)`` in float64) from the same x_T;
+* stochastic (reverse-SDE) solvers: sliced W2 to exact samples of p_eps (with the noise floor of two
+  exact sample sets of the same size) and the mean exact log-density gap
+  ``mean log p_eps(samples) - E_{p_eps}[log p_eps]`` with its standard error.
+
+The same problem goes through k-diffusion's samplers (denoiser convention in sigma-space, on the
+sigma sequence of sdediff's time grid and on k-diffusion's Karras schedule), torchdiffeq's ``odeint``
+and torchsde's ``sdeint``. Every score/denoiser call is counted by a wrapper; tables show the NFE each
+run used. Writes ``accuracy_per_nfe.{md,json,png}`` into ``benchmarks/results/``.
+
+    python benchmarks/accuracy_per_nfe.py            # full run (minutes)
+    python benchmarks/accuracy_per_nfe.py --quick    # small run
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import json
+import math
+import re
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchdiffeq
+import torchsde
+from torch import Tensor
+
+import sdediff
+from sdediff._io import atomic_write
+from sdediff.data import GaussianMixture
+from sdediff.metrics import noise_floor, sliced_wasserstein
+
+
+def _load_common():
+    name = "sdediff_bench_common"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("common.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+common = _load_common()
+
+NFES = (5, 10, 20, 50, 100)
+#: tolerances tried by adaptive solvers, loosest first; a ladder stops once a run exceeds the largest budget
+TOL_LADDER = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7)
+KD_SCHEDULES = ("time", "karras")
+#: torchdiffeq methods on the same PF-ODE: name -> NFE per step (None: adaptive, tolerance ladder)
+TORCHDIFFEQ_METHODS = {"euler": 1, "midpoint": 2, "rk4": 4, "dopri5": None}
+#: torchsde methods on the reverse SDE (u = T - t): name -> (sde_type, Levy-area approximation)
+TORCHSDE_METHODS = {"euler": ("ito", "none"), "srk": ("ito", "space-time"), "reversible_heun": ("stratonovich", "none")}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A Gaussian mixture pushed through a linear SDE; its exact score is the 'network'."""
+
+    sde: str  # "vp" or "ve"
+    dim: int
+    n: int = 1000  # samples (and exact samples they are compared with)
+    components: int = 8
+    eps: float = 1e-3
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.sde.upper()} d={self.dim}"
+
+    def build(self) -> tuple[sdediff.LinearSDE, GaussianMixture]:
+        sde = {"vp": sdediff.VPSDE, "ve": sdediff.VESDE}[self.sde]()
+        mixture = GaussianMixture.random(self.components, self.dim, generator=torch.Generator().manual_seed(self.seed))
+        return sde, mixture
+
+
+PROBLEMS = (Problem("vp", 2, n=2000), Problem("vp", 64), Problem("ve", 2, n=2000), Problem("ve", 64))
+
+
+@dataclass
+class Setup:
+    """A prepared problem: the start x_T, the reference end state, exact p_eps samples and their statistics."""
+
+    problem: Problem
+    sde: sdediff.LinearSDE
+    mixture: GaussianMixture
+    score: Callable[[Tensor, Tensor], Tensor]
+    x_T: Tensor
+    x_ref: Tensor
+    exact: Tensor
+    logp_exact_mean: float
+    logp_exact_var: float
+    logp_exact_n: int
+    info: dict[str, Any]
+    device: torch.device
+    seed: int
+
+    def generator(self, salt: int = 0) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(self.seed * 1000 + 17 + salt)
+
+
+def prepare(problem: Problem, device: torch.device, n: int | None = None, ref_tol: float = 1e-10,
+            floor_repeats: int = 8, log: Callable[[str], None] = print) -> Setup:
+    """Draw x_T ~ p_T exactly, solve the reference, draw exact p_eps samples and the SW2 noise floor."""
+    n = n or problem.n
+    sde, mixture = problem.build()
+    score = mixture.score_fn(sde)
+    gen = torch.Generator(device).manual_seed(problem.seed + 1)
+    f64 = torch.float64
+    x_T = mixture.marginal(sde, sde.T).sample(n, generator=gen, device=device, dtype=f64)
+    p_eps = mixture.marginal(sde, problem.eps)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ref = sdediff.sample(sde, score, x_T.shape, solver="ode", method="dopri8", rtol=ref_tol, atol=ref_tol,
+                             x_init=x_T, eps=problem.eps, return_info=True)
+        check = sdediff.sample(sde, score, x_T.shape, solver="ode", method="dopri8", rtol=10 * ref_tol,
+                               atol=10 * ref_tol, x_init=x_T, eps=problem.eps, return_info=True)
+    ref_seconds = time.perf_counter() - t0
+    ref_check = float((ref.samples - check.samples).pow(2).mean().sqrt())
+    exact = p_eps.sample(n, generator=gen, device=device, dtype=f64)
+    big = p_eps.sample(4 * n, generator=gen, device=device, dtype=f64)
+    logp_big = mixture.log_prob(big, sde, problem.eps)
+    floor = noise_floor(lambda k, g: p_eps.sample(k, generator=g, device=device, dtype=f64), n,
+                        repeats=floor_repeats, generator=torch.Generator(device).manual_seed(problem.seed + 2))
+    info = {"n": n, "eps": problem.eps, "ref_tol": ref_tol, "ref_nfe": ref.nfe, "ref_check_tol": 10 * ref_tol,
+            "ref_check_rmse": ref_check, "ref_seconds": ref_seconds, "x_ref_rms": float(ref.samples.pow(2).mean().sqrt()),
+            "sw2_floor_mean": float(floor.mean()), "sw2_floor_std": float(floor.std()) if floor_repeats > 1 else 0.0}
+    log(f"  {problem.name}: n={n}, reference dopri8 tol {ref_tol:g}: NFE {ref.nfe}, RMS change vs tol "
+        f"{10 * ref_tol:g}: {ref_check:.1e}; SW2 noise floor {info['sw2_floor_mean']:.3g} ± {info['sw2_floor_std']:.2g}")
+    return Setup(problem, sde, mixture, score, x_T, ref.samples, exact, float(logp_big.mean()), float(logp_big.var()),
+                 len(big), info, device, problem.seed)
+
+
+def evaluate(setup: Setup, x: Tensor, kind: str) -> dict[str, float]:
+    """RMSE to the reference (ODE solvers), SW2 to exact samples, mean log-density gap and its standard error."""
+    x = x.to(torch.float64)
+    out: dict[str, float] = {}
+    if kind == "ode":
+        err = (x - setup.x_ref).reshape(len(x), -1).pow(2).mean(1)  # per-sample mean squared error
+        out["rmse"] = float(err.mean().sqrt())
+        # the RMSE mixes smooth error with rare samples that end in another mixture component; these show it
+        out["rmse_median_sample"] = float(err.sqrt().median())
+        out["rmse_max_sample"] = float(err.sqrt().max())
+    if not bool(torch.isfinite(x).all()):
+        out.update(sw2=math.inf, logp_gap=-math.inf, logp_gap_se=math.nan)
+        return out
+    out["sw2"] = float(sliced_wasserstein(x, setup.exact, 256, generator=torch.Generator(setup.device).manual_seed(7)))
+    logp = setup.mixture.log_prob(x, setup.sde, setup.problem.eps)
+    out["logp_gap"] = float(logp.mean()) - setup.logp_exact_mean
+    out["logp_gap_se"] = math.sqrt(float(logp.var()) / len(logp) + setup.logp_exact_var / setup.logp_exact_n)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# one run of each kind of method: (setup, steps or tol) -> (x_eps, nfe)
+# --------------------------------------------------------------------------------------------------
+def _sdediff_run(setup: Setup, spec: common.SolverSpec, steps: int, tol: float | None, x_T: Tensor | None = None):
+    x_T = setup.x_T if x_T is None else x_T
+    counted = common.Counted(setup.score)
+    res = sdediff.sample(setup.sde, counted, x_T.shape, solver=spec.solver, steps=steps, eps=setup.problem.eps,
+                         x_init=x_T, generator=setup.generator(), time_grid=spec.time_grid, return_info=True,
+                         **spec.build_options(tol))
+    if res.nfe != counted.calls:
+        raise RuntimeError(f"sdediff reported NFE {res.nfe} but the score was called {counted.calls} times")
+    return res.samples, counted.calls
+
+
+def _kd_run(setup: Setup, kd_name: str, schedule: str, steps: int, x_T: Tensor | None = None):
+    kds, _ = common.load_kdiffusion()
+    x_T = setup.x_T if x_T is None else x_T
+    fn_name, _, _ = common.KD_SAMPLERS[kd_name]
+    sde, eps = setup.sde, setup.problem.eps
+    denoiser = common.Counted(common.KDenoiser(sde, setup.score, eps))
+    sigmas = common.kd_sigmas(kds, sde, steps, eps, schedule, x_T.device)
+    T = torch.tensor([sde.T], dtype=x_T.dtype, device=x_T.device)
+    y = x_T / sde.mean_coeff(T)
+    kwargs = {"disable": True}
+    noise = common.kd_noise_sampler(kds, kd_name, y, sigmas, setup.generator())
+    if noise is not None:
+        kwargs["noise_sampler"] = noise
+    with warnings.catch_warnings():  # torchsde rounds the Brownian tree's end times: queries at them warn
+        warnings.filterwarnings("ignore", message="Should have t[ab]")
+        y = getattr(kds, fn_name)(denoiser, y, sigmas, **kwargs)
+    return sde.mean_coeff(torch.tensor([eps], dtype=y.dtype, device=y.device)) * y, denoiser.calls
+
+
+def _torchdiffeq_run(setup: Setup, method: str, steps: int, tol: float | None, x_T: Tensor | None = None):
+    x_T = setup.x_T if x_T is None else x_T
+    counted = common.Counted(setup.score)
+    flow = setup.sde.probability_flow(counted)
+    sde, eps = setup.sde, setup.problem.eps
+    if tol is None:
+        ts = torch.linspace(sde.T, eps, steps + 1, dtype=x_T.dtype, device=x_T.device)
+        out = torchdiffeq.odeint(flow, x_T, ts, method=method)
+    else:
+        ts = torch.tensor([sde.T, eps], dtype=x_T.dtype, device=x_T.device)
+        out = torchdiffeq.odeint(flow, x_T, ts, method=method, rtol=tol, atol=tol)
+    return out[-1], counted.calls
+
+
+def _torchsde_run(setup: Setup, method: str, steps: int, x_T: Tensor | None = None):
+    x_T = setup.x_T if x_T is None else x_T
+    counted = common.Counted(setup.score)
+    sde_type, levy = TORCHSDE_METHODS[method]
+    adapter = setup.sde.reverse(counted).as_torchsde(x_T.shape, sde_type=sde_type)
+    span = setup.sde.T - setup.problem.eps
+    y0 = x_T.reshape(x_T.shape[0], -1)
+    gen = setup.generator()
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
+    bm = torchsde.BrownianInterval(t0=0.0, t1=span, size=y0.shape, dtype=y0.dtype, device=y0.device, entropy=seed,
+                                   levy_area_approximation=levy)
+    ts = torch.tensor([0.0, span], dtype=y0.dtype, device=y0.device)
+    # a hair over span / steps, so that rounding does not add a sliver of a step at the end
+    out = torchsde.sdeint(adapter, y0, ts, bm=bm, method=method, dt=span / steps * (1 + 1e-9))
+    return adapter.unflatten(out[-1]), counted.calls
+
+
+def _per_step_cost(run: Callable[[int, Tensor], int], x_small: Tensor) -> tuple[float, float]:
+    """NFE = a * steps + b, measured from runs of 4 and 8 steps on a few samples."""
+    n4, n8 = run(4, x_small), run(8, x_small)
+    a = (n8 - n4) / 4
+    if a <= 0:
+        raise RuntimeError(f"cannot infer the NFE per step (4 steps: {n4}, 8 steps: {n8})")
+    return a, n4 - 4 * a
+
+
+# --------------------------------------------------------------------------------------------------
+# the sweep over one problem
+# --------------------------------------------------------------------------------------------------
+def _record(setup: Setup, impl: str, label: str, kind: str, run: Callable[[], tuple[Tensor, int]], *,
+            target: int | None = None, tol: float | None = None, steps: int | None = None,
+            schedule: str | None = None) -> dict[str, Any]:
+    rec: dict[str, Any] = {"problem": setup.problem.name, "impl": impl, "label": label, "kind": kind,
+                           "target": target, "tol": tol, "steps": steps, "schedule": schedule}
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            x, nfe = run()
+        common.synchronize(setup.device)
+        rec["seconds"] = time.perf_counter() - t0
+        rec["nfe"] = nfe
+        rec.update(evaluate(setup, x, kind))
+    except Exception as err:  # a method that blows up at a tiny budget is a result, not a crash
+        rec["seconds"] = time.perf_counter() - t0
+        rec["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        if not isinstance(err, (FloatingPointError, ValueError, RuntimeError, AssertionError)):
+            rec["traceback"] = traceback.format_exc(limit=4)
+    return rec
+
+
+def _ladder(setup: Setup, impl: str, label: str, kind: str, run_tol: Callable[[float], tuple[Tensor, int]],
+            max_nfe: int, tols: Sequence[float]) -> list[dict[str, Any]]:
+    out = []
+    for tol in tols:
+        rec = _record(setup, impl, label, kind, lambda tol=tol: run_tol(tol), tol=tol)
+        out.append(rec)
+        if rec.get("nfe", 0) > max_nfe:
+            break
+    return out
+
+
+def run_problem(setup: Setup, specs: Sequence[common.SolverSpec], nfes: Sequence[int] = NFES, *,
+                kdiffusion: bool = True, kd_samplers: Sequence[str] | None = None,
+                kd_schedules: Sequence[str] = KD_SCHEDULES, torchdiffeq_methods: Sequence[str] | None = None,
+                torchsde_methods: Sequence[str] | None = None, tols: Sequence[float] = TOL_LADDER,
+                log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run every spec and peer at every NFE budget on one prepared problem; a list of result records."""
+    records: list[dict[str, Any]] = []
+    max_nfe = max(nfes)
+    x_small = setup.x_T[:4]
+
+    def budgets(per_step: float, fixed: float = 0.0) -> list[tuple[int, int]]:
+        """(budget, steps) for the budgets that afford at least one step."""
+        pairs = [(nfe, common.steps_for_budget(nfe, per_step, fixed)) for nfe in nfes]
+        return [(nfe, steps) for nfe, steps in pairs if steps >= 1]
+
+    def done(recs: list[dict[str, Any]]) -> None:
+        records.extend(recs)
+        if not recs:
+            return
+        r = recs[-1]
+        log(f"    {r['impl']:>11} {r['label']:<28} " + ("ok" if "error" not in r else f"errors: {r['error']}"))
+
+    for spec in specs:
+        if spec.adaptive:
+            done(_ladder(setup, "sdediff", spec.label, spec.kind,
+                         lambda tol, spec=spec: _sdediff_run(setup, spec, 1, tol), max_nfe, tols))
+            continue
+        try:
+            if spec.nfe_per_step is None:
+                a, b = _per_step_cost(lambda s, x, spec=spec: _sdediff_run(setup, spec, s, None, x)[1], x_small)
+            else:
+                a, b = spec.nfe_per_step, 0.0
+        except Exception as err:
+            done([{"problem": setup.problem.name, "impl": "sdediff", "label": spec.label, "kind": spec.kind,
+                   "error": f"NFE probe failed: {type(err).__name__}: {err}"}])
+            continue
+        done([_record(setup, "sdediff", spec.label, spec.kind,
+                      lambda spec=spec, steps=steps: _sdediff_run(setup, spec, steps, None), target=nfe, steps=steps)
+              for nfe, steps in budgets(a, b)])
+
+    for method in (TORCHDIFFEQ_METHODS if torchdiffeq_methods is None else torchdiffeq_methods):
+        per_step = TORCHDIFFEQ_METHODS[method]
+        label = f"odeint {method}"
+        if per_step is None:
+            done(_ladder(setup, "torchdiffeq", label, "ode",
+                         lambda tol, method=method: _torchdiffeq_run(setup, method, 0, tol), max_nfe, tols))
+            continue
+        done([_record(setup, "torchdiffeq", label, "ode",
+                      lambda method=method, steps=steps: _torchdiffeq_run(setup, method, steps, None),
+                      target=nfe, steps=steps) for nfe, steps in budgets(per_step)])
+
+    kds, _ = common.load_kdiffusion()
+    if kdiffusion and kds is not None:
+        for kd_name in (common.KD_SAMPLERS if kd_samplers is None else kd_samplers):
+            _, kind, per_step = common.KD_SAMPLERS[kd_name]
+            for schedule in kd_schedules:
+                done([_record(setup, "k-diffusion", f"{kd_name} [{schedule}]", kind,
+                              lambda kd_name=kd_name, schedule=schedule, steps=steps: _kd_run(
+                                  setup, kd_name, schedule, steps), target=nfe, steps=steps, schedule=schedule)
+                      for nfe, steps in budgets(per_step)])
+
+    for method in (TORCHSDE_METHODS if torchsde_methods is None else torchsde_methods):
+        label = f"sdeint {method}"
+        try:
+            a, b = _per_step_cost(lambda s, x, method=method: _torchsde_run(setup, method, s, x)[1], x_small)
+        except Exception as err:
+            done([{"problem": setup.problem.name, "impl": "torchsde", "label": label, "kind": "sde",
+                   "error": f"NFE probe failed: {type(err).__name__}: {err}"}])
+            continue
+        done([_record(setup, "torchsde", label, "sde",
+                      lambda method=method, steps=steps: _torchsde_run(setup, method, steps), target=nfe, steps=steps)
+              for nfe, steps in budgets(a, b)])
+    return records
+
+
+# --------------------------------------------------------------------------------------------------
+# tables and plot
+# --------------------------------------------------------------------------------------------------
+PRIMARY = {"ode": "rmse", "sde": "sw2"}
+
+
+def cell_record(recs: Sequence[dict[str, Any]], target: int, metric: str) -> dict[str, Any] | None:
+    """The run shown under an NFE budget: the fixed-step run for that budget, or the best adaptive run
+    (and for k-diffusion rows grouped over schedules, the best schedule) that used at most ``target`` NFE."""
+    if any(r.get("target") is not None for r in recs):
+        pool = [r for r in recs if r.get("target") == target]
+    else:
+        pool = [r for r in recs if r.get("nfe") is not None and r["nfe"] <= target]
+    good = [r for r in pool if "error" not in r and math.isfinite(r.get(metric, math.nan))]
+    if good:
+        return min(good, key=lambda r: r[metric])
+    return pool[0] if pool else None
+
+
+def _rows(records: Sequence[dict[str, Any]], kind: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        if r["kind"] == kind:
+            rows.setdefault((r["impl"], r["label"]), []).append(r)
+    return rows
+
+
+def _cell(r: dict[str, Any] | None, metric: str) -> str:
+    if r is None:
+        return "—"
+    if "error" in r:
+        return "fail"
+    value = r.get(metric)
+    if metric == "logp_gap":
+        text = f"{value:+.3f} ± {r['logp_gap_se']:.3f}" if math.isfinite(value) else "non-finite"
+    else:
+        text = common.fmt(value)
+    extra = "*" if r.get("target") is not None and r["nfe"] > r["target"] else ""
+    extra += f", tol {r['tol']:g}" if r.get("tol") is not None else ""
+    if r.get("schedule") == "karras":
+        extra += ", K"
+    return f"{text} ({r['nfe']}{extra})"
+
+
+def best_by_impl(records: Sequence[dict[str, Any]], kind: str, impl: str, target: int) -> dict[str, Any] | None:
+    metric = PRIMARY[kind]
+    cands = [cell_record(recs, target, metric) for (im, _), recs in _rows(records, kind).items() if im == impl]
+    cands = [r for r in cands if r is not None and "error" not in r and r["nfe"] <= target
+             and math.isfinite(r.get(metric, math.nan))]
+    return min(cands, key=lambda r: r[metric]) if cands else None
+
+
+def target_lines(records: Sequence[dict[str, Any]], nfes: Sequence[int]) -> list[str]:
+    """The issue's accuracy target: at 10 and 20 NFE, best sdediff ODE error <= best k-diffusion / 2."""
+    lines = []
+    for target in (10, 20):
+        if target not in nfes:
+            continue
+        ours = best_by_impl(records, "ode", "sdediff", target)
+        theirs = best_by_impl(records, "ode", "k-diffusion", target)
+        if ours is None or theirs is None:
+            lines.append(f"- NFE ≤ {target}: not comparable (missing sdediff or k-diffusion results)")
+            continue
+        ratio = theirs["rmse"] / ours["rmse"]
+        lines.append(f"- NFE ≤ {target}: best sdediff `{ours['label']}` {ours['rmse']:.2e} ({ours['nfe']} NFE) vs best "
+                     f"k-diffusion `{theirs['label']}` {theirs['rmse']:.2e} ({theirs['nfe']} NFE): k-diffusion / sdediff "
+                     f"= {ratio:.2f} (target ≥ 2: {'PASS' if ratio >= 2 else 'not met'})")
+    return lines
+
+
+def markdown(results: dict[str, Any]) -> str:
+    nfes = results["nfes"]
+    out = ["# Accuracy per NFE", "",
+           f"Run: `{results['command']}` on {results['environment']}; float64 throughout.", "",
+           "Every method starts from the same exact samples of p_T and stops at t = eps = 1e-3. Each cell: error "
+           "(NFE actually used; `tol` for adaptive runs, the best tolerance within the budget; `K`: the k-diffusion run "
+           "on its Karras schedule did better than on the sigma levels of sdediff's uniform time grid). `—`: nothing "
+           "ran within that budget; `fail`: the run raised or went non-finite (see the JSON); `*`: the run used more NFE "
+           "than its budget (the spec's NFE per step is too low).", "",
+           f"k-diffusion: {results['kdiffusion']}", ""]
+    if results["skipped"]:
+        out += ["Skipped (not available yet): " + "; ".join(results["skipped"]), ""]
+    for prob in results["problems"]:
+        recs = [r for r in results["records"] if r["problem"] == prob["name"]]
+        info = prob["info"]
+        out += [f"## {prob['name']}", "",
+                f"n = {info['n']} samples; reference: dopri8 rtol = atol = {info['ref_tol']:g} ({info['ref_nfe']} NFE), "
+                f"RMS change against tol {info['ref_check_tol']:g}: {info['ref_check_rmse']:.1e} (RMS of x_ref: "
+                f"{info['x_ref_rms']:.3g}).", ""]
+        head = "| solver | impl | " + " | ".join(f"NFE ≤ {n}" for n in nfes) + " |"
+        rule = "|---|---|" + "---|" * len(nfes)
+        for kind, metric, title in (("ode", "rmse", "Probability-flow ODE: pathwise RMSE to the reference"),
+                                    ("sde", "sw2", f"SDE samplers: sliced W2 to {info['n']} exact p_eps samples "
+                                                   f"(noise floor {info['sw2_floor_mean']:.3g} ± "
+                                                   f"{info['sw2_floor_std']:.2g})"),
+                                    ("sde", "logp_gap", "SDE samplers: mean log p_eps(x) minus its exact expectation "
+                                                        "(nats, ± standard error)")):
+            rows = _rows(recs, kind)
+            if not rows:
+                continue
+            out += [f"### {title}", "", head, rule]
+            for (impl, label), rr in rows.items():
+                out.append(f"| {label} | {impl} | " + " | ".join(_cell(cell_record(rr, n, metric), metric)
+                                                              for n in nfes) + " |")
+            out.append("")
+        lines = target_lines(recs, nfes)
+        if lines:
+            out += ["Target (issue): at 10 and 20 NFE, sdediff's best ODE solver at least 2× lower pathwise error than "
+                    "the best k-diffusion sampler:", "", *lines, ""]
+    return "\n".join(out)
+
+
+def plot(results: dict[str, Any], path: Path) -> bool:
+    """Log-log error vs NFE: one column per problem, ODE (RMSE) on top, SDE (SW2) below; peers dashed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return False
+    problems = results["problems"]
+    nfes = results["nfes"]
+    fig, axes = plt.subplots(2, len(problems), figsize=(4.2 * len(problems) + 3, 8), squeeze=False)
+    labels_seen: dict[str, Any] = {}
+    palette = [*plt.get_cmap("tab20").colors, *plt.get_cmap("tab20b").colors, *plt.get_cmap("Dark2").colors]
+    keys = list(dict.fromkeys((r["impl"], r["label"].split(" [")[0]) for r in results["records"]))
+    color = {k: palette[i % len(palette)] for i, k in enumerate(keys)}
+    marker = {"sdediff": "o", "k-diffusion": "s", "torchdiffeq": "^", "torchsde": "v"}
+    for col, prob in enumerate(problems):
+        recs = [r for r in results["records"] if r["problem"] == prob["name"]]
+        for row, kind in enumerate(("ode", "sde")):
+            ax = axes[row][col]
+            metric = PRIMARY[kind]
+            groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+            for (impl, label), rr in _rows(recs, kind).items():
+                groups.setdefault((impl, label.split(" [")[0]), []).extend(rr)  # k-diffusion: best schedule
+            for key, rr in groups.items():
+                pts = {}
+                for n in nfes:
+                    r = cell_record(rr, n, metric)
+                    if r is not None and "error" not in r and math.isfinite(r.get(metric, math.nan)) and r[metric] > 0:
+                        pts[r["nfe"]] = r[metric]
+                if not pts:
+                    continue
+                xs = sorted(pts)
+                name = key[1] if key[0] == "sdediff" else f"{key[0]}: {key[1]}"
+                (line,) = ax.plot(xs, [pts[x] for x in xs], marker=marker.get(key[0], "o"), ms=3, color=color[key],
+                                  ls="-" if key[0] == "sdediff" else "--", label=name)
+                labels_seen.setdefault(name, line)
+            if kind == "sde":
+                ax.axhline(prob["info"]["sw2_floor_mean"], color="grey", ls=":", lw=1)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xticks(list(nfes))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel("NFE")
+            ax.set_ylabel("pathwise RMSE" if kind == "ode" else "sliced W2 (dotted: noise floor)")
+            ax.set_title(f"{prob['name']}: {'PF-ODE' if kind == 'ode' else 'SDE'}")
+            ax.grid(True, which="both", alpha=0.3)
+    fig.legend(list(labels_seen.values()), list(labels_seen), loc="center right", fontsize=7, frameon=False)
+    fig.suptitle("Error vs NFE from the same exact p_T samples (solid: sdediff; dashed: peers, k-diffusion at the "
+                 "better of its two schedules)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 2.8 / (4.2 * len(problems) + 3), 0.97))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--quick", action="store_true", help="small run: n=256, NFE 5/10/20, d=2 and d=64, reference tol 1e-9")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--n", type=int, default=None, help="samples per problem (default 2000 for d=2, 1000 for d=64)")
+    p.add_argument("--nfe", type=int, nargs="+", default=None, help=f"NFE budgets (default {' '.join(map(str, NFES))})")
+    p.add_argument("--problems", nargs="+", default=None, metavar="NAME",
+                   help="subset of problems, e.g. vp2 ve64 (default: vp2 vp64 ve2 ve64)")
+    p.add_argument("--only", default=None, metavar="REGEX", help="only sdediff specs whose label matches this regular expression")
+    p.add_argument("--no-peers", action="store_true", help="skip k-diffusion, torchdiffeq and torchsde")
+    p.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output folder (default benchmarks/results)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device, env = common.setup_torch(args.device)
+    print(env)
+    notes = common.import_optional_solvers()
+    for note in notes:
+        print(f"note: {note}")
+    nfes = tuple(args.nfe or ((5, 10, 20) if args.quick else NFES))
+    problems = [p for p in PROBLEMS if args.problems is None or f"{p.sde}{p.dim}" in args.problems]
+    specs_all = [s for s in common.SPECS if args.only is None or re.search(args.only, s.label)]
+    skipped: list[str] = []
+    specs = common.runnable_specs(specs_all, log=lambda m: (print(m), skipped.append(m.strip()[5:])))
+    kds, kd_note = common.load_kdiffusion()
+    print(kd_note)
+    results: dict[str, Any] = {"command": "python benchmarks/accuracy_per_nfe.py " + " ".join(argv or sys.argv[1:]),
+                               "environment": env, "nfes": list(nfes), "kdiffusion": kd_note, "skipped": skipped,
+                               "optional_modules": notes, "problems": [], "records": []}
+    t0 = time.perf_counter()
+    for problem in problems:
+        n = args.n or (256 if args.quick else None)
+        setup = prepare(problem, device, n=n, ref_tol=1e-9 if args.quick else 1e-10,
+                        floor_repeats=4 if args.quick else 8)
+        results["problems"].append({"name": problem.name, "sde": problem.sde, "dim": problem.dim, "info": setup.info})
+        peers = not args.no_peers
+        results["records"] += run_problem(setup, specs, nfes, kdiffusion=peers,
+                                          torchdiffeq_methods=None if peers else (), torchsde_methods=None if peers else ())
+    results["seconds"] = time.perf_counter() - t0
+    suffix = "_quick" if args.quick else ""
+    text = markdown(results)
+    atomic_write(args.out / f"accuracy_per_nfe{suffix}.md", text + "\n")
+    atomic_write(args.out / f"accuracy_per_nfe{suffix}.json", json.dumps(results, indent=1, default=str) + "\n")
+    plotted = plot(results, args.out / f"accuracy_per_nfe{suffix}.png")
+    print()
+    print(text)
+    print(f"\nwrote {args.out}/accuracy_per_nfe{suffix}.md, .json" + (", .png" if plotted else " (no matplotlib: no plot)")
+          + f" in {results['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

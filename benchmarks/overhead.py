@@ -1,0 +1,525 @@
+"""Solver overhead: how much time a sampler spends outside the network.
+
+A network that costs a few ms per call on CPU (a 4-layer MLP with a time embedding on 3x32x32 inputs,
+batch 64) drives every sdediff solver, torchdiffeq's ``odeint`` and k-diffusion's samplers, all in
+one run, at about the same NFE (20 by default). For each we report
+
+    ratio = time of the whole sample / (NFE x time of one network call)
+
+(1.00 = no overhead), both for wall time and, on CPU, for the thread's CPU time (with one torch thread
+all the work runs on it, and other processes on a shared machine do not inflate it). Every timed run
+is paired with network calls timed just before it, so that a change in machine load shifts both
+alike. Each fixed-step update that has a short hand-written form (Euler, Heun, Euler-Maruyama,
+reverse diffusion, ancestral, PC, Langevin) is also timed as a minimal loop with coefficients
+precomputed, which is the floor for that update: for SDE solvers drawing the noise is part of it.
+``samples/s`` is batch / wall time.
+
+On CUDA the script also counts host synchronisations (``torch.cuda.set_sync_debug_mode``) of every
+fixed-step solver at N and 2N steps; a count that grows with the steps means a sync inside the loop.
+
+    python benchmarks/overhead.py            # full run (about a minute or two on CPU)
+    python benchmarks/overhead.py --quick    # smaller repeats
+    python benchmarks/overhead.py --device cuda --batch 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchdiffeq
+from torch import Tensor, nn
+
+import sdediff
+from sdediff._io import atomic_write
+from sdediff.solvers.grids import make_grid
+
+
+def _load_common():
+    name = "sdediff_bench_common"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("common.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+common = _load_common()
+
+EPS = 1e-3
+TARGET_FIXED_ODE, TARGET_ADAPTIVE_ODE, TARGET_SDE_VS_LOOP = 1.05, 1.15, 1.05
+TORCHDIFFEQ = {"euler": 1, "rk4": 4, "dopri5": None}
+
+
+class MLP(nn.Module):
+    """A 4-layer MLP score network on images: flatten, concatenate a sinusoidal time embedding, 3 hidden
+    layers of width ``hidden`` with SiLU, project back. Small output weights keep trajectories tame."""
+
+    def __init__(self, shape: tuple[int, ...] = (3, 32, 32), hidden: int = 256, temb: int = 32) -> None:
+        super().__init__()
+        dim = math.prod(shape)
+        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(1000.0), temb // 2)))
+        self.net = nn.Sequential(nn.Linear(dim + temb, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, dim))
+        with torch.no_grad():
+            self.net[-1].weight.mul_(0.1)
+        self.requires_grad_(False)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        e = t[:, None].to(x.dtype) * self.freqs
+        h = torch.cat([x.flatten(1), e.sin(), e.cos()], dim=1)
+        return self.net(h).reshape(x.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# hand-written minimal loops of the same updates (coefficients precomputed as Python floats)
+# --------------------------------------------------------------------------------------------------
+def _coeffs(sde: sdediff.LinearSDE, ts: Tensor) -> dict[str, list[float]]:
+    t = ts.to(torch.float64).cpu()
+    t_next, t_now = t[1:], t[:-1]
+    r, sigma = sde.transition(t_now, t_now - t_next)
+    return {"t": t_now.tolist(), "t_next": t_next.tolist(), "h": (t_next - t_now).tolist(),
+            "a": sde.drift_coef(t_now).tolist(), "a_next": sde.drift_coef(t_next).tolist(),
+            "g2": (sde.diffusion(t_now) ** 2).tolist(), "g2_next": (sde.diffusion(t_next) ** 2).tolist(),
+            "r": r.tolist(), "sigma": sigma.tolist(),
+            "std_ratio": (sde.marginal_std(t_next) / sde.marginal_std(t_now)).tolist(),
+            "alpha_next": sde.discrete_alpha(t_next, t_now - t_next).tolist()}
+
+
+def _tb(ts: Tensor, n: int) -> list[Tensor]:
+    return [ts[i].expand(n) for i in range(len(ts))]
+
+
+def loop_euler(net, sde, x, ts, gen):
+    c, tb = _coeffs(sde, ts), _tb(ts, x.shape[0])
+    for i, h in enumerate(c["h"]):
+        x = x + h * (c["a"][i] * x - 0.5 * c["g2"][i] * net(x, tb[i]))
+    return x
+
+
+def loop_heun(net, sde, x, ts, gen):
+    c, tb = _coeffs(sde, ts), _tb(ts, x.shape[0])
+    for i, h in enumerate(c["h"]):
+        d = c["a"][i] * x - 0.5 * c["g2"][i] * net(x, tb[i])
+        x2 = x + h * d
+        d2 = c["a_next"][i] * x2 - 0.5 * c["g2_next"][i] * net(x2, tb[i + 1])
+        x = x + (0.5 * h) * (d + d2)
+    return x
+
+
+def loop_euler_maruyama(net, sde, x, ts, gen):
+    c, tb = _coeffs(sde, ts), _tb(ts, x.shape[0])
+    for i, h in enumerate(c["h"]):
+        z = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        x = x + h * (c["a"][i] * x - c["g2"][i] * net(x, tb[i])) + math.sqrt(-h * c["g2"][i]) * z
+    return x
+
+
+def loop_reverse_diffusion(net, sde, x, ts, gen):
+    c, tb = _coeffs(sde, ts), _tb(ts, x.shape[0])
+    for i in range(len(c["h"])):
+        z = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        r, G = c["r"][i], c["sigma"][i]
+        x = x - (r - 1) * x + G**2 * net(x, tb[i]) + G * z
+    return x
+
+
+def loop_ancestral(net, sde, x, ts, gen):
+    c, tb = _coeffs(sde, ts), _tb(ts, x.shape[0])
+    for i in range(len(c["h"])):
+        z = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        r, s = c["r"][i], c["sigma"][i]
+        x = (x + s**2 * net(x, tb[i])) / r + (s * c["std_ratio"][i]) * z
+    return x
+
+
+def _langevin(net, x, t, alpha, snr, gen):
+    score = net(x, t)
+    z = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    ratio = z.flatten(1).norm(dim=1).mean() / score.flatten(1).norm(dim=1).mean()
+    step = 2 * alpha * (snr * ratio) ** 2
+    return x + step * score + (2 * step).sqrt() * z
+
+
+def loop_pc(net, sde, x, ts, gen, snr=0.16):
+    c, tb = _coeffs(sde, ts), _tb(ts, x.shape[0])
+    for i in range(len(c["h"])):
+        z = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        r, G = c["r"][i], c["sigma"][i]
+        x = x - (r - 1) * x + G**2 * net(x, tb[i]) + G * z
+        x = _langevin(net, x, tb[i + 1], c["alpha_next"][i], snr, gen)
+    return x
+
+
+def loop_langevin(net, sde, x, ts, gen, snr=0.16):
+    c, tb = _coeffs(sde, ts), _tb(ts, x.shape[0])
+    for i in range(len(c["h"])):
+        x = _langevin(net, x, tb[i + 1], c["alpha_next"][i], snr, gen)
+    return x
+
+
+#: sdediff solver name -> its hand-written loop (options of the spec must be the defaults the loop assumes)
+LOOPS: dict[str, Callable[..., Tensor]] = {
+    "euler": loop_euler, "heun": loop_heun, "euler_maruyama": loop_euler_maruyama,
+    "reverse_diffusion": loop_reverse_diffusion, "ancestral": loop_ancestral, "pc": loop_pc, "langevin": loop_langevin,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+def count_syncs(fn: Callable[[], Any]) -> int:
+    """Host synchronisations made by ``fn`` on CUDA (``torch.cuda.set_sync_debug_mode('warn')``)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+class Bench:
+    """Shared state of one overhead run: the network, the start state, timing settings."""
+
+    def __init__(self, device: torch.device, batch: int = 64, shape: tuple[int, ...] = (3, 32, 32),
+                 hidden: int = 256, repeats: int = 7, call_repeats: int = 30, seed: int = 0) -> None:
+        self.device, self.repeats, self.call_repeats = device, repeats, call_repeats
+        torch.manual_seed(seed)
+        self.net = MLP(shape, hidden).to(device)
+        self.sde = sdediff.VPSDE()
+        gen = torch.Generator(device).manual_seed(seed)
+        self.x_T = self.sde.prior_sample((batch, *shape), generator=gen, device=device, dtype=torch.float32)
+        self.t_probe = torch.full((batch,), 0.5, device=device)
+        self.seed = seed
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(self.seed + 1)
+
+    def t_call(self, repeats: int | None = None) -> tuple[float, float]:
+        """Median ``(wall, cpu)`` seconds of one network call over ``repeats`` calls."""
+        with torch.inference_mode():
+            self.net(self.x_T, self.t_probe)
+            times = [common.timed(lambda: self.net(self.x_T, self.t_probe), self.device)
+                     for _ in range(repeats or self.call_repeats)]
+        return common.median([w for w, _ in times]), common.median([c for _, c in times])
+
+    def measure(self, run: Callable[[], int]) -> dict[str, float]:
+        """``run()`` does one whole sample and returns the NFE it used.
+
+        Each of the ``repeats`` timed runs is paired with the median of ``call_repeats`` network calls timed
+        just before it, so that a change in machine load shifts both alike; the ratio reported is the
+        median over the pairs, for wall time and for CPU time (see :func:`common.timed`).
+        """
+        with torch.inference_mode():
+            nfe = run()  # warm-up, and the NFE
+            pairs = []
+            for _ in range(self.repeats):
+                call_wall, call_cpu = self.t_call()
+                wall, cpu = common.timed(run, self.device)
+                pairs.append((wall, cpu, call_wall, call_cpu))
+        med = common.median
+        wall = med([p[0] for p in pairs])
+        out = {"nfe": nfe, "t_call_ms": 1e3 * med([p[2] for p in pairs]), "t_call_cpu_ms": 1e3 * med([p[3] for p in pairs]),
+               "wall_ms": 1e3 * wall, "cpu_ms": 1e3 * med([p[1] for p in pairs]),
+               "ratio_wall": med([p[0] / (nfe * p[2]) for p in pairs]),
+               "ratio_cpu": med([p[1] / (nfe * p[3]) for p in pairs]),
+               "samples_per_s": self.x_T.shape[0] / wall,
+               "outside_us_per_nfe_cpu": 1e6 * med([(p[1] - nfe * p[3]) / nfe for p in pairs]),
+               "outside_us_per_nfe_wall": 1e6 * med([(p[0] - nfe * p[2]) / nfe for p in pairs])}
+        # the figure the targets are judged on: CPU time on a CPU device (robust to other processes), else wall
+        cpu = self.device.type == "cpu"
+        out["ratio"], out["time_ms"] = (out["ratio_cpu"], out["cpu_ms"]) if cpu else (out["ratio_wall"], wall * 1e3)
+        return out
+
+    def measure_free(self, run: Callable[[], int]) -> dict[str, float]:
+        """Time ``run()`` with a free network (it returns a fixed small random tensor): what is left is the
+        solver alone.
+
+        Cleaner than subtracting two large noisy times: ``free_us_per_nfe`` is the *minimum* over the repeats
+        of (run time / NFE), in CPU time on a CPU device, else wall time (a busy machine only adds time, so the
+        minimum is the least disturbed estimate of a fixed amount of work).
+        """
+        gen = torch.Generator(self.device).manual_seed(self.seed + 2)
+        net, out = self.net, 0.1 * torch.randn(self.x_T.shape, generator=gen, device=self.device, dtype=self.x_T.dtype)
+        self.net = lambda x, t: out[: x.shape[0]]  # adaptive solvers may call it on part of the batch
+        try:
+            with torch.inference_mode():
+                nfe = run()
+                times = [common.timed(run, self.device) for _ in range(self.repeats)]
+        finally:
+            self.net = net
+        i = 1 if self.device.type == "cpu" else 0
+        return {"free_nfe": nfe, "free_us_per_nfe": 1e6 * min(t[i] / nfe for t in times)}
+
+    # --- the runs -------------------------------------------------------------------------------
+    def sdediff_run(self, spec: common.SolverSpec, steps: int, tol: float | None, x: Tensor | None = None) -> int:
+        counted = common.Counted(self.net)
+        x = self.x_T if x is None else x
+        sdediff.sample(self.sde, counted, x.shape, solver=spec.solver, steps=steps, eps=EPS, x_init=x,
+                       generator=self.generator(), time_grid=spec.time_grid, **spec.build_options(tol))
+        return counted.calls
+
+    def loop_run(self, spec: common.SolverSpec, steps: int) -> int:
+        counted = common.Counted(self.net)
+        ts = make_grid(self.sde, steps, EPS, spec.time_grid, device=self.device, dtype=self.x_T.dtype)
+        LOOPS[spec.solver](counted, self.sde, self.x_T, ts, self.generator())
+        return counted.calls
+
+    def torchdiffeq_run(self, method: str, steps: int, tol: float | None) -> int:
+        counted = common.Counted(self.net)
+        sde, n = self.sde, self.x_T.shape[0]
+
+        def pf(t: Tensor, x: Tensor) -> Tensor:
+            t = t.clamp(0.0, sde.T)  # adaptive steps overshoot eps; VP's schedule is undefined below 0
+            return sde.drift_coef(t) * x - 0.5 * sde.diffusion(t) ** 2 * counted(x, t.expand(n))
+
+        if tol is None:
+            ts = torch.linspace(sde.T, EPS, steps + 1, device=self.device)
+            torchdiffeq.odeint(pf, self.x_T, ts, method=method)
+        else:
+            torchdiffeq.odeint(pf, self.x_T, torch.tensor([sde.T, EPS], device=self.device), method=method,
+                               rtol=tol, atol=tol)
+        return counted.calls
+
+    def kd_run(self, kd_name: str, steps: int, randn_noise: bool = False) -> int:
+        kds, _ = common.load_kdiffusion()
+        counted = common.Counted(self.net)  # the network used directly as a denoiser D(y, sigma)
+        sigmas = common.kd_sigmas(kds, self.sde, steps, EPS, "karras", self.device).to(self.x_T.dtype)
+        y = self.x_T / float(self.sde.mean_coeff(torch.tensor([self.sde.T], dtype=torch.float64)))
+        kwargs: dict[str, Any] = {"disable": True}
+        noise = kds.default_noise_sampler(y) if randn_noise else \
+            common.kd_noise_sampler(kds, kd_name, y, sigmas, self.generator())
+        if noise is not None:
+            kwargs["noise_sampler"] = noise
+        with warnings.catch_warnings():  # torchsde rounds the Brownian tree's end times: queries at them warn
+            warnings.filterwarnings("ignore", message="Should have t[ab]")
+            getattr(kds, common.KD_SAMPLERS[kd_name][0])(counted, y, sigmas, **kwargs)
+        return counted.calls
+
+
+def run_overhead(bench: Bench, specs: list[common.SolverSpec], nfe: int = 20, tol: float = 1e-3,
+                 kdiffusion: bool = True, torchdiffeq_methods: dict[str, int | None] | None = None,
+                 sync_check: bool | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Time every spec (and its hand-written loop), torchdiffeq and k-diffusion at about ``nfe`` NFE."""
+    rows: list[dict[str, Any]] = []
+    sync_check = bench.device.type == "cuda" if sync_check is None else sync_check
+    x_small = bench.x_T[:2]
+
+    def add(row: dict[str, Any], run: Callable[[], int] | None = None) -> None:
+        if run is not None and "error" not in row:
+            try:
+                row.update(bench.measure_free(run))
+                call_ms = row["t_call_cpu_ms"] if bench.device.type == "cpu" else row["t_call_ms"]
+                row["predicted_ratio"] = 1 + row["free_us_per_nfe"] / (1e3 * call_ms)
+            except Exception as err:
+                row["free_error"] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        rows.append(row)
+        if "error" in row:
+            log(f"  {row['impl']:>11} {row['label']:<28} error: {row['error']}")
+        else:
+            loop = f"  loop {row['loop_ratio']:.3f}" if row.get("loop_ratio") is not None else ""
+            log(f"  {row['impl']:>11} {row['label']:<28} NFE {row['nfe']:>3}  {row['wall_ms']:8.1f} ms  "
+                f"ratio {row['ratio_wall']:.3f} wall, {row['ratio_cpu']:.3f} CPU{loop}")
+
+    for spec in specs:
+        row: dict[str, Any] = {"impl": "sdediff", "label": spec.label, "solver": spec.solver, "kind": spec.kind,
+                               "adaptive": spec.adaptive}
+        run = None
+        try:
+            if spec.adaptive:
+                run = lambda spec=spec: bench.sdediff_run(spec, 1, tol)  # noqa: E731
+                row.update(bench.measure(run), tol=tol)
+            else:
+                if spec.nfe_per_step is None:
+                    with torch.inference_mode():
+                        n4 = bench.sdediff_run(spec, 4, None, x_small)
+                        n8 = bench.sdediff_run(spec, 8, None, x_small)
+                    a, b = (n8 - n4) / 4, n4 - (n8 - n4)
+                else:
+                    a, b = spec.nfe_per_step, 0.0
+                steps = common.steps_for_budget(nfe, a, b)
+                if steps < 1:
+                    raise RuntimeError(f"one step costs more than {nfe} NFE")
+                row["steps"] = steps
+                run = lambda spec=spec, steps=steps: bench.sdediff_run(spec, steps, None)  # noqa: E731
+                row.update(bench.measure(run))
+                if spec.solver in LOOPS and all(k in ("snr", "corrector_steps") for k in spec.options) \
+                        and spec.options.get("snr", 0.16) == 0.16 and spec.options.get("corrector_steps", 1) == 1:
+                    loop_run = lambda spec=spec, steps=steps: bench.loop_run(spec, steps)  # noqa: E731
+                    loop = bench.measure(loop_run)
+                    row.update(loop_ratio=loop["ratio"], loop_ratio_wall=loop["ratio_wall"],
+                               loop_time_ms=loop["time_ms"], vs_loop=row["time_ms"] / loop["time_ms"],
+                               loop_free_us_per_nfe=bench.measure_free(loop_run)["free_us_per_nfe"])
+                if sync_check:
+                    with torch.inference_mode():
+                        c1 = count_syncs(lambda spec=spec, steps=steps: bench.sdediff_run(spec, steps, None))
+                        c2 = count_syncs(lambda spec=spec, steps=steps: bench.sdediff_run(spec, 2 * steps, None))
+                    row.update(syncs=c1, syncs_per_step=(c2 - c1) / steps)
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        add(row, run)
+
+    for method, per_step in (TORCHDIFFEQ if torchdiffeq_methods is None else torchdiffeq_methods).items():
+        row = {"impl": "torchdiffeq", "label": f"odeint {method}", "kind": "ode", "adaptive": per_step is None}
+        run = None
+        try:
+            if per_step is None:
+                run = lambda method=method: bench.torchdiffeq_run(method, 0, tol)  # noqa: E731
+                row.update(bench.measure(run), tol=tol)
+            else:
+                steps = common.steps_for_budget(nfe, per_step)
+                row["steps"] = steps
+                run = lambda method=method, steps=steps: bench.torchdiffeq_run(method, steps, None)  # noqa: E731
+                row.update(bench.measure(run))
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        add(row, run)
+
+    kds, _ = common.load_kdiffusion()
+    if kdiffusion and kds is not None:
+        variants = [(name, False) for name in common.KD_SAMPLERS]
+        variants += [(name, True) for name in ("dpmpp_2m_sde", "dpmpp_sde")]  # without the Brownian tree
+        for kd_name, randn_noise in variants:
+            _, kind, per_step = common.KD_SAMPLERS[kd_name]
+            label = f"{kd_name} (randn noise)" if randn_noise else kd_name
+            row = {"impl": "k-diffusion", "label": label, "kind": kind, "adaptive": False}
+            steps = common.steps_for_budget(nfe, per_step)
+            row["steps"] = steps
+            run = lambda kd_name=kd_name, steps=steps, randn_noise=randn_noise: bench.kd_run(  # noqa: E731
+                kd_name, steps, randn_noise)
+            try:
+                row.update(bench.measure(run))
+            except Exception as err:
+                row["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            add(row, run)
+    return rows
+
+
+def target_of(row: dict[str, Any]) -> str:
+    """The issue's overhead target for a row, and whether it is met."""
+    if row["impl"] != "sdediff" or "error" in row:
+        return ""
+    if row["kind"] == "ode":
+        limit = TARGET_ADAPTIVE_ODE if row["adaptive"] else TARGET_FIXED_ODE
+        return f"ratio ≤ {limit}: {'PASS' if row['ratio'] <= limit else 'not met'}"
+    if row.get("vs_loop") is not None:
+        return f"≤ {TARGET_SDE_VS_LOOP}× loop: {'PASS' if row['vs_loop'] <= TARGET_SDE_VS_LOOP else 'not met'}"
+    return "(no loop)"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    cpu = results["device"] == "cpu"
+    basis = "CPU time" if cpu else "wall time"
+    out = ["# Solver overhead", "",
+           f"Run: `{results['command']}` on {results['environment']}.", "",
+           f"Network: {results['network']}; one call: {results['t_call_ms']:.3f} ms wall, {results['t_call_cpu_ms']:.3f} "
+           f"ms CPU (median of 100), batch {results['batch']}, float32, VP SDE, eps = {EPS}. Each method runs at about "
+           f"{results['nfe']} NFE (adaptive ones at rtol = atol = {results['tol']:g}). Each of {results['repeats']} timed "
+           f"whole runs is paired with {results['call_repeats']} network calls timed just before it; `ratio` = run time / "
+           "(NFE × median call time), the median over the pairs (1.00 = no time outside the network). "
+           "`ratio (CPU)` uses the thread's CPU time, which other processes on a shared machine do not inflate; "
+           f"on this device the targets are judged on {basis}. `loop`: the same update as a minimal hand-written loop "
+           "(coefficients precomputed; the SDE loops draw their noise, which is part of their floor); `vs loop` = "
+           f"sdediff's {basis} / the loop's. k-diffusion's samplers drive the same network as a denoiser D(y, sigma) on "
+           "a Karras schedule (default noise: a seeded Brownian tree for the DPM++ SDE samplers). "
+           f"`solver µs/NFE`: {basis} per NFE of the same run with a free network (one that returns a fixed tensor; "
+           "minimum over the runs), "
+           "i.e. the solver's own cost, measured directly rather than as a small difference of two large noisy times; "
+           "`1 + µs/t_call` is the ratio it implies, and `loop µs/NFE` the same for the hand-written loop. "
+           "`samples/s` = batch / wall time.", "",
+           f"k-diffusion: {results['kdiffusion']}", ""]
+    if results["skipped"]:
+        out += ["Skipped (not available yet): " + "; ".join(results["skipped"]), ""]
+    sync = any("syncs" in r for r in results["rows"])
+    cols = ["solver", "impl", "NFE", "wall ms", "ratio (wall)", "ratio (CPU)", "solver µs/NFE", "1 + µs/t_call",
+            "loop ratio", "loop µs/NFE", "vs loop", "samples/s"] + \
+        (["syncs/run", "syncs/step"] if sync else []) + ["target"]
+    out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in results["rows"]:
+        if "error" in r:
+            out.append(f"| {r['label']} | {r['impl']} | fail: {r['error'][:80]} |" + " |" * (len(cols) - 3))
+            continue
+        cells = [r["label"], r["impl"], str(r["nfe"]), f"{r['wall_ms']:.1f}", f"{r['ratio_wall']:.3f}",
+                 f"{r['ratio_cpu']:.3f}" if cpu else "—",
+                 f"{r['free_us_per_nfe']:.0f}" if "free_us_per_nfe" in r else "—",
+                 f"{r['predicted_ratio']:.3f}" if "predicted_ratio" in r else "—",
+                 f"{r['loop_ratio']:.3f}" if r.get("loop_ratio") is not None else "—",
+                 f"{r['loop_free_us_per_nfe']:.0f}" if r.get("loop_free_us_per_nfe") is not None else "—",
+                 f"{r['vs_loop']:.3f}" if r.get("vs_loop") is not None else "—", f"{r['samples_per_s']:.0f}"]
+        if sync:
+            cells += [str(r.get("syncs", "—")), f"{r['syncs_per_step']:.2f}" if "syncs_per_step" in r else "—"]
+        out.append("| " + " | ".join(cells + [target_of(r)]) + " |")
+    if not sync:
+        out += ["", "Host syncs are only counted on CUDA (`--device cuda`)."]
+    return "\n".join(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--quick", action="store_true", help="fewer repeats (3 runs, each paired with 8 calls)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
+    p.add_argument("--hidden", type=int, default=256, help="MLP width (default 256: a few ms per call on one CPU thread)")
+    p.add_argument("--nfe", type=int, default=20, help="NFE budget per sample (default 20)")
+    p.add_argument("--tol", type=float, default=1e-3, help="rtol = atol of adaptive solvers (default 1e-3)")
+    p.add_argument("--repeats", type=int, default=None, help="whole runs timed per method (default 9, quick 3)")
+    p.add_argument("--only", default=None, metavar="REGEX", help="only sdediff specs whose label matches this regular expression")
+    p.add_argument("--no-peers", action="store_true", help="skip torchdiffeq and k-diffusion")
+    p.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output folder (default benchmarks/results)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device, env = common.setup_torch(args.device)
+    print(env)
+    notes = common.import_optional_solvers()
+    for note in notes:
+        print(f"note: {note}")
+    skipped: list[str] = []
+    specs = common.runnable_specs([s for s in common.SPECS if args.only is None or re.search(args.only, s.label)],
+                                  log=lambda m: (print(m), skipped.append(m.strip()[5:])))
+    _, kd_note = common.load_kdiffusion()
+    print(kd_note)
+    repeats = args.repeats or (3 if args.quick else 9)
+    call_repeats = 8 if args.quick else 15
+    bench = Bench(device, batch=args.batch, hidden=args.hidden, repeats=repeats, call_repeats=call_repeats)
+    t_call, t_call_cpu = bench.t_call(100)
+    print(f"network: one call {1e3 * t_call:.3f} ms wall, {1e3 * t_call_cpu:.3f} ms CPU")
+    t0 = time.perf_counter()
+    rows = run_overhead(bench, specs, nfe=args.nfe, tol=args.tol, kdiffusion=not args.no_peers,
+                        torchdiffeq_methods={} if args.no_peers else None)
+    results = {"command": "python benchmarks/overhead.py " + " ".join(argv or sys.argv[1:]), "environment": env,
+               "device": device.type,
+               "network": f"MLP(3x32x32, hidden {args.hidden}, 4 linear layers, SiLU, 32-d time embedding)",
+               "t_call_ms": 1e3 * t_call, "t_call_cpu_ms": 1e3 * t_call_cpu, "call_repeats": call_repeats,
+               "batch": args.batch, "nfe": args.nfe, "tol": args.tol, "repeats": repeats,
+               "kdiffusion": kd_note, "skipped": skipped,
+               "optional_modules": notes, "rows": rows, "seconds": time.perf_counter() - t0}
+    suffix = "_quick" if args.quick else ""
+    if device.type == "cuda":
+        suffix += "_cuda"
+    text = markdown(results)
+    atomic_write(args.out / f"overhead{suffix}.md", text + "\n")
+    atomic_write(args.out / f"overhead{suffix}.json", json.dumps(results, indent=1, default=str) + "\n")
+    print()
+    print(text)
+    print(f"\nwrote {args.out}/overhead{suffix}.md, .json in {results['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

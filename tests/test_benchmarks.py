@@ -1,0 +1,167 @@
+"""Smoke-with-truth tests of the benchmark scripts (benchmarks/*.py) at tiny sizes.
+
+The scripts are loaded by path. The k-diffusion parts are skipped when k-diffusion is not installed
+(it is an optional peer: ``pip install --no-deps k-diffusion``, see benchmarks/README.md).
+"""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sdediff
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    module_name = f"sdediff_bench_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+acc = _load("accuracy_per_nfe")
+ovh = _load("overhead")
+common = acc.common
+SPEC = {s.label: s for s in common.SPECS}
+
+
+def _kdiffusion():
+    kds, note = common.load_kdiffusion()
+    if kds is None:
+        pytest.skip(note)
+    return kds
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return acc.prepare(acc.Problem("vp", 2, n=64), torch.device("cpu"), ref_tol=1e-9, floor_repeats=2,
+                       log=lambda m: None)
+
+
+def _by_label(records, label):
+    return sorted((r for r in records if r["label"] == label), key=lambda r: r.get("target") or 0)
+
+
+def test_reference_is_tight_and_fixed_step_errors_converge(setup):
+    info = setup.info
+    assert info["ref_check_rmse"] < 1e-7 * info["x_ref_rms"]  # dopri8 at 1e-9 vs 1e-8 agree
+    records = acc.run_problem(setup, [SPEC["euler"], SPEC["heun"]], (4, 16), kdiffusion=False,
+                              torchdiffeq_methods=(), torchsde_methods=(), log=lambda m: None)
+    assert all("error" not in r for r in records)
+    heun = _by_label(records, "heun")
+    assert [r["nfe"] for r in heun] == [4, 16] and [r["steps"] for r in heun] == [2, 8]
+    assert all(math.isfinite(r["rmse"]) for r in heun)
+    assert heun[1]["rmse"] < heun[0]["rmse"] / 4  # second order: 4x the steps, far less error
+    euler = _by_label(records, "euler")
+    assert euler[1]["rmse"] < euler[0]["rmse"]
+    # an independent adaptive solve at a tight tolerance lands on the reference
+    ladder = acc.run_problem(setup, [SPEC["ode (dopri5, adaptive)"]], (10_000,), kdiffusion=False,
+                             torchdiffeq_methods=(), torchsde_methods=(), tols=(1e-3, 1e-7), log=lambda m: None)
+    assert [r["tol"] for r in ladder] == [1e-3, 1e-7] and ladder[1]["nfe"] > ladder[0]["nfe"]
+    assert ladder[1]["rmse"] < 1e-5 < ladder[0]["rmse"]
+
+
+def test_sde_metrics_against_truth(setup):
+    gen = torch.Generator().manual_seed(123)
+    p_eps = setup.mixture.marginal(setup.sde, setup.problem.eps)
+    exact = evaluate_exact = acc.evaluate(setup, p_eps.sample(64, generator=gen, dtype=torch.float64), "sde")
+    assert abs(exact["logp_gap"]) < 4 * exact["logp_gap_se"]  # fresh exact samples: no gap
+    assert exact["sw2"] < 4 * setup.info["sw2_floor_mean"]
+    spread = acc.evaluate(setup, 1.5 * p_eps.sample(64, generator=gen, dtype=torch.float64), "sde")
+    assert spread["logp_gap"] < -4 * spread["logp_gap_se"] and spread["sw2"] > evaluate_exact["sw2"]
+    records = acc.run_problem(setup, [SPEC["euler_maruyama"]], (10,), kdiffusion=False, torchdiffeq_methods=(),
+                              torchsde_methods=(), log=lambda m: None)
+    (em,) = records
+    assert em["nfe"] == 10 and math.isfinite(em["sw2"]) and math.isfinite(em["logp_gap"]) and "rmse" not in em
+
+
+@pytest.mark.parametrize("make_sde", [sdediff.VPSDE, sdediff.VESDE])
+def test_sigma_to_time_and_denoiser(make_sde):
+    sde = make_sde()
+    t = torch.cat([torch.tensor([1e-3, 1.0], dtype=torch.float64), torch.rand(200, dtype=torch.float64) * 0.999 + 1e-3])
+    sigma = common.sigma_of_time(sde, t)
+    assert torch.allclose(common.KDenoiser(sde, None, 1e-3).time_of(sigma), t, rtol=0, atol=1e-12)
+    # k-diffusion's denoiser on y = x/m at sigma(t) is Tweedie's x0 estimate at (x, t)
+    mixture = sdediff.data.GaussianMixture.random(3, 2, generator=torch.Generator().manual_seed(0))
+    score = mixture.score_fn(sde)
+    tt = torch.full((5,), 0.3, dtype=torch.float64)
+    x = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    m = sde.mean_coeff(tt)[:, None]
+    d = common.KDenoiser(sde, score, 1e-3)(x / m, common.sigma_of_time(sde, tt))
+    assert torch.allclose(d, sde.denoise(x, tt, score(x, tt)), rtol=1e-10, atol=1e-12)
+
+
+def test_kdiffusion_through_the_adapter_converges(setup):
+    _kdiffusion()
+    records = acc.run_problem(setup, [], (4, 40), kd_samplers=("heun", "dpmpp_2m", "dpmpp_2m_sde"),
+                              torchdiffeq_methods=(), torchsde_methods=(), log=lambda m: None)
+    assert all("error" not in r for r in records)
+    for schedule in ("time", "karras"):
+        heun = _by_label(records, f"heun [{schedule}]")
+        assert [r["nfe"] for r in heun] == [4, 40]  # counted denoiser calls: 2 per step, none at sigma = 0
+        assert heun[1]["rmse"] < heun[0]["rmse"] / 4 and heun[1]["rmse"] < 0.2
+        dpm = _by_label(records, f"dpmpp_2m [{schedule}]")
+        assert dpm[1]["rmse"] < dpm[0]["rmse"] / 4 and dpm[1]["rmse"] < 0.2
+        sde_run = _by_label(records, f"dpmpp_2m_sde [{schedule}]")
+        assert all(math.isfinite(r["sw2"]) for r in sde_run)
+
+
+def test_overhead_smoke():
+    bench = ovh.Bench(torch.device("cpu"), batch=4, shape=(3, 4, 4), hidden=8, repeats=1, call_repeats=2)
+    rows = ovh.run_overhead(bench, [SPEC["euler"], SPEC["heun"], SPEC["euler_maruyama"]], nfe=4, kdiffusion=False,
+                            torchdiffeq_methods={"euler": 1}, log=lambda m: None)
+    assert [r["label"] for r in rows] == ["euler", "heun", "euler_maruyama", "odeint euler"]
+    for r in rows:
+        assert "error" not in r and r["nfe"] == 4
+        assert math.isfinite(r["ratio"]) and r["ratio"] > 0 and r["samples_per_s"] > 0
+    for r in rows[:3]:  # every one of these has a hand-written loop of the same update
+        assert math.isfinite(r["loop_ratio"]) and math.isfinite(r["vs_loop"])
+    text = ovh.markdown({"command": "x", "environment": "y", "device": "cpu", "network": "z", "t_call_ms": 1.0,
+                         "t_call_cpu_ms": 1.0, "batch": 4, "nfe": 4, "tol": 1e-3, "repeats": 1, "call_repeats": 2,
+                         "kdiffusion": "n/a", "skipped": [], "rows": rows})
+    assert "| euler_maruyama | sdediff | 4 |" in text
+
+
+def test_overhead_kdiffusion_runs():
+    _kdiffusion()
+    bench = ovh.Bench(torch.device("cpu"), batch=4, shape=(3, 4, 4), hidden=8, repeats=1, call_repeats=2)
+    with torch.inference_mode():
+        assert bench.kd_run("dpmpp_2m", 4) == 4
+        assert bench.kd_run("heun", 2) == 4
+        assert bench.kd_run("dpmpp_sde", 2, randn_noise=True) == 4
+
+
+def test_unregistered_specs_are_skipped_with_a_note():
+    notes = []
+    specs = [SPEC["heun"], common.SolverSpec("nope", "no_such_solver", "ode", 1),
+             common.SolverSpec("bad options", "heun", "ode", 2, {"no_such_option": 1})]
+    assert common.runnable_specs(specs, log=notes.append) == [SPEC["heun"]]
+    assert "not registered" in notes[0] and "rejects" in notes[1]
+    assert common.steps_for_budget(5, 2) == 2 and common.steps_for_budget(5, 10, 1) == 0
+
+
+def test_accuracy_script_end_to_end(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert acc.main(["--quick", "--problems", "vp2", "--n", "32", "--nfe", "5", "10", "--no-peers", "--only", "^heun",
+                     "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "accuracy_per_nfe_quick.png").stat().st_size > 1000
+    results = json.loads((tmp_path / "accuracy_per_nfe_quick.json").read_text())
+    assert {r["label"] for r in results["records"]} == {"heun", "heun (karras grid)", "heun (log-SNR grid)"}
+    assert "| heun | sdediff | " in (tmp_path / "accuracy_per_nfe_quick.md").read_text()
+    assert "set_num_threads(1)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", [acc, ovh])
+def test_help(script, capsys):
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--help"])
+    assert exc.value.code == 0 and "--quick" in capsys.readouterr().out and "--device" in script.build_parser().format_help()
