@@ -125,7 +125,23 @@ class _Conditioning(nn.Module):
         return emb
 
 
-class MLP(nn.Module):
+class _ScoreNet(nn.Module):
+    """What the score networks share: a :class:`_Conditioning` as ``self.cond`` and its class counts."""
+
+    cond: _Conditioning
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes (``None``: unconditional)."""
+        return self.cond.num_classes
+
+    @property
+    def null_class(self) -> int | None:
+        """Index of the "no label" token (``num_classes``), or ``None``."""
+        return self.cond.num_classes
+
+
+class MLP(_ScoreNet):
     r"""Residual MLP ``(x, t[, y]) -> tensor like x`` for vector data (non-batch dims are flattened).
 
     :math:`h_0 = W_{in} x + e`, then ``depth`` residual blocks
@@ -165,16 +181,6 @@ class MLP(nn.Module):
         self.out = nn.Linear(hidden, dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-
-    @property
-    def num_classes(self) -> int | None:
-        """Number of classes (``None``: unconditional)."""
-        return self.cond.num_classes
-
-    @property
-    def null_class(self) -> int | None:
-        """Index of the "no label" token (``num_classes``), or ``None``."""
-        return self.cond.num_classes
 
     def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
         if x.dim() < 1 or x[0].numel() != self.config["dim"]:
@@ -224,7 +230,7 @@ class _Up(nn.Conv2d):
         return super().forward(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class UNet(nn.Module):
+class UNet(_ScoreNet):
     r"""A small UNet ``(x, t[, y]) -> tensor like x`` for images ``(batch, C, H, W)``.
 
     ``len(channel_mults)`` resolution levels, ``num_res_blocks`` residual blocks per level on the way down
@@ -307,16 +313,6 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
         self._factor = 2 ** (len(mults) - 1)
-
-    @property
-    def num_classes(self) -> int | None:
-        """Number of classes (``None``: unconditional)."""
-        return self.cond.num_classes
-
-    @property
-    def null_class(self) -> int | None:
-        """Index of the "no label" token (``num_classes``), or ``None``."""
-        return self.cond.num_classes
 
     def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.config["in_channels"]:
