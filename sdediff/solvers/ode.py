@@ -22,7 +22,7 @@ _ODE_METHODS = {k: v for k, v in SOLVERS.items() if k != "scipy_solver"}
 def pf_drift(ctx: Context, x: Tensor, t: Tensor) -> Tensor:
     r"""The probability-flow velocity :math:`v(x,t) = f(x,t) - \tfrac12 g(t)^2 s_\theta(x,t)`."""
     t = batch_time(t, x)
-    return torch.addcmul(ctx.sde.drift(x, t), expand_as(-0.5 * ctx.sde.diffusion(t) ** 2, x), ctx.score(x, t))
+    return ctx.sde.drift(x, t) - expand_as(0.5 * ctx.sde.diffusion(t) ** 2, x) * ctx.score(x, t)
 
 
 def batch_max_norm(state: Tensor | tuple[Tensor, ...]) -> Tensor:
