@@ -135,7 +135,8 @@ def load_state_dict_file(path: str | os.PathLike, device: torch.device | str = "
         raise FileNotFoundError(f"weights file {path} does not exist")
     with open(path, "rb") as f:
         head = f.read(2)
-    if head[:2] == b"PK" or head[:1] == b"\x80":  # a zip (torch.save) or a raw pickle
+    # a zip (torch.save) or a raw pickle; a .safetensors file can also start with 0x80 (its header length)
+    if path.suffix != ".safetensors" and (head[:2] == b"PK" or head[:1] == b"\x80"):
         try:
             state = torch.load(path, map_location=device, weights_only=True)
         except Exception as err:
