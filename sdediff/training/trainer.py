@@ -712,10 +712,17 @@ class Trainer:
         self.log, self.evals = list(meta["log"]), list(meta["evals"])
 
     def close(self) -> None:
-        """Leave the process group if this trainer created it."""
+        """Leave the process group if this trainer created it.
+
+        All ranks meet at a barrier first and the DDP wrapper (whose reducer holds gloo work objects) is dropped
+        before the group is destroyed: a rank that tears gloo down while its peer is still writing files, or
+        with work objects alive, can abort at interpreter exit.
+        """
         if self.dist.created:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                dist.barrier()
+                self._train_net = self.net
                 dist.destroy_process_group()
             self.dist.created = False
