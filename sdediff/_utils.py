@@ -23,6 +23,23 @@ def batch_time(t: Tensor | float, x: Tensor) -> Tensor:
     return t
 
 
+def check_time(t: Tensor | float, T: float, name: str = "t") -> None:
+    """Raise a ``ValueError`` naming ``name`` if a time lies outside ``[0, T]`` (up to a relative 1e-6).
+
+    Python numbers and CPU tensors are checked; tensors on an accelerator are not, because reading their
+    values would force a host synchronisation (the entry points that build times, such as grids and
+    ``eps``, validate those on the host).
+    """
+    if isinstance(t, Tensor):
+        if t.device.type != "cpu" or t.numel() == 0:
+            return
+        lo, hi = float(t.min()), float(t.max())
+    else:
+        lo = hi = float(t)
+    if not (lo >= 0 and hi <= T * (1 + 1e-6)):
+        raise ValueError(f"{name} must lie in [0, T={T:g}], got values in [{lo:g}, {hi:g}]")
+
+
 def expand_as(c: Tensor, x: Tensor) -> Tensor:
     """Reshape a per-sample coefficient ``c`` of shape ``(batch,)`` (or 0-d) to broadcast against ``x``."""
     if c.dim() == 0:

@@ -223,3 +223,21 @@ def test_numerical_kernel_clamps_times_outside_the_table():
     t = torch.tensor([-0.5, 0.0, 1.0, 5.2], dtype=T64)
     m = numeric.mean_coeff(t)
     assert torch.isfinite(m).all() and m[0] == m[1] and m[2] == m[3]
+
+
+@pytest.mark.parametrize("t", [1.5, -0.1, torch.tensor([0.5, 1.2])])
+def test_times_outside_0_T_are_rejected_at_the_entry_points(t):
+    from sdediff.data import GaussianMixture
+
+    sde = sdediff.VPSDE()
+    x = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, T=1\]"):
+        sde.marginal(x, t)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, T=1\]"):
+        sde.denoise(x, t, x)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, T=1\]"):
+        GaussianMixture.ring(2).score(x, t, sde)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, T=1\]"):
+        sdediff.dsm_loss(sde, lambda x, t: x, x, t=t)
+    sde.marginal(x, 1.0)  # both ends are allowed
+    sde.marginal(x, 0.0)

@@ -19,6 +19,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from .._utils import check_time
+
 _LOG_2PI = math.log(2.0 * math.pi)
 # Relative tolerances used when validating covariances given in float32 or float64.
 _SYMMETRY_RTOL = 1e-6
@@ -445,6 +447,8 @@ class GaussianMixture:
         """
         if not isinstance(t, (Tensor, int, float)) or isinstance(t, bool):
             raise TypeError(f"t must be a float or a tensor, got {type(t).__name__}")
+        if getattr(sde, "T", None) is not None:
+            check_time(t, sde.T)
         work = _work_dtype(x.device)
         t = torch.as_tensor(t, dtype=work, device=x.device)
         if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, batch)):

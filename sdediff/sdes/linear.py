@@ -19,7 +19,7 @@ import torch
 from scipy.integrate import solve_ivp
 from torch import Tensor
 
-from .._utils import batch_time, expand_as
+from .._utils import batch_time, check_time, expand_as
 from .base import SDE, gaussian_log_prob, gaussian_sample
 
 TimeFn = Callable[[Tensor], Tensor]
@@ -127,7 +127,11 @@ class LinearSDE(SDE):
         return expand_as(self.drift_coef(batch_time(t, x)), x) * x
 
     def marginal(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean ``m(t) x0`` (like ``x0``) and standard deviation ``s(t)`` (shape ``(batch,)``) of ``x_t | x_0``."""
+        """Mean ``m(t) x0`` (like ``x0``) and standard deviation ``s(t)`` (shape ``(batch,)``) of ``x_t | x_0``.
+
+        ``t`` must lie in ``[0, T]`` (checked for Python numbers and CPU tensors, see :func:`check_time`).
+        """
+        check_time(t, self.T)
         t = batch_time(t, x0)
         return expand_as(self.mean_coeff(t), x0) * x0, self.marginal_std(t)
 
@@ -162,7 +166,8 @@ class LinearSDE(SDE):
         return (self.mean_coeff(t) / self.mean_coeff(t - dt)) ** 2
 
     def denoise(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
-        r"""Tweedie's estimate :math:`\hat x_0 = (x + s(t)^2 \nabla\log p_t(x)) / m(t)`."""
+        r"""Tweedie's estimate :math:`\hat x_0 = (x + s(t)^2 \nabla\log p_t(x)) / m(t)`; ``t`` in ``[0, T]``."""
+        check_time(t, self.T)
         t = batch_time(t, x)
         m, s = expand_as(self.mean_coeff(t), x), expand_as(self.marginal_std(t), x)
         return (x + s**2 * score) / m
