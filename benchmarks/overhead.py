@@ -9,7 +9,14 @@ one run, at about the same NFE (20 by default). For each we report
 (1.00 = no overhead), both for wall time and, on CPU, for the thread's CPU time (with one torch thread
 all the work runs on it, and other processes on a shared machine do not inflate it). Every timed run
 is paired with network calls timed just before it, so that a change in machine load shifts both
-alike. Each fixed-step update that has a short hand-written form (Euler, Heun, Euler-Maruyama,
+alike. On CPU, where a call returns when its work is done, every network call inside the run is also
+timed where it happens, and
+
+    ratio (in situ) = time of the whole sample / time spent inside the network during it
+
+is the share of time outside the network, free of the network running slower inside a loop than
+alone (caches, and the allocator handing back memory that then faults in again); the targets are
+judged on it. Each fixed-step update that has a short hand-written form (Euler, Heun, Euler-Maruyama,
 reverse diffusion, ancestral, PC, Langevin) is also timed as a minimal loop with coefficients
 precomputed, which is the floor for that update: for SDE solvers drawing the noise is part of it.
 ``samples/s`` is batch / wall time.
@@ -28,6 +35,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -177,6 +185,22 @@ LOOPS: dict[str, Callable[..., Tensor]] = {
 
 
 # --------------------------------------------------------------------------------------------------
+class Timed(common.Counted):
+    """Count the calls of ``fn`` and add up the wall and thread-CPU time spent inside them (``wall``, ``cpu``,
+    seconds). Only meaningful where a call returns when its work is done (CPU), as no device sync is made."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        super().__init__(fn)
+        self.wall = self.cpu = 0.0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        w0, c0 = time.perf_counter(), time.thread_time()
+        out = super().__call__(*args, **kwargs)
+        self.wall += time.perf_counter() - w0
+        self.cpu += time.thread_time() - c0
+        return out
+
+
 def count_syncs(fn: Callable[[], Any]) -> int:
     """Host synchronisations made by ``fn`` on CUDA (``torch.cuda.set_sync_debug_mode('warn')``)."""
     torch.cuda.synchronize()
@@ -203,6 +227,12 @@ class Bench:
         self.x_T = self.sde.prior_sample((batch, *shape), generator=gen, device=device, dtype=torch.float32)
         self.t_probe = torch.full((batch,), 0.5, device=device)
         self.seed = seed
+        self.last: Timed | None = None  # the timed network of the latest run
+
+    def counted(self, fn: Callable[..., Any] | None = None) -> Timed:
+        """The network (or ``fn``) wrapped to count and time its calls; kept as :attr:`last`."""
+        self.last = Timed(self.net if fn is None else fn)
+        return self.last
 
     def generator(self) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(self.seed + 1)
@@ -220,15 +250,16 @@ class Bench:
 
         Each of the ``repeats`` timed runs is paired with the median of ``call_repeats`` network calls timed
         just before it, so that a change in machine load shifts both alike; the ratio reported is the
-        median over the pairs, for wall time and for CPU time (see :func:`common.timed`).
+        median over the pairs, for wall time and for CPU time (see :func:`common.timed`). On CPU the
+        in-situ ratio divides each run's time by the time its own network calls took inside it.
         """
         with torch.inference_mode():
             nfe = run()  # warm-up, and the NFE
-            pairs = []
+            pairs = []  # (run wall, run CPU, call wall, call CPU, in-run network wall, in-run network CPU)
             for _ in range(self.repeats):
                 call_wall, call_cpu = self.t_call()
                 wall, cpu = common.timed(run, self.device)
-                pairs.append((wall, cpu, call_wall, call_cpu))
+                pairs.append((wall, cpu, call_wall, call_cpu, self.last.wall, self.last.cpu))
         med = common.median
         wall = med([p[0] for p in pairs])
         out = {"nfe": nfe, "t_call_ms": 1e3 * med([p[2] for p in pairs]), "t_call_cpu_ms": 1e3 * med([p[3] for p in pairs]),
@@ -238,9 +269,14 @@ class Bench:
                "samples_per_s": self.x_T.shape[0] / wall,
                "outside_us_per_nfe_cpu": 1e6 * med([(p[1] - nfe * p[3]) / nfe for p in pairs]),
                "outside_us_per_nfe_wall": 1e6 * med([(p[0] - nfe * p[2]) / nfe for p in pairs])}
-        # the figure the targets are judged on: CPU time on a CPU device (robust to other processes), else wall
+        # the figure the targets are judged on: on a CPU device the in-situ ratio in CPU time (robust to other
+        # processes), else the per-call ratio in wall time
         cpu = self.device.type == "cpu"
-        out["ratio"], out["time_ms"] = (out["ratio_cpu"], out["cpu_ms"]) if cpu else (out["ratio_wall"], wall * 1e3)
+        if cpu:
+            out.update(net_cpu_ms_in_situ=1e3 * med([p[5] for p in pairs]),
+                       ratio_situ_wall=med([p[0] / p[4] for p in pairs]), ratio_situ=med([p[1] / p[5] for p in pairs]),
+                       outside_us_per_nfe_situ=1e6 * med([(p[1] - p[5]) / nfe for p in pairs]))
+        out["ratio"], out["time_ms"] = (out["ratio_situ"], out["cpu_ms"]) if cpu else (out["ratio_wall"], wall * 1e3)
         return out
 
     def measure_free(self, run: Callable[[], int]) -> dict[str, float]:
@@ -265,20 +301,20 @@ class Bench:
 
     # --- the runs -------------------------------------------------------------------------------
     def sdediff_run(self, spec: common.SolverSpec, steps: int, tol: float | None, x: Tensor | None = None) -> int:
-        counted = common.Counted(self.net)
+        counted = self.counted()
         x = self.x_T if x is None else x
         sdediff.sample(self.sde, counted, x.shape, solver=spec.solver, steps=steps, eps=EPS, x_init=x,
                        generator=self.generator(), time_grid=spec.time_grid, **spec.build_options(tol))
         return counted.calls
 
     def loop_run(self, spec: common.SolverSpec, steps: int) -> int:
-        counted = common.Counted(self.net)
+        counted = self.counted()
         ts = make_grid(self.sde, steps, EPS, spec.time_grid, device=self.device, dtype=self.x_T.dtype)
         LOOPS[spec.solver](counted, self.sde, self.x_T, ts, self.generator())
         return counted.calls
 
     def torchdiffeq_run(self, method: str, steps: int, tol: float | None) -> int:
-        counted = common.Counted(self.net)
+        counted = self.counted()
         sde, n = self.sde, self.x_T.shape[0]
 
         def pf(t: Tensor, x: Tensor) -> Tensor:
@@ -295,7 +331,7 @@ class Bench:
 
     def kd_run(self, kd_name: str, steps: int, randn_noise: bool = False) -> int:
         kds, _ = common.load_kdiffusion()
-        counted = common.Counted(self.net)  # the network used directly as a denoiser D(y, sigma)
+        counted = self.counted()  # the network used directly as a denoiser D(y, sigma)
         sigmas = common.kd_sigmas(kds, self.sde, steps, EPS, "karras", self.device).to(self.x_T.dtype)
         y = self.x_T / float(self.sde.mean_coeff(torch.tensor([self.sde.T], dtype=torch.float64)))
         kwargs: dict[str, Any] = {"disable": True}
@@ -360,7 +396,7 @@ def run_overhead(bench: Bench, specs: list[common.SolverSpec], nfe: int = 20, to
                     loop_run = lambda spec=spec, steps=steps: bench.loop_run(spec, steps)  # noqa: E731
                     loop = bench.measure(loop_run)
                     row.update(loop_ratio=loop["ratio"], loop_ratio_wall=loop["ratio_wall"],
-                               loop_time_ms=loop["time_ms"], vs_loop=row["time_ms"] / loop["time_ms"],
+                               loop_time_ms=loop["time_ms"], vs_loop=row["ratio"] / loop["ratio"],
                                loop_free_us_per_nfe=bench.measure_free(loop_run)["free_us_per_nfe"])
                 if sync_check:
                     with torch.inference_mode():
@@ -421,45 +457,57 @@ def target_of(row: dict[str, Any]) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     cpu = results["device"] == "cpu"
-    basis = "CPU time" if cpu else "wall time"
+    basis = "the in-situ ratio in CPU time" if cpu else "the per-call ratio in wall time"
     out = ["# Solver overhead", "",
-           f"Run: `{results['command']}` on {results['environment']}.", "",
+           f"Run: `{results['command']}` on {results['environment']}."
+           + (f" Machine load (1-min load average) {results['load_average'][0]:.1f} at the start, "
+              f"{results['load_average'][1]:.1f} at the end, on {results['cpu_count']} cores."
+              if "load_average" in results else ""), "",
            f"Network: {results['network']}; one call: {results['t_call_ms']:.3f} ms wall, {results['t_call_cpu_ms']:.3f} "
            f"ms CPU (median of 100), batch {results['batch']}, float32, VP SDE, eps = {EPS}. Each method runs at about "
-           f"{results['nfe']} NFE (adaptive ones at rtol = atol = {results['tol']:g}). Each of {results['repeats']} timed "
-           f"whole runs is paired with {results['call_repeats']} network calls timed just before it; `ratio` = run time / "
-           "(NFE × median call time), the median over the pairs (1.00 = no time outside the network). "
-           "`ratio (CPU)` uses the thread's CPU time, which other processes on a shared machine do not inflate; "
-           f"on this device the targets are judged on {basis}. `loop`: the same update as a minimal hand-written loop "
-           "(coefficients precomputed; the SDE loops draw their noise, which is part of their floor); `vs loop` = "
-           f"sdediff's {basis} / the loop's. k-diffusion's samplers drive the same network as a denoiser D(y, sigma) on "
-           "a Karras schedule (default noise: a seeded Brownian tree for the DPM++ SDE samplers). "
-           f"`solver µs/NFE`: {basis} per NFE of the same run with a free network (one that returns a fixed tensor; "
-           "minimum over the runs), "
-           "i.e. the solver's own cost, measured directly rather than as a small difference of two large noisy times; "
-           "`1 + µs/t_call` is the ratio it implies, and `loop µs/NFE` the same for the hand-written loop. "
-           "`samples/s` = batch / wall time.", "",
+           f"{results['nfe']} NFE (adaptive ones at rtol = atol = {results['tol']:g}); each of {results['repeats']} timed "
+           f"whole runs is paired with {results['call_repeats']} network calls timed alone just before it, and every "
+           "figure is the median over the runs. Definitions:", "",
+           "- `ratio (wall)`, `ratio (CPU)`: run time / (NFE × the median time of one network call timed alone) "
+           "(1.00 = no time outside the network). CPU time is the thread's (one torch thread does all the work), "
+           "which other processes on a shared machine do not inflate.",
+           "- `ratio in situ`: run CPU time / the CPU time spent inside the network calls of that same run (each "
+           "call timed where it happens; on CPU a call returns when its work is done). This is the share of time "
+           "outside the network that the issue asks about: a network often runs slower inside a sampling loop than "
+           "alone (caches; glibc handing freed memory back to the OS, which then faults in again), and the "
+           "per-call ratios charge that to the solver. `outside µs/NFE` = (run − in-run network) CPU time / NFE.",
+           "- `free µs/NFE`: CPU time per NFE of the same run with a free network (one that returns a fixed tensor; "
+           "minimum over the runs), the solver's own cost measured directly; `1 + free/t_call` is the ratio it "
+           "implies.",
+           "- `loop`: the same update as a minimal hand-written loop (coefficients precomputed as Python floats, "
+           "out-of-place tensor ops; the SDE loops draw their noise, which is part of their floor); `loop in situ` "
+           "its in-situ ratio, `loop free µs/NFE` its own cost, `vs loop` = sdediff's in-situ ratio / the loop's.",
+           "- k-diffusion's samplers drive the same network as a denoiser D(y, sigma) on a Karras schedule "
+           "(default noise: a seeded Brownian tree for the DPM++ SDE samplers). `samples/s` = batch / wall time.",
+           "", f"Targets are judged on {basis}.", "",
            f"k-diffusion: {results['kdiffusion']}", ""]
     if results["skipped"]:
         out += ["Skipped (not available yet): " + "; ".join(results["skipped"]), ""]
     sync = any("syncs" in r for r in results["rows"])
-    cols = ["solver", "impl", "NFE", "wall ms", "ratio (wall)", "ratio (CPU)", "solver µs/NFE", "1 + µs/t_call",
-            "loop ratio", "loop µs/NFE", "vs loop", "samples/s"] + \
+    cols = ["solver", "impl", "NFE", "wall ms", "ratio (wall)", "ratio (CPU)", "ratio in situ", "outside µs/NFE",
+            "free µs/NFE", "1 + free/t_call", "loop in situ", "loop free µs/NFE", "vs loop", "samples/s"] + \
         (["syncs/run", "syncs/step"] if sync else []) + ["target"]
     out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+    def cell(r: dict[str, Any], key: str, spec: str) -> str:
+        return format(r[key], spec) if r.get(key) is not None else "—"
+
     for r in results["rows"]:
         if "error" in r:
             out.append(f"| {r['label']} | {r['impl']} | fail: {r['error'][:80]} |" + " |" * (len(cols) - 3))
             continue
         cells = [r["label"], r["impl"], str(r["nfe"]), f"{r['wall_ms']:.1f}", f"{r['ratio_wall']:.3f}",
-                 f"{r['ratio_cpu']:.3f}" if cpu else "—",
-                 f"{r['free_us_per_nfe']:.0f}" if "free_us_per_nfe" in r else "—",
-                 f"{r['predicted_ratio']:.3f}" if "predicted_ratio" in r else "—",
-                 f"{r['loop_ratio']:.3f}" if r.get("loop_ratio") is not None else "—",
-                 f"{r['loop_free_us_per_nfe']:.0f}" if r.get("loop_free_us_per_nfe") is not None else "—",
-                 f"{r['vs_loop']:.3f}" if r.get("vs_loop") is not None else "—", f"{r['samples_per_s']:.0f}"]
+                 cell(r, "ratio_cpu", ".3f") if cpu else "—", cell(r, "ratio_situ", ".3f"),
+                 cell(r, "outside_us_per_nfe_situ", ".0f"), cell(r, "free_us_per_nfe", ".0f"),
+                 cell(r, "predicted_ratio", ".3f"), cell(r, "loop_ratio", ".3f"), cell(r, "loop_free_us_per_nfe", ".0f"),
+                 cell(r, "vs_loop", ".3f"), f"{r['samples_per_s']:.0f}"]
         if sync:
-            cells += [str(r.get("syncs", "—")), f"{r['syncs_per_step']:.2f}" if "syncs_per_step" in r else "—"]
+            cells += [str(r.get("syncs", "—")), cell(r, "syncs_per_step", ".2f")]
         out.append("| " + " | ".join(cells + [target_of(r)]) + " |")
     if not sync:
         out += ["", "Host syncs are only counted on CUDA (`--device cuda`)."]
@@ -497,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (3 if args.quick else 9)
     call_repeats = 8 if args.quick else 15
     bench = Bench(device, batch=args.batch, hidden=args.hidden, repeats=repeats, call_repeats=call_repeats)
+    load_start = os.getloadavg()[0]
     t_call, t_call_cpu = bench.t_call(100)
     print(f"network: one call {1e3 * t_call:.3f} ms wall, {1e3 * t_call_cpu:.3f} ms CPU")
     t0 = time.perf_counter()
@@ -508,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
                "t_call_ms": 1e3 * t_call, "t_call_cpu_ms": 1e3 * t_call_cpu, "call_repeats": call_repeats,
                "batch": args.batch, "nfe": args.nfe, "tol": args.tol, "repeats": repeats,
                "kdiffusion": kd_note, "skipped": skipped,
-               "optional_modules": notes, "rows": rows, "seconds": time.perf_counter() - t0}
+               "optional_modules": notes, "rows": rows, "seconds": time.perf_counter() - t0,
+               "load_average": [load_start, os.getloadavg()[0]], "cpu_count": os.cpu_count()}
     suffix = "_quick" if args.quick else ""
     if device.type == "cuda":
         suffix += "_cuda"

@@ -68,6 +68,7 @@ def _check_x_init(x_init: Tensor, shape: tuple[int, ...]) -> Tensor:
     return x_init
 
 
+@torch.no_grad()
 def sample(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solver: str | Solver = "euler_maruyama",
            steps: int = 1000, eps: float = 1e-3, x_init: Tensor | None = None,
            generator: torch.Generator | None = None, device: torch.device | str | None = None,
@@ -76,6 +77,11 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solver: str | Solv
            return_info: bool = False, keep_trajectory: bool = False, batch_size: int | None = None,
            **solver_options: Any) -> Tensor | SampleResult:
     r"""Draw samples by running a reverse-time solver from ``t = T`` down to ``t = eps``.
+
+    Sampling runs without autograd (``torch.no_grad()``), like the samplers of k-diffusion and diffusers:
+    no graph is kept across steps, and the solvers write their states into reused buffers. A score
+    function that needs gradients itself (an energy model, the guided scores of :mod:`sdediff.guidance`)
+    takes them under ``torch.enable_grad()``.
 
     Parameters
     ----------

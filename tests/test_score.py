@@ -60,11 +60,12 @@ def setup(sde, n=64, d=3, seed=0, t_min=1e-3):
 
 def kernel_derivatives(sde, t):
     """(m', s') by autograd through the SDE's own m(t), s(t) (not through the library's m' = a m formula)."""
-    t = t.detach().clone().requires_grad_(True)
-    m = sde.mean_coeff(t) + 0 * t  # (+0*t: VE's m is a constant without a graph)
-    s = sde.marginal_std(t)
-    (dm,) = torch.autograd.grad(m.sum(), t)
-    (ds,) = torch.autograd.grad(s.sum(), t)
+    with torch.enable_grad():  # also inside sdediff.sample, which runs under no_grad
+        t = t.detach().clone().requires_grad_(True)
+        m = sde.mean_coeff(t) + 0 * t  # (+0*t: VE's m is a constant without a graph)
+        s = sde.marginal_std(t)
+        (dm,) = torch.autograd.grad(m.sum(), t)
+        (ds,) = torch.autograd.grad(s.sum(), t)
     return dm[:, None], ds[:, None]
 
 

@@ -56,5 +56,16 @@ class VESDE(LinearSDE):
         r""":math:`s(t) = \sigma(t)`."""
         return self.sigma(t)
 
+    def time_of_log_snr(self, log_snr: Tensor, lo: Tensor | float = 0.0, hi: Tensor | float | None = None) -> Tensor:
+        r"""Closed-form inverse of :math:`\lambda(t) = -2\log\sigma(t)`, clipped to ``[lo, hi]``:
+        :math:`t = T(-\lambda/2 - \log\sigma_{min})/\log(\sigma_{max}/\sigma_{min})`. Subclasses with another
+        schedule fall back to :meth:`LinearSDE.time_of_log_snr`'s bisection."""
+        if any(getattr(type(self), k) is not getattr(VESDE, k) for k in ("sigma", "mean_coeff", "marginal_std", "log_snr")):
+            return super().time_of_log_snr(log_snr, lo, hi)
+        t = self.T * (-0.5 * log_snr - math.log(self.sigma_min)) / self._log_ratio
+        lo = torch.as_tensor(lo, dtype=t.dtype, device=t.device)
+        hi = torch.as_tensor(self.T if hi is None else hi, dtype=t.dtype, device=t.device)
+        return torch.minimum(torch.maximum(t, lo), hi)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, T={self.T})"

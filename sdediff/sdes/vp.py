@@ -63,6 +63,24 @@ class VPSDE(LinearSDE):
         r""":math:`s(t) = \sqrt{1 - m(t)^2}`, computed as ``sqrt(-expm1(2 log m))`` for accuracy at small t."""
         return torch.sqrt(-torch.expm1(2 * self.log_mean_coeff(t)))
 
+    def time_of_log_snr(self, log_snr: Tensor, lo: Tensor | float = 0.0, hi: Tensor | float | None = None) -> Tensor:
+        r"""Closed-form inverse of :math:`\lambda(t)`, clipped to ``[lo, hi]``: :math:`m^2 = \mathrm{sigmoid}(\lambda)`
+        gives :math:`L = -\log m = \tfrac12\,\mathrm{softplus}(-\lambda)`, and :math:`L = q t^2 + p t` with
+        :math:`q = (\beta_{max}-\beta_{min})/(4T)`, :math:`p = \beta_{min}/2` is solved as
+        :math:`t = 2L/(p + \sqrt{p^2 + 4qL})` (no cancellation). Subclasses with another schedule fall back to
+        :meth:`LinearSDE.time_of_log_snr`'s bisection."""
+        if not _own_schedule(self, VPSDE):
+            return super().time_of_log_snr(log_snr, lo, hi)
+        return self._time_of_neg_log_mean(0.5 * torch.nn.functional.softplus(-log_snr), lo, hi)
+
+    def _time_of_neg_log_mean(self, L: Tensor, lo: Tensor | float, hi: Tensor | float | None) -> Tensor:
+        r"""The time where :math:`-\log m(t) = L`, clipped to ``[lo, hi]``."""
+        q, p = 0.25 * (self.beta_max - self.beta_min) / self.T, 0.5 * self.beta_min
+        t = 2 * L / (p + (p**2 + 4 * q * L).sqrt())
+        lo = torch.as_tensor(lo, dtype=t.dtype, device=t.device)
+        hi = torch.as_tensor(self.T if hi is None else hi, dtype=t.dtype, device=t.device)
+        return torch.minimum(torch.maximum(t, lo), hi)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(beta_min={self.beta_min}, beta_max={self.beta_max}, T={self.T})"
 
@@ -81,3 +99,17 @@ class SubVPSDE(VPSDE):
     def marginal_std(self, t: Tensor) -> Tensor:
         r""":math:`s(t) = 1 - m(t)^2`."""
         return -torch.expm1(2 * self.log_mean_coeff(t))
+
+    def time_of_log_snr(self, log_snr: Tensor, lo: Tensor | float = 0.0, hi: Tensor | float | None = None) -> Tensor:
+        r"""Closed-form inverse of :math:`\lambda(t) = 2\log(m/(1 - m^2))`, clipped to ``[lo, hi]``: with
+        :math:`u = e^{\lambda/2}`, :math:`m = 2u/(1 + \sqrt{1 + 4u^2})`, i.e. :math:`-\log m = \operatorname{asinh}(1/(2u))`,
+        then the quadratic of :meth:`VPSDE.time_of_log_snr`."""
+        if not _own_schedule(self, SubVPSDE):
+            return LinearSDE.time_of_log_snr(self, log_snr, lo, hi)
+        return self._time_of_neg_log_mean(torch.asinh(0.5 * torch.exp(-0.5 * log_snr)), lo, hi)
+
+
+def _own_schedule(sde: VPSDE, cls: type) -> bool:
+    """Whether ``sde`` computes its kernel as ``cls`` does (a subclass may bring its own schedule)."""
+    return all(getattr(type(sde), k) is getattr(cls, k)
+               for k in ("beta", "log_mean_coeff", "mean_coeff", "marginal_std", "log_snr"))

@@ -8,6 +8,7 @@ override :meth:`Solver.solve` instead.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._utils import randn_like
 from ..processes import CountedScore
 from ..sdes.base import SDE
 
@@ -30,7 +32,9 @@ class Context:
     """What a solver sees during one run.
 
     ``state`` is scratch space for the solver (e.g. a multistep history; reset it in ``start``);
-    ``stats`` is reported to the user in :attr:`sdediff.SampleResult.stats`.
+    ``stats`` is reported to the user in :attr:`sdediff.SampleResult.stats`. :func:`integrate` sets
+    ``index`` to the number of the grid step being taken (so ``step`` can read coefficients precomputed
+    in ``start``) and ``out`` to a buffer that :meth:`buffer` hands out.
     """
 
     sde: SDE
@@ -38,6 +42,31 @@ class Context:
     generator: torch.Generator | None = None
     state: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    index: int = 0
+    out: Tensor | None = None
+    _noise: Tensor | None = field(default=None, repr=False)
+
+    def buffer(self, like: Tensor) -> Tensor:
+        """A tensor like ``like`` for ``step`` to write its new state into (``out=`` / in-place ops).
+
+        Inside :func:`integrate` this is a buffer reused from step to step (or the trajectory's slot), which
+        shares no memory with the step's input state: writing into it allocates nothing. A solver that
+        uses it must take it at most once per step, return it as the new state, and keep no earlier
+        state across steps (two steps later the buffer is written again). Elsewhere it is a new tensor.
+        """
+        out = self.out
+        return torch.empty_like(like) if out is None else out
+
+    def noise(self, like: Tensor) -> Tensor:
+        """Standard normal noise like ``like``, drawn with :attr:`generator` (the numbers of
+        :func:`sdediff._utils.randn_like`) into a buffer that the next call overwrites: use it within the step."""
+        buf = self._noise
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._noise = torch.empty_like(like, memory_format=torch.contiguous_format)
+        gen = self.generator
+        if gen is None or (gen.device.type == buf.device.type and buf.device.index in (None, gen.device.index)):
+            return torch.randn(buf.shape, generator=gen, out=buf)
+        return buf.copy_(randn_like(buf, gen))
 
 
 class Solver:
@@ -75,14 +104,18 @@ class FixedStepSolver(Solver):
                          keep_trajectory=keep_trajectory)
 
 
+@torch.no_grad()
 def integrate(solver: FixedStepSolver, ctx: Context, x: Tensor, ts: Tensor, *,
               callback: Callback | None = None, progress: bool = False,
               keep_trajectory: bool = False) -> tuple[Tensor, Tensor | None]:
-    """The time loop every fixed-step solver shares.
+    """The time loop every fixed-step solver shares (without autograd, see :func:`sdediff.sample`).
 
-    Runs ``solver.step`` over consecutive pairs of ``ts`` with no host synchronisation: the
-    index of the first step that produced a non-finite state is tracked on the device and checked
-    once, at the end, where a :class:`FloatingPointError` names the step and time.
+    Runs ``solver.step`` over consecutive pairs of ``ts`` with no host synchronisation. Each step's
+    new state is summed into a preallocated record (one reduction: a NaN or Inf anywhere makes the sum
+    non-finite), which is checked once, at the end, where a :class:`FloatingPointError` names the first
+    step and time that went non-finite. Without a callback the loop lends the solver (through
+    :meth:`Context.buffer`) the state of two steps back, which the loop made and nobody else holds, or
+    with ``keep_trajectory`` the trajectory's own slot, so a step that writes into it allocates nothing.
 
     Returns
     -------
@@ -91,22 +124,34 @@ def integrate(solver: FixedStepSolver, ctx: Context, x: Tensor, ts: Tensor, *,
     """
     n = len(ts) - 1
     solver.start(ctx, x, ts)
-    first_bad = torch.full((), -1, dtype=torch.long, device=x.device)
-    trajectory = [x] if keep_trajectory else None
-    for i in tqdm(range(n), desc=solver.name, disable=not progress, leave=False):
-        x = solver.step(ctx, x, ts[i], ts[i + 1])
-        bad = ~torch.isfinite(x.sum())  # one cheap reduction: a NaN or Inf anywhere makes the sum non-finite
-        first_bad = torch.where(bad & (first_bad < 0), i, first_bad)
-        if trajectory is not None:
-            trajectory.append(x)
-        if callback is not None:
-            callback(i, ts[i + 1], x)
-    k = int(first_bad)
-    if k >= 0:
+    sums, dims = torch.empty(n, dtype=x.dtype, device=x.device), tuple(range(x.dim()))
+    trajectory = torch.empty((n + 1, *x.shape), dtype=x.dtype, device=x.device) if keep_trajectory else None
+    if trajectory is not None:
+        trajectory[0].copy_(x)
+    reuse = trajectory is None and callback is None  # a callback may keep the states it is given
+    spare = None  # a state made by an earlier step, free to be written again
+    try:
+        for i in tqdm(range(n), desc=solver.name, disable=not progress, leave=False):
+            out = trajectory[i + 1] if trajectory is not None else spare
+            ctx.index, ctx.out = i, out
+            x_new = solver.step(ctx, x, ts[i], ts[i + 1])
+            if trajectory is not None and x_new is not out:
+                out.copy_(x_new)
+            if reuse and i > 0 and x_new is not x:  # x came from step i - 1, not from the caller
+                spare = x
+            x = x_new
+            torch.sum(x, dims, out=sums[i])
+            if callback is not None:
+                callback(i, ts[i + 1], x)
+    finally:
+        ctx.out = None
+    bad = ~torch.isfinite(sums)
+    if bool(bad.any()):
+        k = int(bad.nonzero()[0, 0])
         raise FloatingPointError(
             f"solver {solver.name!r} produced non-finite values at step {k} of {n} (t = {float(ts[k]):.6g} -> "
             f"{float(ts[k + 1]):.6g}); check the score function and the time grid (eps)")
-    return x, (torch.stack(trajectory) if trajectory is not None else None)
+    return x, trajectory
 
 
 def register_solver(name: str) -> Callable[[type[Solver]], type[Solver]]:
@@ -125,6 +170,12 @@ def register_solver(name: str) -> Callable[[type[Solver]], type[Solver]]:
 def available_solvers() -> list[str]:
     """Names accepted by ``sdediff.sample(solver=...)`` (families as ``"family:<option>"``)."""
     return sorted(f"{k}:<{c.name_option}>" if c.name_option else k for k, c in _REGISTRY.items())
+
+
+@functools.cache
+def _options_of(cls: type[Solver]) -> frozenset[str]:
+    """The option names a solver class accepts (its constructor's parameters; computed once per class)."""
+    return frozenset(inspect.signature(cls).parameters)
 
 
 def get_solver(name: str | Solver, **options: Any) -> Solver:
@@ -147,7 +198,7 @@ def get_solver(name: str | Solver, **options: Any) -> Solver:
         if cls.name_option in options:
             raise TypeError(f"solver {name!r} names its {cls.name_option} already; do not pass {cls.name_option}=")
         options = {cls.name_option: value, **options}
-    accepted = set(inspect.signature(cls).parameters)
+    accepted = _options_of(cls)
     unknown = set(options) - accepted
     if unknown:
         raise TypeError(f"solver {name!r} got unknown option(s) {sorted(unknown)}; it accepts {sorted(accepted)}")

@@ -12,8 +12,9 @@ import math
 import torch
 from torch import Tensor
 
-from .._utils import expand_as, randn_like
+from .._utils import expand_as
 from .base import Context, FixedStepSolver, get_solver, register_solver
+from .exponential import _work_dtype
 
 
 class LangevinCorrector:
@@ -50,22 +51,28 @@ class LangevinCorrector:
             raise ValueError(f"corrector_steps must be a positive integer, got {steps!r}")
         self.snr, self.steps, self.norm = float(snr), steps, norm
 
-    def correct(self, ctx: Context, x: Tensor, t: Tensor, dt: Tensor) -> Tensor:
+    def correct(self, ctx: Context, x: Tensor, t: Tensor, dt: Tensor, alpha: Tensor | None = None,
+                out: Tensor | None = None) -> Tensor:
         """Run :attr:`steps` Langevin steps at time ``t`` (0-d), reached by a step of length ``dt`` from ``t + dt``.
 
-        :math:`\alpha_i` is that of the step just taken, the forward step from ``t`` to ``t + dt``.
+        :math:`\alpha_i` is that of the step just taken, the forward step from ``t`` to ``t + dt``; pass it
+        as ``alpha`` when it is precomputed. The result is written into ``out`` when given (which may be
+        ``x`` itself: the update is elementwise), else into a new tensor.
         """
         tb = t.expand(x.shape[0])
-        alpha = ctx.sde.discrete_alpha((t + dt).expand(x.shape[0]), dt.expand(x.shape[0]))
+        if alpha is None:
+            alpha = ctx.sde.discrete_alpha((t + dt).expand(x.shape[0]), dt.expand(x.shape[0]))
         for _ in range(self.steps):
             score = ctx.score(x, tb)
-            z = randn_like(x, ctx.generator)
+            z = ctx.noise(x)
             z_norm, s_norm = z.reshape(len(z), -1).norm(dim=1), score.reshape(len(z), -1).norm(dim=1)
             if self.norm == "batch":
                 z_norm, s_norm = z_norm.mean(), s_norm.mean()
             ratio = z_norm / s_norm.clamp_min(torch.finfo(x.dtype).tiny)
             step = expand_as(2 * alpha * (self.snr * ratio) ** 2, x)
-            x = x + step * score + (2 * step).sqrt() * z
+            x = torch.addcmul(x, step, score, out=torch.empty_like(x) if out is None else out)
+            x.addcmul_((2 * step).sqrt(), z)
+            out = x  # the later steps update it in place
         return x
 
     def __repr__(self) -> str:
@@ -105,11 +112,15 @@ class PredictorCorrector(FixedStepSolver):
     def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
         if self.predictor is not None:
             self.predictor.start(ctx, x, ts)
+        t = ts.to(_work_dtype(ts.device))
+        ctx.state["langevin_alpha"] = ctx.sde.discrete_alpha(t[:-1], t[:-1] - t[1:]).to(x)
 
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
         if self.predictor is not None:
             x = self.predictor.step(ctx, x, t, t_next)
-        return self.corrector.correct(ctx, x, t_next, t - t_next)
+        # the predictor's output may be updated in place only when it is the loop's buffer (no one else holds it)
+        out = x if ctx.out is not None and x is ctx.out else ctx.buffer(x)
+        return self.corrector.correct(ctx, x, t_next, t - t_next, ctx.state["langevin_alpha"][ctx.index], out)
 
 
 @register_solver("langevin")

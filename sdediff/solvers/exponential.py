@@ -217,7 +217,7 @@ class DPMSolver(FixedStepSolver):
         m, s, lam = _kernel(sde, t64)
         a, c = _exp_coefficients(self.prediction, (m[:-1], s[:-1], lam[:-1]), (m[1:], s[1:], lam[1:]), self.order)
         h = lam[1:] - lam[:-1]
-        st: dict[str, Any] = {"i": 0, "n": len(ts) - 1, "history": [], "m": m, "s": s, "h": h, "a": a, "c": c}
+        st: dict[str, Any] = {"i": 0, "n": len(ts) - 1, "history": [], "h": h, "a": a, "c": c}
         if self.method == "singlestep" and self.order > 1:
             fractions = (0.5,) if self.order == 2 else (1 / 3, 2 / 3)
             for j, r in enumerate(fractions, start=1):
@@ -227,12 +227,72 @@ class DPMSolver(FixedStepSolver):
                 st[f"a{j}"], st[f"c{j}"] = _exp_coefficients(self.prediction, (m[:-1], s[:-1], lam[:-1]),
                                                              (m_r, s_r, lam_r), j)
                 st[f"r{j}h"] = r * h
+        st["predict"] = self._predict_coefficients(m, s)
+        if self.method == "multistep":
+            st["weights"] = self._multistep_weights(st)
+        else:
+            st.update(self._singlestep_weights(st))
+        rows = ("weights", "predict", "predict1", "predict2", "stage1", "stage2")
         ctx.state.update({key: (v.to(x.dtype) if isinstance(v, Tensor) else v) for key, v in st.items()})
+        for key in rows:  # rows of 0-d tensors, so that a step only indexes Python lists
+            if key in ctx.state:
+                ctx.state[key] = [row.unbind() for row in ctx.state[key]]
+        if self.method == "singlestep":  # scratch for the stages: P_0, P_1 (then P_2), the stage input u
+            ctx.state.update(p0=torch.empty_like(x), p1=torch.empty_like(x), u=torch.empty_like(x))
 
-    def _predict(self, ctx: Context, x: Tensor, t: Tensor, m: Tensor, s: Tensor) -> Tensor:
-        r""":math:`\hat x_0 = (x + s^2\nabla\log p_t)/m` or :math:`\hat\epsilon = -s\nabla\log p_t` (one NFE)."""
+    def _predict_coefficients(self, m: Tensor, s: Tensor) -> Tensor:
+        r"""Per time, ``(c_x, c_s)`` with :math:`P = c_x x + c_s \nabla\log p_t(x)`: :math:`(1/m, s^2/m)` for
+        :math:`\hat x_0`, :math:`(0, -s)` for :math:`\hat\epsilon`."""
+        return torch.stack([1 / m, s**2 / m] if self.prediction == "data" else [0 * s, -s], dim=1)
+
+    def _singlestep_weights(self, st: dict[str, Any]) -> dict[str, Tensor]:
+        r"""The singlestep stages of :meth:`step`'s docstring, multiplied out into weights on :math:`x, P_0, P_j`.
+
+        ``stage1`` is :math:`(a^{(1)}, c^{(1)}_1)` for :math:`u_1`; for order 3, ``stage2`` is
+        :math:`(a^{(2)}, c^{(2)}_1 - c^{(2)}_2/(r_1h), c^{(2)}_2/(r_1h))` for :math:`u_2`; ``weights`` is
+        :math:`(a, c_1 - c_2/(r_kh), c_2/(r_kh))` on :math:`(x, P_0, P_k)` with :math:`k` the last stage
+        (order 1: :math:`(a, c_1, 0)`).
+        """
+        a, c, out = st["a"], st["c"], {}
+        if self.order == 1:
+            out["weights"] = torch.stack([a, c[:, 0], 0 * a], dim=1)
+            return out
+        out["stage1"] = torch.stack([st["a1"], st["c1"][:, 0]], dim=1)
+        out["predict1"] = self._predict_coefficients(st["m1"], st["s1"])
+        if self.order == 3:
+            d = st["c2"][:, 1] / st["r1h"]
+            out["stage2"] = torch.stack([st["a2"], st["c2"][:, 0] - d, d], dim=1)
+            out["predict2"] = self._predict_coefficients(st["m2"], st["s2"])
+        w = c[:, 1] / st[f"r{self.order - 1}h"]
+        out["weights"] = torch.stack([a, c[:, 0] - w, w], dim=1)
+        return out
+
+    def _multistep_weights(self, st: dict[str, Any]) -> Tensor:
+        r"""Per step, ``(a, w_0, w_1, w_2)`` with :math:`x_t = a\,x_s + w_0 P_0 + w_1 P_{-1} + w_2 P_{-2}`.
+
+        The divided differences of :meth:`step`'s docstring, multiplied out: order 1 has :math:`w_0 = c_1`;
+        order 2 :math:`w_0 = c_1 + c_2/h_1`, :math:`w_1 = -c_2/h_1`; order 3, with
+        :math:`e = (c_2 h_1 + 2c_3)/(h_1 + h_2)`, :math:`w_0 = c_1 + (c_2 + e)/h_1`,
+        :math:`w_1 = -(c_2 + e)/h_1 - e/h_2`, :math:`w_2 = e/h_2`.
+        """
+        a, c, h, n = st["a"], st["c"], st["h"], st["n"]
+        order = torch.tensor([self._order_at(i, n) for i in range(n)], device=a.device)[:, None]
+        one = torch.ones_like(h[:1])
+        h1, h2 = torch.cat([one, h[:-1]]), torch.cat([one, one, h[:-2]])[:n]  # h_{i-1}, h_{i-2} (1 where unused)
+        c1, c2, c3 = (c[:, j] if j < c.shape[1] else torch.zeros_like(a) for j in range(3))
+        e = (c2 * h1 + 2 * c3) / (h1 + h2)
+        zero = torch.zeros_like(a)
+        w2 = torch.stack([a, c1 + c2 / h1, -c2 / h1, zero], dim=1)
+        w3 = torch.stack([a, c1 + (c2 + e) / h1, -(c2 + e) / h1 - e / h2, e / h2], dim=1)
+        return torch.where(order == 1, torch.stack([a, c1, zero, zero], dim=1), torch.where(order == 2, w2, w3))
+
+    def _predict(self, ctx: Context, x: Tensor, t: Tensor, coef: tuple[Tensor, Tensor], out: Tensor) -> Tensor:
+        r""":math:`P = \hat x_0 = (x + s^2\nabla\log p_t)/m` or :math:`\hat\epsilon = -s\nabla\log p_t` (one NFE),
+        written into ``out`` from the coefficients ``coef = (c_x, c_s)`` of :meth:`_predict_coefficients`."""
         score = ctx.score(x, t)
-        return (x + s**2 * score) / m if self.prediction == "data" else -s * score
+        if self.prediction == "data":
+            return torch.mul(x, coef[0], out=out).addcmul_(coef[1], score)
+        return torch.mul(score, coef[1], out=out)
 
     def _order_at(self, i: int, n: int) -> int:
         order = min(self.order, i + 1)
@@ -242,35 +302,33 @@ class DPMSolver(FixedStepSolver):
 
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
         st, i = ctx.state, _tick(ctx)
-        p0 = self._predict(ctx, x, t, st["m"][i], st["s"][i])
-        a, c = st["a"][i], st["c"][i]
         if self.method == "singlestep":
-            return self._singlestep(ctx, x, p0, i, a, c)
+            return self._singlestep(ctx, x, t, i)
+        # multistep: P_0 into the buffer of the oldest prediction, then x_t = a x + sum_j w_j P_{-j} (weights
+        # precomputed in start by _multistep_weights)
         hist = st["history"]
-        hist.insert(0, p0)
-        del hist[self.order:]  # keep at most `order` predictions: P_0, P_{-1}, P_{-2}
-        order = self._order_at(i, st["n"])
-        if order == 1:
-            return a * x + c[0] * p0
-        h1 = st["h"][i - 1]
-        d01 = (p0 - hist[1]) / h1
-        if order == 2:
-            return a * x + c[0] * p0 + c[1] * d01
-        d012 = (d01 - (hist[1] - hist[2]) / st["h"][i - 2]) / (h1 + st["h"][i - 2])
-        return a * x + c[0] * p0 + c[1] * (d01 + h1 * d012) + c[2] * (2 * d012)
+        p0 = hist.pop() if len(hist) == self.order else torch.empty_like(x)
+        hist.insert(0, self._predict(ctx, x, t, st["predict"][i], p0))
+        w, order = st["weights"][i], self._order_at(i, st["n"])
+        out = torch.mul(x, w[0], out=ctx.buffer(x))
+        for j in range(order):
+            out.addcmul_(w[j + 1], hist[j])
+        return out
 
-    def _singlestep(self, ctx: Context, x: Tensor, p0: Tensor, i: int, a: Tensor, c: Tensor) -> Tensor:
+    def _singlestep(self, ctx: Context, x: Tensor, t: Tensor, i: int) -> Tensor:
         st = ctx.state
+        p0 = self._predict(ctx, x, t, st["predict"][i], st["p0"])
+        w = st["weights"][i]
         if self.order == 1:
-            return a * x + c[0] * p0
-        u1 = st["a1"][i] * x + st["c1"][i][0] * p0
-        p1 = self._predict(ctx, u1, st["t1"][i], st["m1"][i], st["s1"][i])
-        if self.order == 2:
-            return a * x + c[0] * p0 + c[1] * (p1 - p0) / st["r1h"][i]
-        c2 = st["c2"][i]
-        u2 = st["a2"][i] * x + c2[0] * p0 + c2[1] * (p1 - p0) / st["r1h"][i]
-        p2 = self._predict(ctx, u2, st["t2"][i], st["m2"][i], st["s2"][i])
-        return a * x + c[0] * p0 + c[1] * (p2 - p0) / st["r2h"][i]
+            return torch.mul(x, w[0], out=ctx.buffer(x)).addcmul_(w[1], p0)
+        a1, c1 = st["stage1"][i]
+        u = torch.mul(x, a1, out=st["u"]).addcmul_(c1, p0)
+        p = self._predict(ctx, u, st["t1"][i], st["predict1"][i], st["p1"])
+        if self.order == 3:  # u_2 from (x, P_0, P_1), then P_2 into P_1's buffer
+            a2, v0, v1 = st["stage2"][i]
+            u = torch.mul(x, a2, out=st["u"]).addcmul_(v0, p0).addcmul_(v1, p)
+            p = self._predict(ctx, u, st["t2"][i], st["predict2"][i], st["p1"])
+        return torch.mul(x, w[0], out=ctx.buffer(x)).addcmul_(w[1], p0).addcmul_(w[2], p)
 
 
 # --- DDIM -------------------------------------------------------------------------------------------
@@ -315,16 +373,16 @@ class DDIM(FixedStepSolver):
         h = lam[1:] - lam[:-1]
         sigma = torch.minimum(self.eta * s[1:] * (-torch.expm1(-2 * h)).sqrt(), s[1:])
         keep = (s[1:] ** 2 - sigma**2).clamp_min(0).sqrt()  # sqrt(s_t^2 - sigma^2), the share of eps_hat kept
-        ctx.state.update({"i": 0, **{k: v.to(x.dtype) for k, v in dict(m=m, s=s, sigma=sigma, keep=keep).items()}})
+        # x_t = m_t x0 + keep eps + sigma z with x0 = (x + s^2 score)/m, eps = -s score, multiplied out
+        a, b = m[1:] / m[:-1], m[1:] / m[:-1] * s[:-1] ** 2 - keep * s[:-1]
+        ctx.state.update({"i": 0, **{k: v.to(x.dtype) for k, v in dict(a=a, b=b, sigma=sigma).items()}})
 
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+        r""":math:`x_t = \frac{m_t}{m_s}x + \big(\frac{m_t}{m_s}s_s^2 - \sqrt{s_t^2 - \sigma^2}\,s_s\big)\nabla\log p_s(x)
+        + \sigma z`, the step above with :math:`\hat x_0, \hat\epsilon` written in the score."""
         st, i = ctx.state, _tick(ctx)
-        eps = _noise_pred(ctx, x, t, st["s"][i])
-        x0 = (x - st["s"][i] * eps) / st["m"][i]
-        x = st["m"][i + 1] * x0 + st["keep"][i] * eps
-        if self.eta == 0:
-            return x
-        return x + st["sigma"][i] * randn_like(x, ctx.generator)
+        out = torch.mul(x, st["a"][i], out=ctx.buffer(x)).addcmul_(st["b"][i], ctx.score(x, t))
+        return out if self.eta == 0 else out.addcmul_(st["sigma"][i], ctx.noise(x))
 
 
 # --- linear multistep in sigma ----------------------------------------------------------------------
@@ -394,16 +452,19 @@ class LMS(FixedStepSolver):
         sde = require_linear(ctx.sde, f"solver {self.name!r}")
         m, s, _ = _kernel(sde, ts.to(_work_dtype(ts.device)))
         b = adams_bashforth_weights(s / m, self.order)
-        ctx.state.update({"i": 0, "history": [], "m": m.to(x.dtype), "s": s.to(x.dtype), "b": b.to(x.dtype)})
+        # x_{i+1} = m_{i+1} y_{i+1} = (m_{i+1}/m_i) x_i + sum_j m_{i+1} b_ij d_{i-j}
+        ctx.state.update({"i": 0, "history": [], "s": s.to(x.dtype), "a": (m[1:] / m[:-1]).to(x.dtype),
+                          "w": (m[1:, None] * b).to(x.dtype)})
 
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
         st, i = ctx.state, _tick(ctx)
-        hist = st["history"]
-        hist.insert(0, _noise_pred(ctx, x, t, st["s"][i]))  # d_i = dy/dsigma
-        del hist[self.order:]
-        y = x / st["m"][i]
-        y = y + sum(st["b"][i, j] * d for j, d in enumerate(hist))
-        return st["m"][i + 1] * y
+        hist = st["history"]  # d_i = dy/dsigma = eps_hat, newest first, in buffers reused as they age out
+        d = hist.pop() if len(hist) == self.order else torch.empty_like(x)
+        hist.insert(0, torch.mul(ctx.score(x, t), -st["s"][i], out=d))
+        out = torch.mul(x, st["a"][i], out=ctx.buffer(x))
+        for j, d in enumerate(hist):
+            out.addcmul_(st["w"][i, j], d)
+        return out
 
 
 # --- EDM Heun ---------------------------------------------------------------------------------------
@@ -475,10 +536,20 @@ class EDMHeun(FixedStepSolver):
             sigma_hat = s_hat / m_hat
             noise = self.s_noise * (sigma_hat**2 - sigma**2).clamp_min(0).sqrt()
             st.update(t_hat=t_hat, m_hat=m_hat, s_hat=s_hat, sigma_hat=sigma_hat, noise=noise)
+        else:
+            # with d = -s score: x_euler = A x + B score(x, t), x_{i+1} = A/2 x + x_euler/2 + C score(x_euler, t_next)
+            m_next, dsigma = m[1:], st["sigma"][1:] - st["sigma"][:-1]
+            st["heun"] = torch.stack([m_next / m[:-1], -m_next * dsigma * s[:-1], -0.5 * m_next * dsigma * s[1:]], dim=1)
         ctx.state.update({"i": 0, **{k: v.to(x.dtype) for k, v in st.items()}})
+        if self.churn == 0:
+            ctx.state["x_euler"] = torch.empty_like(x)
 
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
         st, i = ctx.state, _tick(ctx)
+        if self.churn == 0:  # the step below, multiplied out in x (coefficients from start)
+            a, b, c = st["heun"][i]
+            x_euler = torch.mul(x, a, out=st["x_euler"]).addcmul_(b, ctx.score(x, t))
+            return torch.mul(x, 0.5 * a, out=ctx.buffer(x)).add_(x_euler, alpha=0.5).addcmul_(c, ctx.score(x_euler, t_next))
         y = x / st["m"][i]
         if self.churn > 0:  # raise the noise level to sigma_hat (a Python option, not a tensor value)
             y = y + st["noise"][i] * randn_like(y, ctx.generator)

@@ -14,7 +14,10 @@ from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver
 from tqdm.auto import tqdm
 
 from .._utils import batch_time, expand_as
+from ..sdes.base import SDE
+from ..sdes.linear import LinearSDE
 from .base import Callback, Context, FixedStepSolver, Solver, register_solver
+from .exponential import _work_dtype
 
 _ODE_METHODS = {k: v for k, v in SOLVERS.items() if k != "scipy_solver"}
 
@@ -53,12 +56,42 @@ def odeint_options(method: str, options: dict[str, Any] | None, t_start: Tensor,
     return options or None
 
 
+def linear_flow(sde: SDE, ts: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    r"""For a linear SDE, the probability-flow velocity on the grid ``ts`` as :math:`v(x, t_i) = a_i x + b_i s_\theta(x, t_i)`.
+
+    Returns ``(h, a, b)`` in float64 (where the device has it): the steps :math:`h_i = t_{i+1} - t_i` and, at
+    every grid time, :math:`a = f(1, t)` (the drift is linear in ``x``) and :math:`b = -\tfrac12 g(t)^2`;
+    ``None`` for an SDE that is not a :class:`~sdediff.LinearSDE`. Solvers use it to precompute their
+    per-step coefficients once, in ``start``.
+    """
+    if not isinstance(sde, LinearSDE):
+        return None
+    t = ts.to(_work_dtype(ts.device))
+    return t.diff(), sde.drift(torch.ones_like(t)[:, None], t)[:, 0], -0.5 * sde.diffusion(t) ** 2
+
+
 @register_solver("euler")
 class Euler(FixedStepSolver):
-    r"""Euler's method on the probability flow: :math:`x \leftarrow x + h\,v(x, t)` (order 1, 1 NFE/step)."""
+    r"""Euler's method on the probability flow: :math:`x \leftarrow x + h\,v(x, t)` (order 1, 1 NFE/step).
+
+    For a linear SDE (:math:`v = a\,x + b\,s_\theta`) the step is taken as
+    :math:`x \leftarrow (1 + h a)\,x + h b\,s_\theta(x, t)`, with the coefficients precomputed per grid step.
+    """
+
+    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
+        flow = linear_flow(ctx.sde, ts)
+        if flow is not None:
+            h, a, b = flow
+            flow = ((1 + h * a[:-1]).to(x), (h * b[:-1]).to(x))
+        ctx.state["euler"] = flow
 
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        return torch.addcmul(x, t_next - t, pf_drift(ctx, x, t))
+        coef = ctx.state.get("euler")
+        if coef is None:
+            return torch.addcmul(x, t_next - t, pf_drift(ctx, x, t))
+        i = ctx.index
+        score = ctx.score(x, t.expand(x.shape[0]))
+        return torch.mul(x, coef[0][i], out=ctx.buffer(x)).addcmul_(coef[1][i], score)
 
 
 @register_solver("heun")
@@ -66,13 +99,32 @@ class Heun(FixedStepSolver):
     r"""Heun's method (explicit trapezoid) on the probability flow, order 2, 2 NFE per step.
 
     .. math::  \tilde x = x + h\,v(x,t), \qquad x \leftarrow x + \tfrac h2\,[v(x,t) + v(\tilde x, t+h)].
+
+    For a linear SDE (:math:`v = a\,x + b\,s_\theta`), with :math:`h\,v(x, t) = \tilde x - x`, the step is
+    taken as :math:`\tilde x = (1 + h a_t)\,x + h b_t\,s_\theta(x, t)`,
+    :math:`x \leftarrow \tfrac12 x + \tfrac12(1 + h a_{t+h})\,\tilde x + \tfrac h2 b_{t+h}\,s_\theta(\tilde x, t+h)`,
+    with the coefficients precomputed per grid step.
     """
 
+    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
+        flow = linear_flow(ctx.sde, ts)
+        if flow is not None:
+            h, a, b = flow
+            flow = tuple(c.to(x) for c in (1 + h * a[:-1], h * b[:-1], 0.5 * (1 + h * a[1:]), 0.5 * h * b[1:]))
+            ctx.state["heun_x"] = torch.empty_like(x)  # the Euler predictor, reused every step
+        ctx.state["heun"] = flow
+
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        h = t_next - t
-        d = pf_drift(ctx, x, t)
-        d_next = pf_drift(ctx, torch.addcmul(x, h, d), t_next)
-        return torch.addcmul(x, 0.5 * h, d + d_next)
+        coef = ctx.state.get("heun")
+        if coef is None:
+            h = t_next - t
+            d = pf_drift(ctx, x, t)
+            d_next = pf_drift(ctx, torch.addcmul(x, h, d), t_next)
+            return torch.addcmul(x, 0.5 * h, d + d_next)
+        i, n = ctx.index, x.shape[0]
+        x_euler = torch.mul(x, coef[0][i], out=ctx.state["heun_x"]).addcmul_(coef[1][i], ctx.score(x, t.expand(n)))
+        score = ctx.score(x_euler, t_next.expand(n))
+        return torch.mul(x, 0.5, out=ctx.buffer(x)).addcmul_(coef[2][i], x_euler).addcmul_(coef[3][i], score)
 
 
 @register_solver("ode")

@@ -12,8 +12,10 @@ import torch
 from torch import Tensor
 
 from .._utils import expand_as, randn_like
-from ..sdes.linear import require_linear
+from ..sdes.linear import LinearSDE, require_linear
 from .base import Context, FixedStepSolver, register_solver
+from .exponential import _work_dtype
+from .ode import linear_flow
 
 
 def _check_noise_scale(noise_scale: float) -> float:
@@ -38,8 +40,21 @@ class EulerMaruyama(FixedStepSolver):
     def __init__(self, noise_scale: float = 1.0) -> None:
         self.noise_scale = _check_noise_scale(noise_scale)
 
+    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
+        flow = linear_flow(ctx.sde, ts)
+        if flow is not None:  # precompute x <- A x + B s + C z
+            h, a, b = flow[0], flow[1][:-1], flow[2][:-1]
+            lam2 = self.noise_scale**2
+            flow = tuple(c.to(x) for c in (1 + h * a, (1 + lam2) * h * b, (2 * lam2 * h * b).sqrt()))
+        ctx.state["euler_maruyama"] = flow
+
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
         tb = t.expand(x.shape[0])
+        coef = ctx.state.get("euler_maruyama")
+        if coef is not None:
+            i = ctx.index
+            x = torch.mul(x, coef[0][i], out=ctx.buffer(x)).addcmul_(coef[1][i], ctx.score(x, tb))
+            return x if self.noise_scale == 0 else x.addcmul_(coef[2][i], ctx.noise(x))
         h = t_next - t
         g = ctx.sde.diffusion(tb)
         score = ctx.score(x, tb)
@@ -62,8 +77,21 @@ class ReverseDiffusion(FixedStepSolver):
 
     stochastic = True
 
+    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
+        coef = None
+        if isinstance(ctx.sde, LinearSDE):  # f_i = (r_i - 1) x is linear in x: precompute x <- (2 - r) x + G^2 s + G z
+            t = ts.to(_work_dtype(ts.device))
+            f, G = ctx.sde.discretize(torch.ones_like(t)[:-1, None], t[:-1], t[:-1] - t[1:])
+            coef = tuple(c.to(x) for c in (1 - f[:, 0], G**2, G))
+        ctx.state["reverse_diffusion"] = coef
+
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
         tb = t.expand(x.shape[0])
+        coef = ctx.state.get("reverse_diffusion")
+        if coef is not None:
+            i = ctx.index
+            x = torch.mul(x, coef[0][i], out=ctx.buffer(x)).addcmul_(coef[1][i], ctx.score(x, tb))
+            return x.addcmul_(coef[2][i], ctx.noise(x))
         f, G = ctx.sde.discretize(x, tb, (t - t_next).expand(x.shape[0]))
         G = expand_as(G, x)
         return x - f + G**2 * ctx.score(x, tb) + G * randn_like(x, ctx.generator)
@@ -102,12 +130,13 @@ class Ancestral(FixedStepSolver):
         self.variance = variance
 
     def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        require_linear(ctx.sde, f"solver {self.name!r}")
+        sde = require_linear(ctx.sde, f"solver {self.name!r}")
+        t = ts.to(_work_dtype(ts.device))
+        r, sigma = sde.transition(t[:-1], t[:-1] - t[1:])
+        noise = sigma * (sde.marginal_std(t[1:]) / sde.marginal_std(t[:-1])) if self.variance == "posterior" else sigma
+        ctx.state["ancestral"] = tuple(c.to(x) for c in (1 / r, sigma**2 / r, noise))  # x <- A x + B s + C z
 
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        tb = t.expand(x.shape[0])
-        r, sigma = ctx.sde.transition(tb, (t - t_next).expand(x.shape[0]))
-        mean = (x + expand_as(sigma**2, x) * ctx.score(x, tb)) / expand_as(r, x)
-        if self.variance == "posterior":
-            sigma = sigma * (ctx.sde.marginal_std(t_next.expand(x.shape[0])) / ctx.sde.marginal_std(tb))
-        return mean + expand_as(sigma, x) * randn_like(x, ctx.generator)
+        (a, b, c), i = ctx.state["ancestral"], ctx.index
+        x = torch.mul(x, a[i], out=ctx.buffer(x)).addcmul_(b[i], ctx.score(x, t.expand(x.shape[0])))
+        return x.addcmul_(c[i], ctx.noise(x))

@@ -19,10 +19,10 @@ from torchsde._core.methods import select as _torchsde_select
 from torchsde.settings import LEVY_AREA_APPROXIMATIONS, METHODS
 from tqdm.auto import tqdm
 
-from .._utils import expand_as, randn_like
 from ..processes import ReverseProcess
 from ..sdes.linear import require_linear
 from .base import Callback, Context, FixedStepSolver, Solver, register_solver
+from .exponential import _work_dtype
 from .sde import Ancestral, _check_noise_scale
 
 
@@ -108,27 +108,32 @@ class SDEDPMSolver(FixedStepSolver):
         self.order, self.solver_type, self.lower_order_final = int(order), solver_type, lower_order_final
 
     def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        require_linear(ctx.sde, f"solver {self.name!r}")
-        ctx.state["sde_dpm_solver"] = {"x0": None, "lam": None, "steps_left": len(ts) - 1}
+        sde = require_linear(ctx.sde, f"solver {self.name!r}")
+        t = ts.to(_work_dtype(ts.device))
+        m, s = sde.mean_coeff(t), sde.marginal_std(t)
+        lam = m.log() - s.log()
+        h = lam[1:] - lam[:-1]
+        one_minus = -torch.expm1(-2 * h)  # 1 - e^{-2h}
+        n = len(h)
+        # the 2M correction m_next c(h) / h_prev (x0 - x0_prev), on the steps that take it
+        c = 0.5 * h * one_minus if self.solver_type == "midpoint" else h - 0.5 * one_minus
+        second = [self.order == 2 and i > 0 and not (self.lower_order_final and i == n - 1) for i in range(n)]
+        d = torch.where(torch.tensor(second, device=h.device), m[1:] * c / torch.cat([h[:1], h[:-1]]), torch.zeros_like(h))
+        # x <- A x + B x0 - D x0_prev + C z, with x0 = x / m + (s^2 / m) score
+        coef = torch.stack([1 / m[:-1], s[:-1] ** 2 / m[:-1], s[1:] / s[:-1] * torch.exp(-h), m[1:] * one_minus + d, -d,
+                            s[1:] * one_minus.sqrt()], dim=1).to(x)
+        ctx.state["sde_dpm_solver"] = {"coef": [row.unbind() for row in coef], "second": second,
+                                       "x0": [torch.empty_like(x), torch.empty_like(x)]}
 
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        state = ctx.state["sde_dpm_solver"]
-        tb, nb = t.expand(x.shape[0]), t_next.expand(x.shape[0])
-        m, s = ctx.sde.mean_coeff(tb), ctx.sde.marginal_std(tb)
-        m_next, s_next = ctx.sde.mean_coeff(nb), ctx.sde.marginal_std(nb)
-        lam = m.log() - s.log()
-        h = m_next.log() - s_next.log() - lam
-        x0 = (x + expand_as(s**2, x) * ctx.score(x, tb)) / expand_as(m, x)
-        one_minus = -torch.expm1(-2 * h)  # 1 - e^{-2h}
-        out = (expand_as(s_next / s * torch.exp(-h), x) * x + expand_as(m_next * one_minus, x) * x0
-               + expand_as(s_next * one_minus.sqrt(), x) * randn_like(x, ctx.generator))
-        state["steps_left"] -= 1
-        final = self.lower_order_final and state["steps_left"] == 0
-        if self.order == 2 and state["x0"] is not None and not final:
-            c = 0.5 * h * one_minus if self.solver_type == "midpoint" else h - 0.5 * one_minus
-            out = out + expand_as(m_next * c / (lam - state["lam"]), x) * (x0 - state["x0"])
-        state["x0"], state["lam"] = x0, lam
-        return out
+        r"""The step above with its coefficients precomputed in ``start``:
+        :math:`x \leftarrow A\,x + B\,\hat x_0 - D\,\hat x_0^{prev} + C z` (:math:`D = 0` on first-order steps)."""
+        state, i = ctx.state["sde_dpm_solver"], ctx.index
+        px, ps, a, b, d, c = state["coef"][i]
+        x0, x0_prev = state["x0"][i % 2], state["x0"][(i + 1) % 2]
+        torch.mul(x, px, out=x0).addcmul_(ps, ctx.score(x, t.expand(x.shape[0])))
+        out = torch.mul(x, a, out=ctx.buffer(x)).addcmul_(b, x0).addcmul_(c, ctx.noise(x))
+        return out.addcmul_(d, x0_prev) if state["second"][i] else out
 
 
 def _torchsde_methods() -> dict[str, tuple[str, str]]:

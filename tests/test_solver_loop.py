@@ -1,0 +1,166 @@
+"""The fixed-step loop's buffers and the solvers' precomputed linear-SDE steps.
+
+For a linear SDE, Euler, Heun, Euler–Maruyama and reverse diffusion take their step from coefficients
+precomputed once per grid; for any other SDE they evaluate drift and diffusion every step. Wrapping a
+linear SDE so that it no longer *is* a :class:`~sdediff.LinearSDE` runs the general path on the same
+process, so the two must agree to rounding (same noise draws, in float64). Ancestral sampling, which
+has no general path, is checked against its textbook formula.
+"""
+
+import math
+
+import pytest
+import torch
+
+import sdediff
+from sdediff.solvers import FixedStepSolver, register_solver
+from tests.conftest import gen
+
+
+class Wrapped(sdediff.SDE):
+    """The same forward SDE behind the plain :class:`sdediff.SDE` interface (no kernel, no linearity)."""
+
+    def __init__(self, inner: sdediff.LinearSDE) -> None:
+        super().__init__(inner.T)
+        self.inner = inner
+
+    def drift(self, x, t):
+        return self.inner.drift(x, t)
+
+    def diffusion(self, t):
+        return self.inner.diffusion(t)
+
+    def prior_sample(self, shape, generator=None, device=None, dtype=None):
+        return self.inner.prior_sample(shape, generator, device, dtype)
+
+    def prior_log_prob(self, z):
+        return self.inner.prior_log_prob(z)
+
+    def discretize(self, x, t, dt):  # the exact linear step, computed per call from x
+        return self.inner.discretize(x, t, dt)
+
+    def discrete_alpha(self, t, dt):
+        return self.inner.discrete_alpha(t, dt)
+
+
+def _score(x, t):
+    """A non-linear score-like field, so that a wrong coefficient on ``x`` or on the score shows."""
+    return -x / (1 + t.reshape(-1, *[1] * (x.dim() - 1))) + 0.3 * torch.sin(2 * x)
+
+
+SOLVERS = [("euler", {}), ("heun", {}), ("euler_maruyama", {}), ("euler_maruyama", {"noise_scale": 0.5}),
+           ("euler_maruyama", {"noise_scale": 0.0}), ("reverse_diffusion", {}), ("pc", {}),
+           ("pc", {"predictor": "heun", "corrector_steps": 2}), ("langevin", {"langevin_norm": "sample"})]
+
+
+@pytest.mark.parametrize("name,options", SOLVERS, ids=[f"{n}{o}" for n, o in SOLVERS])
+@pytest.mark.parametrize("make_sde", [sdediff.VPSDE, sdediff.VESDE, sdediff.SubVPSDE], ids=["vp", "ve", "subvp"])
+def test_precomputed_linear_step_matches_the_general_step(name, options, make_sde):
+    sde = make_sde()
+    x = sde.prior_sample((5, 2, 3), generator=gen(0), dtype=torch.float64)
+    fast, slow = (sdediff.sample(s, _score, x.shape, solver=name, steps=7, x_init=x, generator=gen(1),
+                                 time_grid=sdediff.solvers.grids.quadratic(sde, 7, 1e-3), **options)
+                  for s in (sde, Wrapped(sde)))
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast, slow, rtol=1e-11, atol=1e-11 * float(x.abs().max()))
+
+
+@pytest.mark.parametrize("variance", ["posterior", "beta"])
+def test_ancestral_step_is_the_posterior_formula(variance):
+    sde, n = sdediff.VPSDE(), 4
+    x = sde.prior_sample((n, 3), generator=gen(2), dtype=torch.float64)
+    ts = torch.tensor([1.0, 0.6, 0.25, 0.01], dtype=torch.float64)
+    got = sdediff.sample(sde, _score, x.shape, solver="ancestral", x_init=x, generator=gen(3), time_grid=ts,
+                         steps=3, variance=variance)
+    g, want = gen(3), x
+    for t, t_next in zip(ts[:-1], ts[1:], strict=True):
+        tb = t.expand(n)
+        r, sigma = sde.transition(tb, (t - t_next).expand(n))
+        mean = (want + sigma[:, None] ** 2 * _score(want, tb)) / r[:, None]
+        if variance == "posterior":
+            sigma = sigma * sde.marginal_std(t_next.expand(n)) / sde.marginal_std(tb)
+        want = mean + sigma[:, None] * torch.randn(want.shape, generator=g, dtype=want.dtype)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+LOOP_SOLVERS = [("euler", {}), ("heun", {}), ("euler_maruyama", {}), ("ancestral", {}), ("pc", {}), ("langevin", {}),
+                ("dpm_solver", {}), ("dpm_solver", {"method": "singlestep", "order": 3}), ("ddim", {"eta": 0.5}),
+                ("lms", {}), ("edm_heun", {}), ("sde_dpm_solver", {})]
+
+
+@pytest.mark.parametrize("name,options", LOOP_SOLVERS, ids=[f"{n}{o}" for n, o in LOOP_SOLVERS])
+def test_loop_buffers_never_touch_what_the_caller_holds(name, options):
+    sde = sdediff.VPSDE()
+    x = sde.prior_sample((6, 4), generator=gen(4))
+    x_copy = x.clone()
+    plain = sdediff.sample(sde, _score, x.shape, solver=name, steps=9, x_init=x, generator=gen(5), **options)
+    assert torch.equal(x, x_copy)  # x_init is read, never written
+    seen = []
+    res = sdediff.sample(sde, _score, x.shape, solver=name, steps=9, x_init=x, generator=gen(5),
+                         keep_trajectory=True, callback=lambda i, t, y: seen.append(y), **options)
+    # states handed to a callback stay as they were given, and match the trajectory and the plain run
+    assert len(seen) == 9 and len({s.data_ptr() for s in seen}) == 9
+    torch.testing.assert_close(torch.stack(seen), res.trajectory[1:], rtol=0, atol=0)
+    torch.testing.assert_close(res.trajectory[0], x, rtol=0, atol=0)
+    torch.testing.assert_close(res.samples, plain, rtol=0, atol=0)
+    seen.clear()
+    out = sdediff.sample(sde, _score, x.shape, solver=name, steps=9, x_init=x, generator=gen(5),
+                         callback=lambda i, t, y: seen.append(y), **options)
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    assert len({s.data_ptr() for s in seen}) == 9
+
+
+def test_buffer_is_reused_across_steps_and_distinct_from_the_input():
+    taken = []
+
+    @register_solver("test_buffer_probe")
+    class Probe(FixedStepSolver):
+        r"""Scaled identity, :math:`x \leftarrow 0.5\,x`, written into the loop's buffer."""
+
+        def step(self, ctx, x, t, t_next):
+            out = ctx.buffer(x)
+            taken.append((out.data_ptr(), x.data_ptr()))
+            return torch.mul(x, 0.5, out=out)
+
+    try:
+        x = torch.ones(3, 2)
+        y = sdediff.sample(sdediff.VPSDE(), _score, x.shape, solver="test_buffer_probe", steps=6, x_init=x)
+        assert torch.equal(y, torch.full_like(x, 0.5**6)) and torch.equal(x, torch.ones(3, 2))
+        assert all(out != inp for out, inp in taken)
+        assert len({out for out, _ in taken[2:]}) == 2  # from the third step on, two buffers take turns
+    finally:
+        sdediff.solvers.base._REGISTRY.pop("test_buffer_probe")
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_maruyama", "ancestral", "dpm_solver", "sde_dpm_solver"])
+def test_first_non_finite_step_is_named(name):
+    def score(x, t):
+        return torch.where(t[:, None] < 0.5, math.nan, -x)
+
+    with pytest.raises(FloatingPointError, match=r"step 6 of 10 \(t = 0.46 -> 0.37\)"):
+        sdediff.sample(sdediff.VPSDE(), score, (3, 2), solver=name, steps=10, eps=0.1, generator=gen(6))
+
+
+@pytest.mark.parametrize("make_sde", [sdediff.VPSDE, sdediff.SubVPSDE, sdediff.VESDE,
+                                      lambda: sdediff.VPSDE(beta_min=0.0, beta_max=5.0, T=2.0)],
+                         ids=["vp", "subvp", "ve", "vp-T2"])
+def test_closed_form_time_of_log_snr_matches_the_bisection(make_sde):
+    sde = make_sde()
+    t = torch.cat([torch.tensor([1e-6, 1e-4], dtype=torch.float64), torch.linspace(0, sde.T, 201, dtype=torch.float64)[1:]])
+    lam = sde.log_snr(t)
+    bisect = sdediff.LinearSDE.time_of_log_snr(sde, lam)
+    torch.testing.assert_close(sde.time_of_log_snr(lam), bisect, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(sde.time_of_log_snr(lam), t, rtol=1e-9, atol=0)
+    lo, hi = torch.full_like(t, 0.3), torch.full_like(t, 0.6)  # clipped to [lo, hi] like the bisection
+    torch.testing.assert_close(sde.time_of_log_snr(lam, lo, hi), sdediff.LinearSDE.time_of_log_snr(sde, lam, lo, hi),
+                               rtol=1e-12, atol=1e-15)
+
+
+def test_a_subclass_with_its_own_schedule_keeps_the_bisection():
+    class Cosine(sdediff.VPSDE):
+        def log_mean_coeff(self, t):
+            return torch.log(torch.cos(0.5 * math.pi * (t + 0.008) / 1.008) / math.cos(0.5 * math.pi * 0.008 / 1.008))
+
+    sde = Cosine()
+    t = torch.linspace(0.01, 0.9, 50, dtype=torch.float64)
+    torch.testing.assert_close(sde.time_of_log_snr(sde.log_snr(t)), t, rtol=1e-9, atol=0)
