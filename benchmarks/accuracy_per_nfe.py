@@ -10,9 +10,11 @@ p_T and ends at t = eps:
   ``mean log p_eps(samples) - E_{p_eps}[log p_eps]`` with its standard error.
 
 The same problem goes through k-diffusion's samplers (denoiser convention in sigma-space, on the
-sigma sequence of sdediff's time grid and on k-diffusion's Karras schedule), torchdiffeq's ``odeint``
+sigma levels of sdediff's uniform and quadratic time grids and on k-diffusion's exponential and Karras
+schedules: the grids the ``unipc-3 [grid]`` rows use; each cell shows the best schedule), torchdiffeq's ``odeint``
 and torchsde's ``sdeint``. Every score/denoiser call is counted by a wrapper; tables show the NFE each
-run used. Writes ``accuracy_per_nfe.{md,json,png}`` into ``benchmarks/results/``.
+run used. Writes ``accuracy_per_nfe.{md,json,png}`` into ``benchmarks/results/`` (and, for a full run there,
+the plot into ``docs/img/`` for the solver guide).
 
     python benchmarks/accuracy_per_nfe.py            # full run (minutes)
     python benchmarks/accuracy_per_nfe.py --quick    # small run
@@ -61,7 +63,9 @@ common = _load_common()
 NFES = (5, 10, 20, 50, 100)
 #: tolerances tried by adaptive solvers, loosest first; a ladder stops once a run exceeds the largest budget
 TOL_LADDER = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7)
-KD_SCHEDULES = ("time", "karras")
+#: k-diffusion runs on the sigma levels of the same four grids the UniPC rows use (see common.kd_sigmas)
+KD_SCHEDULES = ("time", "quadratic", "exponential", "karras")
+SCHEDULE_MARK = {"quadratic": "Q", "exponential": "E", "karras": "K"}
 #: torchdiffeq methods on the same PF-ODE: name -> NFE per step (None: adaptive, tolerance ladder)
 TORCHDIFFEQ_METHODS = {"euler": 1, "midpoint": 2, "rk4": 4, "dopri5": None}
 #: torchsde methods on the reverse SDE (u = T - t): name -> (sde_type, Levy-area approximation)
@@ -353,6 +357,8 @@ def run_problem(setup: Setup, specs: Sequence[common.SolverSpec], nfes: Sequence
 # tables and plot
 # --------------------------------------------------------------------------------------------------
 PRIMARY = {"ode": "rmse", "sde": "sw2"}
+#: where docs/solvers.md finds the plot (a copy written by a full run into the default results folder)
+DOCS_PLOT = Path(__file__).resolve().parent.parent / "docs" / "img" / "accuracy_per_nfe.png"
 
 
 def cell_record(recs: Sequence[dict[str, Any]], target: int, metric: str) -> dict[str, Any] | None:
@@ -388,8 +394,8 @@ def _cell(r: dict[str, Any] | None, metric: str) -> str:
         text = common.fmt(value)
     extra = "*" if r.get("target") is not None and r["nfe"] > r["target"] else ""
     extra += f", tol {r['tol']:g}" if r.get("tol") is not None else ""
-    if r.get("schedule") == "karras":
-        extra += ", K"
+    if r.get("schedule") in SCHEDULE_MARK:
+        extra += f", {SCHEDULE_MARK[r['schedule']]}"
     return f"{text} ({r['nfe']}{extra})"
 
 
@@ -415,8 +421,27 @@ def target_lines(records: Sequence[dict[str, Any]], nfes: Sequence[int]) -> list
         ratio = theirs["rmse"] / ours["rmse"]
         lines.append(f"- NFE ≤ {target}: best sdediff `{ours['label']}` {ours['rmse']:.2e} ({ours['nfe']} NFE) vs best "
                      f"k-diffusion `{theirs['label']}` {theirs['rmse']:.2e} ({theirs['nfe']} NFE): k-diffusion / sdediff "
-                     f"= {ratio:.2f} (target ≥ 2: {'PASS' if ratio >= 2 else 'not met'})")
+                     f"= {ratio:.2f} (target ≥ 2: {'PASS' if ratio >= 2 else 'not met'}); median per-sample error "
+                     f"{ours['rmse_median_sample']:.2e} vs {theirs['rmse_median_sample']:.2e} "
+                     f"(ratio {theirs['rmse_median_sample'] / ours['rmse_median_sample']:.2f})")
     return lines
+
+
+def summary_table(results: dict[str, Any]) -> list[str]:
+    """Markdown rows: per problem and NFE budget, the best sdediff and best k-diffusion ODE runs and their ratios."""
+    out = ["| problem | NFE ≤ | best sdediff ODE solver | RMSE | best k-diffusion sampler | RMSE | k-diffusion / sdediff "
+           "| same, median per-sample error |", "|---|---|---|---|---|---|---|---|"]
+    for prob in results["problems"]:
+        recs = [r for r in results["records"] if r["problem"] == prob["name"]]
+        for target in results["nfes"]:
+            ours = best_by_impl(recs, "ode", "sdediff", target)
+            theirs = best_by_impl(recs, "ode", "k-diffusion", target)
+            if ours is None or theirs is None:
+                continue
+            out.append(f"| {prob['name']} | {target} | `{ours['label']}` | {ours['rmse']:.2e} | `{theirs['label']}` | "
+                       f"{theirs['rmse']:.2e} | {theirs['rmse'] / ours['rmse']:.2f} | "
+                       f"{theirs['rmse_median_sample'] / ours['rmse_median_sample']:.2f} |")
+    return out
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -424,13 +449,19 @@ def markdown(results: dict[str, Any]) -> str:
     out = ["# Accuracy per NFE", "",
            f"Run: `{results['command']}` on {results['environment']}; float64 throughout.", "",
            "Every method starts from the same exact samples of p_T and stops at t = eps = 1e-3. Each cell: error "
-           "(NFE actually used; `tol` for adaptive runs, the best tolerance within the budget; `K`: the k-diffusion run "
-           "on its Karras schedule did better than on the sigma levels of sdediff's uniform time grid). `—`: nothing "
+           "(NFE actually used; `tol` for adaptive runs, the best tolerance within the budget; for k-diffusion rows the best of "
+           "its schedules: none = the sigma levels of sdediff's uniform time grid, `Q`: of its quadratic grid, `E`: "
+           "k-diffusion's exponential (log-SNR uniform) schedule, `K`: its Karras schedule). `—`: nothing "
            "ran within that budget; `fail`: the run raised or went non-finite (see the JSON); `*`: the run used more NFE "
            "than its budget (the spec's NFE per step is too low).", "",
            f"k-diffusion: {results['kdiffusion']}", ""]
     if results["skipped"]:
         out += ["Skipped (not available yet): " + "; ".join(results["skipped"]), ""]
+    out += ["## Summary: best probability-flow solvers", "",
+            "Per budget, the sdediff ODE solver and the k-diffusion sampler (over its samplers and schedules) with the "
+            "lowest pathwise RMSE. The RMSE at few NFE is dominated by the few paths that a solver sends to another "
+            "mixture component; the median per-sample error shows the typical path.", "",
+            *summary_table(results), ""]
     for prob in results["problems"]:
         recs = [r for r in results["records"] if r["problem"] == prob["name"]]
         info = prob["info"]
@@ -457,7 +488,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines = target_lines(recs, nfes)
         if lines:
             out += ["Target (issue): at 10 and 20 NFE, sdediff's best ODE solver at least 2× lower pathwise error than "
-                    "the best k-diffusion sampler:", "", *lines, ""]
+                    "the best k-diffusion sampler (the median per-sample error of the same two runs shows how much of "
+                    "the RMSE comes from the few paths that end in another mixture component):", "", *lines, ""]
     return "\n".join(out)
 
 
@@ -512,8 +544,8 @@ def plot(results: dict[str, Any], path: Path) -> bool:
             ax.set_title(f"{prob['name']}: {'PF-ODE' if kind == 'ode' else 'SDE'}")
             ax.grid(True, which="both", alpha=0.3)
     fig.legend(list(labels_seen.values()), list(labels_seen), loc="center right", fontsize=7, frameon=False)
-    fig.suptitle("Error vs NFE from the same exact p_T samples (solid: sdediff; dashed: peers, k-diffusion at the "
-                 "better of its two schedules)", fontsize=10)
+    fig.suptitle("Error vs NFE from the same exact p_T samples (solid: sdediff; dashed: peers; k-diffusion and "
+                 "unipc-3 at the best of the same four grids)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - 2.8 / (4.2 * len(problems) + 3), 0.97))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -570,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write(args.out / f"accuracy_per_nfe{suffix}.md", text + "\n")
     atomic_write(args.out / f"accuracy_per_nfe{suffix}.json", json.dumps(results, indent=1, default=str) + "\n")
     plotted = plot(results, args.out / f"accuracy_per_nfe{suffix}.png")
+    if plotted and not suffix and args.out.resolve() == common.RESULTS_DIR:  # the solver guide shows the full run's plot
+        atomic_write(DOCS_PLOT, (args.out / "accuracy_per_nfe.png").read_bytes())
     print()
     print(text)
     print(f"\nwrote {args.out}/accuracy_per_nfe{suffix}.md, .json" + (", .png" if plotted else " (no matplotlib: no plot)")

@@ -1,23 +1,20 @@
 """Helpers shared by the benchmark scripts: solver specs (as data), the registry check, NFE counting,
-timing, the k-diffusion loader and its denoiser adapter.
+timing, and k-diffusion's noise levels (its loader and denoiser adapter come from sdediff.interop.kdiffusion).
 
 Nothing here is part of the ``sdediff`` package; the scripts load this file by path.
 """
 
 from __future__ import annotations
 
-import ast
 import importlib
 import importlib.util
 import math
 import platform
 import statistics
-import sys
 import time
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ import torch
 from torch import Tensor
 
 import sdediff
+from sdediff.interop.kdiffusion import KDiffusionDenoiser, load_sampling, sigma_of_time
 from sdediff.solvers import get_solver
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -107,6 +105,10 @@ SPECS: list[SolverSpec] = [
     *_dpm_solver_specs(),
     SolverSpec("ddim", "ddim", "ode", 1, time_grid="log_snr"),
     SolverSpec("lms (karras grid)", "lms", "ode", 1, time_grid="karras"),
+    # UniPC on each grid the k-diffusion peers also get (the plot shows the best grid, as for them)
+    *[SolverSpec(f"unipc-3 [{grid}]", "unipc", "ode", 1, {"order": 3}, time_grid=grid)
+      for grid in ("uniform", "quadratic", "log_snr", "karras")],
+    SolverSpec("unipc-2 [uniform]", "unipc", "ode", 1, {"order": 2}),
     SolverSpec("edm_heun (karras grid)", "edm_heun", "ode", 2, time_grid="karras"),
     SolverSpec("adaptive_ode", "adaptive_ode", "ode", None, adaptive=True),
     # --- reverse-SDE samplers (distance to exact samples) ---
@@ -220,60 +222,10 @@ def fmt(value: float | None, digits: int = 2) -> str:
 # --------------------------------------------------------------------------------------------------
 # k-diffusion
 # --------------------------------------------------------------------------------------------------
-KD_PACKAGE = "sdediff_bench_kdiffusion"
-
-
-@cache
-def load_kdiffusion() -> tuple[types.ModuleType | None, str]:
-    """``k_diffusion.sampling`` and a note on how it was loaded (``None`` and why, when it cannot be).
-
-    k-diffusion's package ``__init__`` imports its whole training stack (torchvision, clean-fid, kornia,
-    scikit-image, wandb, ...), which we do not install (see benchmarks/README.md). Its ``sampling.py``
-    needs only torch, scipy, torchdiffeq, torchsde, tqdm and one helper of ``k_diffusion.utils``. When the
-    full import fails, we load the installed ``sampling.py`` file itself under a private package name,
-    beside a stand-in ``utils`` module holding only the helpers ``sampling.py`` uses, compiled from the
-    installed ``utils.py`` source. ``sys.modules['k_diffusion']`` is left untouched.
-    """
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-        try:
-            ver = version("k-diffusion")
-        except PackageNotFoundError:
-            return None, "k-diffusion is not installed (pip install --no-deps k-diffusion==0.1.1.post1)"
-        try:
-            import k_diffusion.sampling as kds  # a full install with all its dependencies
-            return kds, f"k-diffusion {ver} (full import)"
-        except ImportError as err:
-            first_error = f"{type(err).__name__}: {err}"
-        spec = importlib.util.find_spec("k_diffusion")
-        if spec is None or not spec.submodule_search_locations:
-            return None, f"k-diffusion {ver} installed but not importable ({first_error})"
-        root = Path(next(iter(spec.submodule_search_locations)))
-        sampling_src = (root / "sampling.py").read_text()
-        utils_src = (root / "utils.py").read_text()
-        wanted = {node.attr for node in ast.walk(ast.parse(sampling_src))
-                  if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "utils"}
-        defs = [node for node in ast.parse(utils_src).body
-                if isinstance(node, ast.FunctionDef) and node.name in wanted]
-        if {d.name for d in defs} != wanted:
-            return None, f"k-diffusion {ver}: sampling.py needs utils.{sorted(wanted)}, not all found"
-        package = types.ModuleType(KD_PACKAGE)
-        package.__path__ = []  # a package with no files of its own
-        utils = types.ModuleType(f"{KD_PACKAGE}.utils")
-        utils.__dict__.update({"torch": torch, "math": math})
-        exec(compile(ast.Module(body=defs, type_ignores=[]), str(root / "utils.py"), "exec"), utils.__dict__)
-        package.utils = utils
-        sys.modules[KD_PACKAGE] = package
-        sys.modules[utils.__name__] = utils
-        mod_spec = importlib.util.spec_from_file_location(f"{KD_PACKAGE}.sampling", root / "sampling.py")
-        kds = importlib.util.module_from_spec(mod_spec)
-        sys.modules[mod_spec.name] = kds
-        mod_spec.loader.exec_module(kds)
-        package.sampling = kds
-        return kds, (f"k-diffusion {ver}: k_diffusion/sampling.py loaded alone (utils.{', '.join(sorted(wanted))} "
-                     f"from its utils.py); the full package import fails here ({first_error})")
-    except Exception as err:  # never let a peer's packaging break our benchmark
-        return None, f"k-diffusion could not be loaded: {type(err).__name__}: {err}"
+# The loader of k_diffusion/sampling.py (the full package import needs k-diffusion's training stack), the map
+# t -> sigma and the denoiser adapter live in sdediff.interop.kdiffusion; the names here are kept for the scripts.
+load_kdiffusion = load_sampling
+KDenoiser = KDiffusionDenoiser
 
 
 #: k-diffusion samplers: name -> (function name, kind, NFE per step on a sigma sequence that ends above 0)
@@ -288,48 +240,24 @@ KD_SAMPLERS: dict[str, tuple[str, str, int]] = {
 }
 
 
-def sigma_of_time(sde: sdediff.LinearSDE, t: Tensor) -> Tensor:
-    r""":math:`\sigma(t) = s(t)/m(t) = e^{-\lambda(t)/2}`, in float64."""
-    return (-0.5 * sde.log_snr(t.to(torch.float64))).exp()
-
-
-class KDenoiser:
-    r"""A score function seen through k-diffusion's convention.
-
-    A linear SDE has :math:`x_t = m(t)(x_0 + \sigma\varepsilon)` with :math:`\sigma = s/m`, so k-diffusion
-    runs on the scaled state :math:`y = x/m` and calls :math:`D(y, \sigma) = \hat x_0 = (x + s^2\nabla\log
-    p_t(x))/m` at :math:`x = m\,y` and the time :math:`t(\sigma)` where :math:`\lambda(t) = -2\log\sigma`
-    (:meth:`LinearSDE.time_of_log_snr`, vectorised bisection on ``[t_lo, T]``; Tweedie's formula is
-    :meth:`LinearSDE.denoise`).
-    """
-
-    def __init__(self, sde: sdediff.LinearSDE, score_fn: Callable[[Tensor, Tensor], Tensor], t_lo: float) -> None:
-        self.sde, self.score_fn, self.t_lo = sde, score_fn, float(t_lo)
-
-    def time_of(self, sigma: Tensor) -> Tensor:
-        return self.sde.time_of_log_snr(-2 * sigma.to(torch.float64).log(), self.t_lo)
-
-    def __call__(self, y: Tensor, sigma: Tensor) -> Tensor:
-        t = self.time_of(sigma).to(y.dtype)
-        x = self.sde.mean_coeff(t).reshape(-1, *([1] * (y.dim() - 1))) * y
-        return self.sde.denoise(x, t, self.score_fn(x, t))
-
-
 def kd_sigmas(kds: types.ModuleType, sde: sdediff.LinearSDE, steps: int, eps: float, schedule: str,
               device: torch.device) -> Tensor:
     """``steps + 1`` decreasing noise levels from :math:`\\sigma(T)` to :math:`\\sigma(eps)` (no appended zero).
 
-    ``"time"``: the levels of sdediff's uniform time grid; ``"karras"``: k-diffusion's own
-    ``get_sigmas_karras`` (rho = 7) between the same end levels, computed in float64.
+    ``"time"`` / ``"quadratic"``: the levels of sdediff's uniform / quadratic time grid; ``"karras"`` /
+    ``"exponential"``: k-diffusion's own ``get_sigmas_karras`` (rho = 7) / ``get_sigmas_exponential``
+    (uniform in log sigma, i.e. in log-SNR) between the same end levels, computed in float64.
     """
     sig_max, sig_min = (float(v) for v in sigma_of_time(sde, torch.tensor([sde.T, eps], dtype=torch.float64)))
-    if schedule == "time":
-        sigmas = sigma_of_time(sde, torch.linspace(sde.T, eps, steps + 1, dtype=torch.float64))
-    elif schedule == "karras":
+    if schedule in ("time", "quadratic"):
+        grid = sdediff.solvers.grids.uniform if schedule == "time" else sdediff.solvers.grids.quadratic
+        sigmas = sigma_of_time(sde, grid(sde, steps, eps))
+    elif schedule in ("karras", "exponential"):
         old = torch.get_default_dtype()
         torch.set_default_dtype(torch.float64)
         try:
-            sigmas = kds.get_sigmas_karras(steps + 1, sig_min, sig_max)[:-1].to(torch.float64)
+            fn = kds.get_sigmas_karras if schedule == "karras" else kds.get_sigmas_exponential
+            sigmas = fn(steps + 1, sig_min, sig_max)[:-1].to(torch.float64)
         finally:
             torch.set_default_dtype(old)
     else:

@@ -358,7 +358,8 @@ def test_bad_options_raise_clear_errors():
 
 
 SOLVERS = [("dpm_solver", {"order": 3}), ("dpm_solver", {"order": 3, "method": "singlestep", "prediction": "noise"}),
-           ("ddim", {}), ("ddim", {"eta": 1.0}), ("lms", {}), ("edm_heun", {}), ("edm_heun", {"churn": 10.0})]
+           ("ddim", {}), ("ddim", {"eta": 1.0}), ("lms", {}), ("edm_heun", {}), ("edm_heun", {"churn": 10.0}),
+           ("unipc", {"order": 3}), ("unipc", {"order": 2, "prediction": "noise", "variant": "bh1"})]
 
 
 def test_any_shape_float32_and_trajectory():

@@ -3,7 +3,7 @@
 Importing this package registers the built-in solvers (one module per family).
 """
 
-from . import adaptive, correctors, exponential, grids, ode, sde, stochastic
+from . import adaptive, correctors, exponential, grids, ode, sde, stochastic, unipc
 from .adaptive import AdaptiveReverseSDE, AdaptiveRungeKutta
 from .base import Context, FixedStepSolver, Solver, available_solvers, get_solver, integrate, register_solver
 from .correctors import AnnealedLangevin, LangevinCorrector, PredictorCorrector
@@ -11,11 +11,12 @@ from .exponential import DDIM, LMS, DPMSolver, EDMHeun
 from .ode import AdaptiveODE, Euler, Heun
 from .sde import Ancestral, EulerMaruyama, ReverseDiffusion
 from .stochastic import DDPM, SDEDPMSolver, TorchSDE
+from .unipc import UniPC
 
 __all__ = [
     "Solver", "FixedStepSolver", "Context", "integrate", "register_solver", "get_solver", "available_solvers",
     "EulerMaruyama", "ReverseDiffusion", "Ancestral", "LangevinCorrector", "PredictorCorrector",
     "AnnealedLangevin", "Euler", "Heun", "AdaptiveODE", "DPMSolver", "DDIM", "LMS", "EDMHeun",
     "AdaptiveRungeKutta", "AdaptiveReverseSDE", "grids", "adaptive", "correctors", "exponential", "ode", "sde", "stochastic",
-    "DDPM", "SDEDPMSolver", "TorchSDE",
+    "DDPM", "SDEDPMSolver", "TorchSDE", "UniPC", "unipc",
 ]

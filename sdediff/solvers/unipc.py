@@ -1,0 +1,174 @@
+r"""UniPC: a unified predictor-corrector for the probability flow of a linear SDE (Zhao et al. 2023).
+
+In the notation of :mod:`sdediff.solvers.exponential` (half log-SNR :math:`\lambda = \log(m/s)`, prediction
+:math:`P = \hat x_0` or :math:`\hat\epsilon`), one step from :math:`\lambda_i` to :math:`\lambda_{i+1} = \lambda_i + h`
+of order :math:`k` uses :math:`P_0 = P(\lambda_i)` and the predictions :math:`P_j = P(\lambda_{i-j})` at the
+previous grid points through :math:`r_j = (\lambda_{i-j} - \lambda_i)/h` and :math:`D_j = (P_j - P_0)/r_j`,
+:math:`j = 1..k-1`. With :math:`z = -h,\ a = s_{i+1}/s_i,\ \kappa = -m_{i+1}` (data) or
+:math:`z = h,\ a = m_{i+1}/m_i,\ \kappa = -s_{i+1}` (noise), and :math:`B(z) = z` (``bh1``) or :math:`e^z - 1`
+(``bh2``), the predictor UniP-:math:`k` is
+
+.. math::  \tilde x_{i+1} = a\,x_i + \kappa\,\psi_1(z)\,P_0 + \kappa\,B(z)\sum_{j<k}\rho^p_j D_j,
+           \qquad \psi_j(z) = e^z - \sum_{n<j} z^n/n!,
+
+(the first two terms are DDIM), whose weights solve the order conditions
+
+.. math::  \sum_{j<k} \rho^p_j\,r_j^{q-1} = b_q = \frac{q!\,\psi_{q+1}(z)}{z^q\,B(z)}, \qquad q = 1..k-1,
+
+so that :math:`\tilde x_{i+1}` has order :math:`k`. The corrector UniC evaluates the model once at the
+predicted point, :math:`P_{new} = P(\tilde x_{i+1}, \lambda_{i+1})` (node :math:`r_k = 1`, :math:`D_k = P_{new} - P_0`),
+and recomputes the step with one more node, which raises the order to :math:`k + 1`:
+
+.. math::  x_{i+1} = a\,x_i + \kappa\,\psi_1(z)\,P_0 + \kappa\,B(z)\sum_{j\le k}\rho^c_j D_j, \qquad
+           \sum_{j\le k} \rho^c_j\,r_j^{q-1} = b_q,\ q = 1..k.
+
+:math:`P_{new}` is the evaluation the next predictor needs anyway, so the corrector costs no extra NFE; the last
+step skips it. ``N`` steps cost ``N`` score evaluations.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..sdes.linear import require_linear
+from .base import Context, FixedStepSolver, register_solver
+from .exponential import _check_choice, _kernel, _tick, phi_terms
+
+__all__ = ["UniPC", "unipc_coefficients"]
+
+
+def unipc_coefficients(lam: Tensor, m: Tensor, s: Tensor, order: int, prediction: str = "data", variant: str = "bh2",
+                       lower_order_final: bool = True, lower_order_final_below: int = 15
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Per-step weights of UniPC's predictor and corrector on the grid ``lam`` (host tensors, float64 recommended).
+
+    ``m``, ``s`` and ``lam`` are the kernel's :math:`m(t_i), s(t_i), \lambda(t_i)` on the ``N + 1`` grid times.
+    Returns ``(a, w, v)`` such that the predictor is :math:`\tilde x_{i+1} = a_i x_i + \sum_j w_{ij} P_{i-j}` and
+    the corrector :math:`x_{i+1} = a_i x_i + \sum_j v_{ij} P_{i-j} + v_{i,K} P_{new}` (module docstring): ``a`` has
+    shape ``(N,)``, ``w`` ``(N, K)`` and ``v`` ``(N, K + 1)`` with ``K = order``; columns past a step's order are 0.
+
+    Step ``i`` has order :math:`k_i = \min(\text{order}, i + 1)`, also :math:`\le N - i` when ``lower_order_final``
+    and :math:`N <` ``lower_order_final_below``, and is lowered further while the oldest node is closer than
+    :math:`h/2` (:math:`|r_{k-1}| < 1/2`: extrapolating the prediction polynomial over more than twice its
+    nodes' span amplifies their errors; on a smooth grid :math:`|r_{k-1}| \approx k - 1`, so this acts only
+    at abrupt jumps of the step, such as the last step of a time-uniform VP grid). As in UniPC, the
+    one-difference weights are fixed to :math:`\rho^p_1 = 1/2` (:math:`k = 2`) and :math:`\rho^c_1 = 1/2`
+    (:math:`k = 1`), which keeps their order; they are where ``bh1`` and ``bh2`` differ, since for solved
+    weights :math:`\kappa B(z)\rho` does not depend on :math:`B`.
+    """
+    n = len(lam) - 1
+    h = lam[1:] - lam[:-1]
+    z = -h if prediction == "data" else h
+    kappa = -(m[1:] if prediction == "data" else s[1:])
+    a = s[1:] / s[:-1] if prediction == "data" else m[1:] / m[:-1]
+    big_b = z if variant == "bh1" else torch.expm1(z)
+    psi = phi_terms(z, order + 1)  # psi[:, j - 1] = psi_j(z)
+    c0 = kappa * psi[:, 0]  # the first-order (DDIM) term: x_{i+1} = a x_i + c0 P_0
+    q = torch.arange(1, order + 1, dtype=lam.dtype, device=lam.device)
+    fact = torch.exp(torch.lgamma(q + 1))
+    b = fact * psi[:, 1:] / (z[:, None] ** q * big_b[:, None])  # (N, order): b_q, q = 1..order
+    w = torch.zeros(n, order, dtype=lam.dtype, device=lam.device)
+    v = torch.zeros(n, order + 1, dtype=lam.dtype, device=lam.device)
+    w[:, 0], v[:, 0] = c0, c0
+    half = torch.full((1,), 0.5, dtype=lam.dtype, device=lam.device)
+    lam_host = lam.tolist()
+    for i in range(n):
+        k = min(order, i + 1)
+        if lower_order_final and n < lower_order_final_below:
+            k = min(k, n - i)
+        while k > 1 and abs(lam_host[i] - lam_host[i - k + 1]) < 0.5 * abs(lam_host[i + 1] - lam_host[i]):
+            k -= 1  # the oldest node would be closer than h/2: extrapolating that far is unstable
+        r = torch.cat([(lam[i - k + 1:i].flip(0) - lam[i]) / h[i], torch.ones_like(h[:1])])  # r_1..r_{k-1}, 1
+        vander = r[None, :] ** (q[:k, None] - 1)  # rows q = 1..k
+        kb = kappa[i] * big_b[i]
+        if k > 1:  # predictor with the k - 1 past nodes
+            rho_p = half if k == 2 else torch.linalg.solve(vander[:k - 1, :k - 1], b[i, :k - 1])
+            w[i, 1:k] = kb * rho_p / r[:k - 1]
+            w[i, 0] -= w[i, 1:k].sum()
+        rho_c = half if k == 1 else torch.linalg.solve(vander, b[i, :k])  # corrector: past nodes and the new one
+        v[i, 1:k] = kb * rho_c[:k - 1] / r[:k - 1]
+        v[i, order] = kb * rho_c[k - 1]
+        v[i, 0] -= v[i, 1:k].sum() + v[i, order]
+    return a, w, v
+
+
+@register_solver("unipc")
+class UniPC(FixedStepSolver):
+    r"""UniPC (Zhao et al. 2023): multistep exponential predictor UniP plus the corrector UniC, 1 NFE per step.
+
+    Each step predicts :math:`\tilde x_{i+1}` from the current and past predictions (order :math:`k`),
+    evaluates the model at :math:`\tilde x_{i+1}` and corrects the step with that evaluation (order
+    :math:`k + 1`); the evaluation is then reused as :math:`P_0` of the next step, so the corrector is free.
+    Formulas and coefficients: module docstring and :func:`unipc_coefficients`. With
+    :math:`\hat x_0 = (x + s^2\nabla\log p_t)/m` (``data``) or :math:`\hat\epsilon = -s\nabla\log p_t` (``noise``),
+
+    .. math::  \tilde x_{i+1} = a_i x_i + \sum_{j<k} w_{ij} P_{i-j}, \qquad
+               x_{i+1} = a_i x_i + \sum_{j<k} v_{ij} P_{i-j} + v_{iK}\,P(\tilde x_{i+1}, t_{i+1}).
+
+    Parameters
+    ----------
+    order : {1, 2, 3, 4}
+        Order :math:`k` of the predictor (default 3); the corrected step has order :math:`k + 1`. The first
+        steps use lower orders while the history fills.
+    variant : {"bh2", "bh1"}
+        :math:`B(h) = e^{h} - 1` (default; better for unconditional sampling) or :math:`B(h) = h` (UniPC's
+        choice for guided sampling at very few steps).
+    prediction : {"data", "noise"}
+        Expand :math:`\hat x_0` (default) or :math:`\hat\epsilon`.
+    corrector : bool
+        Apply UniC (default). ``False`` gives the predictor UniP alone (order :math:`k`, same NFE).
+    lower_order_final : bool
+        On grids of fewer than 15 steps, lower the order of the last steps to ``N - i`` (as ``dpm_solver``).
+
+    Notes
+    -----
+    NFE: ``steps`` (the last step needs no corrector evaluation). Needs a :class:`~sdediff.LinearSDE`; the
+    ``time_grid="log_snr"`` grid suits it.
+    """
+
+    ORDERS = (1, 2, 3, 4)
+    VARIANTS = ("bh2", "bh1")
+    PREDICTIONS = ("data", "noise")
+
+    def __init__(self, order: int = 3, variant: str = "bh2", prediction: str = "data", corrector: bool = True,
+                 lower_order_final: bool = True) -> None:
+        self.order = _check_choice("order", order, self.ORDERS)
+        self.variant = _check_choice("variant", variant, self.VARIANTS)
+        self.prediction = _check_choice("prediction", prediction, self.PREDICTIONS)
+        for option, value in (("corrector", corrector), ("lower_order_final", lower_order_final)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{option} must be True or False, got {value!r}")
+        self.corrector, self.lower_order_final = corrector, lower_order_final
+
+    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
+        sde = require_linear(ctx.sde, f"solver {self.name!r}")
+        t64 = ts.to("cpu", torch.float64)  # a few hundred tiny solves: cheaper on the host, once per run
+        m, s, lam = _kernel(sde, t64)
+        a, w, v = unipc_coefficients(lam, m, s, self.order, self.prediction, self.variant, self.lower_order_final)
+        st: dict[str, Any] = {"i": 0, "n": len(ts) - 1, "history": [], "next": None}
+        st.update({key: val.to(device=x.device, dtype=x.dtype) for key, val in
+                   {"m": m, "s": s, "a": a, "w": w, "v": v}.items()})
+        ctx.state.update(st)
+
+    def _predict(self, ctx: Context, x: Tensor, t: Tensor, i: int) -> Tensor:
+        r""":math:`\hat x_0` or :math:`\hat\epsilon` at grid point ``i`` (one NFE)."""
+        st = ctx.state
+        score = ctx.score(x, t)
+        return (x + st["s"][i] ** 2 * score) / st["m"][i] if self.prediction == "data" else -st["s"][i] * score
+
+    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+        st, i = ctx.state, _tick(ctx)
+        hist = st["history"]
+        hist.insert(0, self._predict(ctx, x, t, i) if st["next"] is None else st["next"])
+        del hist[self.order:]
+        base = st["a"][i] * x
+        x_pred = base + sum(st["w"][i, j] * p for j, p in enumerate(hist))
+        if not self.corrector or i == st["n"] - 1:
+            st["next"] = None
+            return x_pred
+        p_new = self._predict(ctx, x_pred, t_next, i + 1)
+        st["next"] = p_new
+        return base + sum(st["v"][i, j] * p for j, p in enumerate(hist)) + st["v"][i, self.order] * p_new
