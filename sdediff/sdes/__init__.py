@@ -1,8 +1,10 @@
 """Forward SDEs: the abstract :class:`SDE`, :class:`LinearSDE` and the built-in VP, sub-VP and VE."""
 
 from .base import SDE, gaussian_log_prob, gaussian_sample
+from .learned import LearnedScheduleSDE
 from .linear import LinearSDE, require_linear
 from .ve import VESDE
 from .vp import VPSDE, SubVPSDE
 
-__all__ = ["SDE", "LinearSDE", "VPSDE", "SubVPSDE", "VESDE", "gaussian_log_prob", "gaussian_sample", "require_linear"]
+__all__ = ["SDE", "LinearSDE", "VPSDE", "SubVPSDE", "VESDE", "gaussian_log_prob", "gaussian_sample", "require_linear",
+           "LearnedScheduleSDE"]

@@ -12,10 +12,12 @@ from .checkpoint import (
 )
 from .losses import dsm_loss, nll_bound, sample_time
 from .models import MLP, FourierEmbedding, SinusoidalEmbedding, UNet
+from .ssm import ssm_loss
 from .trainer import NonFiniteLossError, TrainConfig, Trainer, seed_everything
 
 __all__ = [
     "dsm_loss", "nll_bound", "sample_time", "MLP", "UNet", "SinusoidalEmbedding", "FourierEmbedding", "Trainer",
     "TrainConfig", "NonFiniteLossError", "seed_everything", "CheckpointError", "save_checkpoint", "load_checkpoint",
     "latest_checkpoint", "list_checkpoints", "load_model", "load_weights", "load_state_dict_file",
+    "ssm_loss",
 ]

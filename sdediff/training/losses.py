@@ -69,7 +69,10 @@ def _importance_table(sde, t_eps: float, device: torch.device | None = None) -> 
         grid = torch.cat([torch.logspace(math.log10(t_eps), math.log10(sde.T), _GRID, dtype=torch.float64),
                           torch.linspace(t_eps, sde.T, _GRID, dtype=torch.float64)])
         grid = torch.unique(grid.clamp(t_eps, sde.T))
-        gamma = 2 * (sde.marginal_std(grid).log() - sde.mean_coeff(grid).log())  # log(s^2 / m^2) = -log SNR
+        # drop points a rounding error from their successor (10**log10(t_eps) may miss t_eps by an ulp), keep T
+        grid = grid[torch.cat([grid.diff() > 1e-12 * grid[1:], torch.tensor([True])])]
+        with torch.no_grad():  # a learned schedule: the table is a fixed proposal, no graph to its parameters
+            gamma = 2 * (sde.marginal_std(grid).log() - sde.mean_coeff(grid).log())  # log(s^2 / m^2) = -log SNR
         dgamma = gamma.diff()
         if not bool(torch.isfinite(gamma).all()) or not bool((dgamma > 0).all()):
             raise ValueError(f"importance sampling needs a log-SNR that decreases strictly on [t_eps, T] for "
