@@ -8,6 +8,7 @@ register its own solver or switch to float64 without leaking that into other tes
 
 from __future__ import annotations
 
+import os
 import re
 import textwrap
 import unicodedata
@@ -20,7 +21,7 @@ import sdediff
 import sdediff.solvers.base as solver_base
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+PAGES = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]  # docs/api/ pages too (mkdocstrings only)
 
 # an opening fence (up to 3 spaces of indent, 3+ backticks) whose info string is exactly "python",
 # then everything up to a closing fence of the same indent and at least as many backticks
@@ -69,21 +70,30 @@ def slugify(heading: str) -> str:
 
 
 def test_internal_links_resolve():
-    """Every relative link between docs pages points at an existing page and, if given, heading."""
+    """Every relative link between docs pages points at an existing page and, if given, heading (an API page's
+    anchors are the dotted names mkdocstrings renders there: ``::: sdediff.x`` and its members)."""
     docs = ROOT / "docs"
     anchors = {}
-    for page in docs.glob("*.md"):
+    for page in docs.rglob("*.md"):
         text = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.MULTILINE | re.DOTALL)
-        anchors[page.name] = {slugify(h) for h in re.findall(r"^#{1,6}\s+(.+?)\s*$", text, re.MULTILINE)}
+        anchors[page.relative_to(docs).as_posix()] = {slugify(h) for h in re.findall(r"^#{1,6}\s+(.+?)\s*$", text,
+                                                                                  re.MULTILINE)}
+        anchors[page.relative_to(docs).as_posix()] |= set(re.findall(r"^::: ([\w.]+)", text, re.MULTILINE))
     broken = []
-    for page in docs.glob("*.md"):
+    for page in docs.rglob("*.md"):
+        rel = page.relative_to(docs)
         for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
             if re.match(r"[a-z]+:", target):
                 continue  # external
             name, _, anchor = target.partition("#")
-            name = name or page.name
+            name = (rel.parent / name).as_posix() if name else rel.as_posix()
+            name = Path(os.path.normpath(name)).as_posix()
+            if not name.endswith(".md"):  # an image or another file shipped with the docs
+                if not (docs / name).is_file():
+                    broken.append(f"{rel.as_posix()} -> {target}")
+                continue
             if name not in anchors or (anchor and anchor not in anchors[name]):
-                broken.append(f"{page.name} -> {target}")
+                broken.append(f"{rel.as_posix()} -> {target}")
     assert not broken, f"broken links: {broken}"
 
 
@@ -110,3 +120,30 @@ def test_page_code_runs(page: Path, tmp_path, monkeypatch):
         torch.set_default_dtype(dtype)
         registry.clear()
         registry.update(saved)
+
+
+def test_site_lists_every_page_and_module():
+    """mkdocs.yml's nav names every docs page (and only existing ones), and docs/api/ renders every public module."""
+    nav = set(re.findall(r"^\s*- [^:\n]+: (\S+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(encoding="utf-8"), re.MULTILINE))
+    pages = {p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md")}
+    assert not pages - nav, f"pages missing from the nav of mkdocs.yml: {sorted(pages - nav)}"
+    assert not nav - pages, f"nav entries of mkdocs.yml without a page: {sorted(nav - pages)}"
+    api = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "docs" / "api").glob("*.md"))
+    documented = set(re.findall(r"^::: ([\w.]+)", api, re.MULTILINE))
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (ROOT / "sdediff").rglob("*.py")
+               if not p.name.startswith("_")}
+    assert not modules - documented, f"modules without an API page entry (docs/api/*.md): {sorted(modules - documented)}"
+
+
+def test_griffe_extension_rewrites_rst_roles():
+    """docs/griffe_rst.py (loaded by mkdocs.yml) turns the docstrings' Sphinx roles into Markdown for the API pages."""
+    pytest.importorskip("griffe")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("griffe_rst", ROOT / "docs" / "griffe_rst.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = "Uses :math:`x_t = m x_0` and :func:`~sdediff.sample`.\n\n.. math::  a = b\n           + c\n\nAfter."
+    assert module.rst_to_markdown(text) == (
+        'Uses $x_t = m x_0$ and <autoref identifier="sdediff.sample" optional><code>sample</code></autoref>.\n\n'
+        "\n$$\na = b\n+ c\n$$\n\nAfter.")
