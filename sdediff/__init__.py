@@ -5,11 +5,13 @@ Forward SDEs (:class:`VPSDE`, :class:`SubVPSDE`, :class:`VESDE`, any :class:`Lin
 pluggable solvers behind :func:`sample`, and exact likelihoods through :func:`log_likelihood`.
 """
 
-from . import data, metrics, score, solvers, training
+from . import data, guidance, metrics, score, solvers, training
+from .elbo import ELBOResult, elbo
 from .likelihood import LikelihoodResult, bits_per_dim, dequantize, log_likelihood
 from .processes import ReverseProcess
 from .sampling import SampleResult, sample
-from .sdes import SDE, VESDE, VPSDE, LinearSDE, SubVPSDE
+from .sdes import SDE, VESDE, VPSDE, LearnedScheduleSDE, LinearSDE, SubVPSDE
+from .simulate import simulate
 from .solvers import available_solvers, register_solver
 from .training import MLP, TrainConfig, Trainer, UNet, dsm_loss
 
@@ -21,3 +23,14 @@ __all__ = [
     "register_solver", "Trainer", "TrainConfig", "dsm_loss", "MLP", "UNet", "data", "metrics", "score", "solvers",
     "training", "__version__",
 ]
+__all__ += ["simulate", "elbo", "ELBOResult", "LearnedScheduleSDE"]
+__all__ += ["guidance"]
+
+
+def __getattr__(name: str):
+    """Load ``sdediff.interop`` (diffusers / k-diffusion interop) on first use; it imports neither library."""
+    if name == "interop":
+        import importlib
+
+        return importlib.import_module(".interop", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

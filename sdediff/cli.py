@@ -46,6 +46,9 @@ from ._io import atomic_write, atomic_write_file
 from .config import ConfigError, config_defaults, dump_toml, load_toml
 from .data import GaussianMixture
 from .data.toy import TOY_DATASETS, make_toy, toy_mixture
+from .distributed import DistributedError, DistributedEval, chunk_generator, chunk_slices, local_device, process_rank
+from .distributed import world_size as _world_size
+from .guidance import ClassifierFreeNet
 from .likelihood import log_likelihood
 from .metrics import noise_floor, sliced_wasserstein
 from .sampling import SampleResult, sample
@@ -58,6 +61,7 @@ __all__ = ["main", "build_parser", "atomic_write"]  # atomic_write: kept importa
 SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
 _SDE_CLASSES = {"VPSDE": VPSDE, "SubVPSDE": SubVPSDE, "VESDE": VESDE}
 DATASETS = (*TOY_DATASETS, "digits")
+DIGITS_CLASSES = 10  # labels 0-9 of the digits; a class-conditional model adds a null token (classifier-free guidance)
 TARGET_RATIO = 2.0  # the demo's criterion: mean sliced-W2 <= TARGET_RATIO x the noise floor
 DEMO_SOLVERS: list[tuple[str, str, int, dict[str, Any]]] = [  # (label, solver, steps, options)
     ("SDE", "euler_maruyama", 300, {}),
@@ -80,6 +84,8 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {  # the digits values are those of b
 _HELD_OUT = 1_000_003  # seed offset of held-out toy data (the training set uses the seed itself)
 _SAMPLING = 2_000_006  # seed offset of the demo's sampling generator
 _RUN_FORMAT = "sdediff-run"
+_CHUNKS = ("each chunk draws its random numbers from a generator seeded by (--seed, chunk index), and under torchrun "
+           "the chunks are shared out round-robin among the processes, so results do not depend on their number")
 
 
 class CLIError(Exception):
@@ -106,6 +112,7 @@ _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _nonneg_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 _positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 _nonneg_float = _checked(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+_finite_float = _checked(float, math.isfinite, "a finite number")
 
 
 def _unit_float(text: str) -> float:
@@ -462,6 +469,8 @@ def _build_model(args: argparse.Namespace, shape: tuple[int, ...]):
 
     kind = args.model if args.model != "auto" else ("unet" if len(shape) == 3 else "mlp")
     embed = {} if args.time_embed is None else {"time_embed": args.time_embed}
+    if args.class_cond:
+        embed["num_classes"] = DIGITS_CLASSES
     if kind == "unet":
         if len(shape) != 3:
             raise CLIError(f"--model unet needs image data (C, H, W); {args.data} has shape {shape}")
@@ -494,6 +503,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"{args.data}-{args.sde}"
     sde = _make_sde(args.sde, args)
     train, transform, held, shape = _train_data(args.data, args.n_train, args.seed)
+    labels = None
+    if args.class_cond:
+        if not image:
+            raise CLIError(f"--class-cond needs labelled data (--data digits); {args.data} has no labels")
+        from .data.digits import load_digits
+
+        labels = load_digits("train")[1]
     seed_everything(args.seed)
     net = _build_model(args, shape)
     options = {k: v for k, v in vars(args).items() if k not in ("func", "config", "command")}
@@ -519,7 +535,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       eval_samples=args.eval_samples, eval_solver=args.eval_solver,
                       eval_sample_steps=args.eval_sample_steps, eval_nll_points=args.eval_nll_points,
                       ckpt_every=args.ckpt_every, keep_checkpoints=args.keep_checkpoints, out_dir=str(out),
-                      progress=args.progress, device=str(device))
+                      progress=args.progress, device=str(device),
+                      cond_drop_prob=args.cond_drop_prob if args.class_cond else 0.0)
     captured: dict[str, Tensor | None] = {"samples": None}
 
     def eval_fn(trainer: Trainer, samples: Tensor | None) -> dict[str, Any]:
@@ -528,7 +545,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             return {}
         return _toy_metrics(samples, args.data, _held_out_generator(args.seed + 1 + trainer.step))
 
-    trainer = Trainer(net, sde, train, config=cfg, transform=transform, eval_data=held, eval_fn=eval_fn)
+    trainer = Trainer(net, sde, train, labels, config=cfg, transform=transform, eval_data=held, eval_fn=eval_fn)
     atomic_write(out / "run.json", json.dumps(record, indent=2) + "\n")
     atomic_write(out / "config.toml", dump_toml(
         {k: v for k, v in options.items() if k not in ("resume",)},
@@ -594,9 +611,34 @@ def _nfe(info: SampleResult) -> float:
     return float(info.nfe)
 
 
+def _sharding(chunks: list[slice]) -> str:
+    return f"{len(chunks)} chunk(s) of at most {chunks[0].stop - chunks[0].start} over {_world_size()} process(es)"
+
+
+def _sharded_map(device: torch.device, fn: Callable[[int], Any], num_chunks: int, progress: bool) -> list[Any] | None:
+    """``[fn(0), ..., fn(num_chunks - 1)]`` computed by the ranks of a torchrun job (or this process alone), on
+    rank 0; ``None`` on the other ranks. The process group exists only during the call."""
+    with DistributedEval(device) as group:
+        return group.map(fn, num_chunks, progress=progress)
+
+
+def _sample_labels(run: _Run, classes: list[int] | None, scale: float, n: int) -> Tensor | None:
+    """The class of each of the ``n`` samples (``classes`` in equal consecutive blocks), or ``None``: unconditional."""
+    num_classes = getattr(run.net, "num_classes", None)
+    if classes is None:
+        if scale != 0:
+            raise CLIError("--guidance-scale needs --classes, the classes to guide towards")
+        return None
+    if num_classes is None:
+        raise CLIError(f"--classes: {run.checkpoint} holds an unconditional model; train one with --class-cond")
+    if max(classes) >= num_classes:
+        raise CLIError(f"--classes: the model knows classes 0..{num_classes - 1}, got {max(classes)}")
+    return torch.tensor(classes).repeat_interleave(math.ceil(n / len(classes)))[:n]
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     """``sdediff sample``: draw samples from a trained run with any solver and save them."""
-    device = _device(args.device)
+    device = local_device(_device(args.device))
     run = _open_run(args.run, args.checkpoint, device, ema=not args.raw_weights)
     image = len(run.shape) == 3
     threads = _set_threads(args.threads, device, small=not image)
@@ -604,16 +646,35 @@ def cmd_sample(args: argparse.Namespace) -> int:
     n = args.n or (64 if image else 2000)
     slug = args.solver.replace(":", "-")
     out = args.out or run.dir / f"samples_{slug}_{args.steps}.safetensors"
-    print(f"sdediff {__version__} sample: {n} samples from {_run_description(run)} with {args.solver} "
-          f"({args.steps} steps{', ' + str(options) if options else ''}) on {device}, {threads}")
-    start = time.perf_counter()
-    with torch.no_grad():
-        info = sample(run.sde, run.score, (n, *run.shape), solver=args.solver, steps=args.steps, eps=args.eps,
-                      generator=_generator(args.seed, device), device=device, time_grid=args.time_grid,
-                      denoise=args.denoise, progress=args.progress, return_info=True, batch_size=args.batch_size,
+    labels = _sample_labels(run, args.classes, args.guidance_scale, n)
+    chunks = chunk_slices(n, args.batch_size)
+    main = process_rank() == 0
+    if main:
+        print(f"sdediff {__version__} sample: {n} samples from {_run_description(run)} with {args.solver} "
+              f"({args.steps} steps{', ' + str(options) if options else ''}) on {device}, {threads}; "
+              f"{_sharding(chunks)}")
+
+    @torch.no_grad()
+    def draw(k: int) -> tuple[Tensor, Tensor, int]:
+        size = chunks[k].stop - chunks[k].start
+        score = run.score if labels is None else ScoreModel(ClassifierFreeNet(run.net, labels[chunks[k]], args.guidance_scale),
+                                                           run.sde, run.score.prediction)
+        info = sample(run.sde, score, (size, *run.shape), solver=args.solver, steps=args.steps, eps=args.eps,
+                      generator=chunk_generator(args.seed, k, device), device=device, time_grid=args.time_grid,
+                      denoise=args.denoise, progress=args.progress and main and len(chunks) == 1, return_info=True,
                       **options)
+        per_sample = info.stats.get("nfe_per_sample")
+        if not isinstance(per_sample, Tensor):
+            per_sample = torch.full((size,), info.nfe)
+        return info.samples.cpu(), per_sample.double().cpu(), info.nfe
+
+    start = time.perf_counter()
+    parts = _sharded_map(device, draw, len(chunks), args.progress)
+    if parts is None:  # a torchrun rank other than 0: rank 0 writes the results
+        return 0
     seconds = time.perf_counter() - start
-    x = info.samples
+    x = torch.cat([part[0] for part in parts])
+    nfe, nfe_per_sample = sum(part[2] for part in parts), float(torch.cat([part[1] for part in parts]).mean())
     if not bool(torch.isfinite(x).all()):
         print(f"warning: {int((~torch.isfinite(x)).any(dim=tuple(range(1, x.dim()))).sum())} samples are not finite",
               file=sys.stderr)
@@ -621,9 +682,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     written = [out]
     doc: dict[str, Any] = {"checkpoint": str(run.checkpoint), "step": run.meta.get("step"), "solver": args.solver,
                            "steps": args.steps, "options": options, "n": n, "eps": args.eps, "seed": args.seed,
-                           "denoise": args.denoise, "time_grid": args.time_grid, "nfe": info.nfe,
-                           "nfe_per_sample": _nfe(info), "seconds": seconds, "samples": str(out)}
-    line = f"{n} samples in {seconds:.2f} s, {_nfe(info):.4g} NFE"
+                           "denoise": args.denoise, "time_grid": args.time_grid, "nfe": nfe,
+                           "nfe_per_sample": nfe_per_sample, "batch_size": args.batch_size,
+                           "world_size": _world_size(), "seconds": seconds, "samples": str(out),
+                           "classes": args.classes, "guidance_scale": args.guidance_scale}
+    line = f"{n} samples in {seconds:.2f} s, {nfe_per_sample:.4g} NFE"
     if run.data in TOY_DATASETS and x.dim() == 2:
         doc.update(_toy_metrics(x, run.data, _held_out_generator(run.seed + 1)))
         line += f"; sliced W2 to held-out data {doc['sliced_w2']:.4f} (noise floor {doc['noise_floor']:.4f})"
@@ -631,7 +694,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.plot:
         ref = make_toy(run.data, min(n, 2000), _held_out_generator(run.seed)) if run.data in TOY_DATASETS else None
         png = _plot_samples(out.with_suffix(".png"), x, run.data, ref, f"{args.solver}, {args.steps} steps, "
-                                                                           f"NFE {_nfe(info):.4g}")
+                                                                           f"NFE {nfe_per_sample:.4g}")
         written.append(png) if png is not None else print(_NO_MPL)
     written.append(_write_json(out.with_suffix(".json"), doc))
     print("wrote " + ", ".join(str(p) for p in written))
@@ -652,7 +715,7 @@ def _nll_bound(sde, score, x: Tensor, t_eps: float, num_t: int, generator: torch
 
 def cmd_likelihood(args: argparse.Namespace) -> int:
     """``sdediff likelihood``: NLL of a data split through the probability-flow ODE, plus the ELBO bound."""
-    device = _device(args.device)
+    device = local_device(_device(args.device))
     run = _open_run(args.run, args.checkpoint, device, ema=not args.raw_weights)
     data = args.data or run.data
     if data is None:
@@ -661,7 +724,6 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
     if (len(run.shape) == 3) != image:
         raise CLIError(f"--data {data} does not fit the run's sample shape {run.shape}")
     threads = _set_threads(args.threads, device, small=not image)
-    gen = _generator(args.seed, device)
     if image:
         from .data.digits import digits_to_model, load_digits
 
@@ -682,23 +744,32 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
     eps = args.eps or run.t_eps
     d = math.prod(x.shape[1:])
     trace = args.trace if args.trace != "auto" else ("exact" if d <= 16 else "hutchinson")
-    print(f"sdediff {__version__} likelihood: {len(x)} {data} points ({args.split} split) under {_run_description(run)}; "
-          f"probability-flow ODE from eps={eps:g}, {trace} trace, rtol={args.rtol:g}, atol={args.atol:g}, on {device}, "
-          f"{threads}")
+    chunks = chunk_slices(len(x), args.batch_size)
+    main = process_rank() == 0
+    if main:
+        print(f"sdediff {__version__} likelihood: {len(x)} {data} points ({args.split} split) under "
+              f"{_run_description(run)}; probability-flow ODE from eps={eps:g}, {trace} trace, rtol={args.rtol:g}, "
+              f"atol={args.atol:g}, on {device}, {threads}; {_sharding(chunks)}")
+
+    def score_chunk(k: int) -> tuple[Tensor, int, Tensor | None]:
+        gen = chunk_generator(args.seed, k, device)  # the Hutchinson probes, then the bound's times and noise
+        xk = x[chunks[k]]
+        res = log_likelihood(run.sde, run.score, xk, eps=eps, rtol=args.rtol, atol=args.atol, trace=trace,
+                             generator=gen, progress=args.progress and main and len(chunks) == 1)
+        bound = _nll_bound(run.sde, run.score, xk, eps, args.bound_times, gen).cpu() if args.bound else None
+        return res.log_prob.detach().cpu(), res.nfe, bound
+
     start = time.perf_counter()
-    log_probs, nfe = [], 0
-    batch = args.batch_size or len(x)
-    for i in range(0, len(x), batch):
-        res = log_likelihood(run.sde, run.score, x[i:i + batch], eps=eps, rtol=args.rtol, atol=args.atol, trace=trace,
-                             generator=gen, progress=args.progress)
-        log_probs.append(res.log_prob.detach())
-        nfe += res.nfe
-    log_prob = torch.cat(log_probs)
+    parts = _sharded_map(device, score_chunk, len(chunks), args.progress)
+    if parts is None:  # a torchrun rank other than 0: rank 0 writes the results
+        return 0
     seconds = time.perf_counter() - start
+    log_prob, nfe = torch.cat([part[0] for part in parts]), sum(part[1] for part in parts)
     nll, nll_se = _mean_se(-log_prob)
     doc: dict[str, Any] = {"checkpoint": str(run.checkpoint), "step": run.meta.get("step"), "data": data,
                            "split": args.split, "n": len(x), "eps": eps, "trace": trace, "rtol": args.rtol,
-                           "atol": args.atol, "nfe": nfe, "seconds": seconds, "nll": nll, "nll_se": nll_se,
+                           "atol": args.atol, "nfe": nfe, "batch_size": args.batch_size, "world_size": _world_size(),
+                           "seconds": seconds, "nll": nll, "nll_se": nll_se,
                            "nll_per_dim": nll / d}
     lines = [f"NLL {nll:.4f} ± {nll_se:.4f} nats ({nll / d:.4f} nats/dim), {nfe} NFE, {seconds:.1f} s"]
     if image:
@@ -709,8 +780,7 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
         lines.append(f"bits/dim {bpd:.4f} ± {bpd_se:.4f} (17 grey levels, uniform dequantisation; a uniform model "
                      f"scores {math.log2(17):.3f})")
     if args.bound:
-        bound = _nll_bound(run.sde, run.score, x, eps, args.bound_times, gen)
-        b, b_se = _mean_se(bound)
+        b, b_se = _mean_se(torch.cat([part[2] for part in parts]))
         doc.update(nll_bound=b, nll_bound_se=b_se)
         lines.append(f"NLL upper bound (ELBO, {args.bound_times} times per point) {b:.4f} ± {b_se:.4f} nats")
         if image:
@@ -1023,12 +1093,15 @@ metrics.json (config, losses, evaluations), run.json, config.toml and samples.pn
   sdediff sample --run runs/moons --solver pc --steps 500 --solver-option snr=0.16 --n 4000
   sdediff sample --run runs/moons --solver adaptive_ode --solver-option rtol=1e-4 --out moons.npy
   sdediff sample --run runs/digits --solver heun --steps 100 --n 64 --denoise
+  torchrun --nproc_per_node=4 -m sdediff -- sample --run runs/digits --n 50000 --batch-size 1000 --device cuda
+      # shared out among 4 processes: the same samples as one process writes (docs/distributed.md)
 
 Writes the samples (.safetensors with key "samples", .pt or .npy), a PNG (scatter plot next to
 held-out data for 2-D sets, an image grid for digits) and a JSON sidecar with NFE and timings.""",
     "likelihood": """examples:
   sdediff likelihood --run runs/moons --n 2000
   sdediff likelihood --run runs/digits --split test        # NLL in nats and bits/dim
+  torchrun --nproc_per_node=4 -m sdediff -- likelihood --run runs/digits --batch-size 64   # same result, 4 processes
 
 Digits are dequantised uniformly (17 grey levels mapped to [-1, 1]); bits/dim follow
 sdediff.data.digits.digits_bits_per_dim. For the gaussian_mixture set the true NLL is printed too.""",
@@ -1093,6 +1166,10 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     g.add_argument("--base-channels", type=_positive_int, default=32, help="UNet channels at the first level")
     g.add_argument("--channel-mults", type=_positive_int, nargs="+", default=[1, 2], help="UNet channel multipliers")
     g.add_argument("--num-res-blocks", type=_positive_int, default=1, help="UNet residual blocks per level")
+    g.add_argument("--class-cond", action="store_true", help="class-conditional model on the digit labels, trained "
+                   "with condition dropout for classifier-free guidance (sample with --classes, --guidance-scale)")
+    g.add_argument("--cond-drop-prob", type=_unit_float, default=0.1,
+                   help="with --class-cond: probability of replacing a label by the null token")
     g.add_argument("--time-embed", choices=("fourier", "sinusoidal"), help="time embedding (default: fourier for "
                    "the MLP, sinusoidal for the UNet)")
     g = p.add_argument_group("optimisation")
@@ -1141,7 +1218,12 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
                    help="time grid of fixed-step solvers (log_snr suits dpm_solver, ddim and lms at few steps)")
     p.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=False,
                    help="finish with a noise-free denoising step to t=0 (one more NFE)")
-    p.add_argument("--batch-size", type=_positive_int, help="solve in chunks of this many samples (bounds memory)")
+    p.add_argument("--batch-size", type=_positive_int, default=500,
+                   help=f"samples per chunk; {_CHUNKS}")
+    p.add_argument("--classes", type=_nonneg_int, nargs="+", metavar="K",
+                   help="class-conditional runs: sample these classes, in equal consecutive blocks (default: unconditional)")
+    p.add_argument("--guidance-scale", type=_finite_float, default=0.0,
+                   help="classifier-free guidance weight w with --classes: (1+w) s(x,t,y) - w s(x,t,null); 0: conditional")
     p.add_argument("--out", type=_sample_path, metavar="FILE",
                    help="output .safetensors, .pt or .npy (default: RUN/samples_SOLVER_STEPS.safetensors)")
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write a PNG beside --out")
@@ -1161,7 +1243,8 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
                    help="divergence estimator (auto: exact up to 16 dimensions)")
     p.add_argument("--rtol", type=_positive_float, default=1e-5, help="ODE relative tolerance")
     p.add_argument("--atol", type=_positive_float, default=1e-5, help="ODE absolute tolerance")
-    p.add_argument("--batch-size", type=_positive_int, help="points per ODE solve (default: all at once)")
+    p.add_argument("--batch-size", type=_positive_int, default=500,
+                   help=f"points per chunk (one ODE solve); {_CHUNKS}")
     p.add_argument("--bound", action=argparse.BooleanOptionalAction, default=True, help="also the ELBO upper bound")
     p.add_argument("--bound-times", type=_positive_int, default=64, help="Monte Carlo times per point of the bound")
     p.add_argument("--float64", action="store_true", help="compute in float64")
@@ -1192,6 +1275,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser, subs = _build()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun -m sdediff -- sample ...`: the "--" keeps torchrun from parsing our options
+        argv = argv[1:]
     args = parser.parse_args(argv)
     command = subs[args.command]
     if getattr(args, "config", None):
@@ -1231,7 +1317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             command.error(str(err))
         except SystemExit as exit_:
             return int(exit_.code)
-    except (CheckpointError, FileNotFoundError, ImportError, ConfigError) as err:
+    except (CheckpointError, FileNotFoundError, ImportError, ConfigError, DistributedError) as err:
         print(f"sdediff: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -40,6 +40,8 @@ from tqdm.auto import tqdm
 
 from .._io import atomic_write, atomic_write_file
 from .._utils import flat_dim, randn
+from ..elbo import gaussian_reconstruction, prior_kl
+from ..guidance import ClassifierFreeNet
 from ..likelihood import log_likelihood
 from ..sampling import sample
 from ..score import PREDICTIONS, ScoreModel
@@ -53,6 +55,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .losses import T_SAMPLINGS, WEIGHTINGS, dsm_loss, nll_bound, sample_time
+from .ssm import ssm_loss
 
 Transform = Callable[[Tensor, torch.Generator], Tensor]
 
@@ -89,6 +92,13 @@ class TrainConfig:
         Autocast dtype; float16 adds a gradient scaler.
     seed : int
         Seeds the trainer's generator (batches, times, noise, label dropout, transforms).
+    loss : {"dsm", "ssm", "elbo"}
+        ``"dsm"``: denoising score matching (:func:`~sdediff.training.dsm_loss`). ``"ssm"``: sliced score
+        matching on the noised batch, which never uses the noise (:func:`~sdediff.training.ssm.ssm_loss`, weighted
+        by ``weighting``; no labels). ``"elbo"``: the whole evidence bound per sample (prior + likelihood-weighted
+        diffusion term + Gaussian reconstruction, :mod:`sdediff.elbo`), divided by the dimension with
+        ``reduce_mean``; the only loss that trains a :class:`~sdediff.LearnedScheduleSDE`: its endpoints on the
+        bound, its shape on the variance of the diffusion term's estimate (VDM).
     prediction : {"eps", "score", "x0", "v", "flow"}
         What the network predicts.
     weighting : {"simple", "likelihood"}
@@ -137,6 +147,7 @@ class TrainConfig:
     amp_dtype: str = "bfloat16"
     seed: int = 0
     prediction: str = "eps"
+    loss: str = "dsm"
     weighting: str = "simple"
     t_sampling: str = "uniform"
     t_eps: float = 1e-5
@@ -172,6 +183,7 @@ class TrainConfig:
                      "eval_nll_points", "keep_checkpoints", "seed"):
             integer(name, 0)
         choice("prediction", PREDICTIONS)
+        choice("loss", ("dsm", "ssm", "elbo"))
         choice("weighting", WEIGHTINGS)
         choice("t_sampling", T_SAMPLINGS)
         choice("nonfinite", ("skip", "stop"))
@@ -364,6 +376,12 @@ class Trainer:
             device = torch.device("cpu")
         self.device = device
         self.net = model.to(device)
+        # a learned schedule (an nn.Module SDE) trains with the network; only the bound can train it
+        self.sde_params = [p for p in sde.to(device).parameters() if p.requires_grad] if isinstance(sde, nn.Module) else []
+        if self.sde_params and cfg.loss != "elbo":
+            raise ValueError(f"a learned schedule ({type(sde).__name__}) trains only with loss='elbo', got {cfg.loss!r}")
+        if cfg.loss == "ssm" and labels is not None:
+            raise ValueError("loss='ssm' takes no labels")
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
         self.param_dtype = next(self.net.parameters()).dtype
         if self.dist.world_size > 1:
@@ -373,7 +391,7 @@ class Trainer:
                 self.net, device_ids=[device.index] if device.type == "cuda" else None)
         else:
             self._train_net = self.net
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, betas=cfg.betas,
+        self.optimizer = torch.optim.AdamW([*self.net.parameters(), *self.sde_params], lr=cfg.lr, betas=cfg.betas,
                                            weight_decay=cfg.weight_decay)
         self._amp = cfg.amp and device.type == "cuda"
         if cfg.amp and not self._amp:
@@ -435,6 +453,28 @@ class Trainer:
         sl = slice(self.dist.rank * b, (self.dist.rank + 1) * b)
         return x0[sl], t[sl], w[sl], noise[sl], None if cond is None else cond[sl]
 
+    def _loss(self, x0: Tensor, t: Tensor, w: Tensor, noise: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The training loss of ``config.loss`` and, for a learned schedule, the mean squared diffusion term
+        (whose gradient in the schedule's shape is that of the variance of the bound's estimate)."""
+        cfg = self.config
+        if cfg.loss == "dsm":
+            return dsm_loss(self.sde, self._train_net, x0, prediction=cfg.prediction, weighting=cfg.weighting,
+                            reduce_mean=cfg.reduce_mean, cond=cond, time_input=self.time_input, t=t, noise=noise,
+                            t_weight=w), None
+        scale = flat_dim(x0) if cfg.reduce_mean else 1
+        if cfg.loss == "ssm":
+            mean, std = self.sde.marginal(x0, t)
+            xt = mean + std.reshape(-1, *[1] * (x0.dim() - 1)) * noise
+            per = ssm_loss(self._train_net, xt, t, sde=self.sde, prediction=cfg.prediction,
+                           weighting=cfg.weighting, generator=self.generator, reduction="none", time_input=self.time_input)
+            return (w * per).mean() / scale, None
+        diffusion = 0.5 * (self.sde.T - cfg.t_eps) * dsm_loss(
+            self.sde, self._train_net, x0, prediction=cfg.prediction, weighting="likelihood", reduce_mean=False,
+            reduction="none", cond=cond, time_input=self.time_input, t=t, noise=noise, t_weight=w)
+        bound = prior_kl(self.sde, x0) + diffusion + gaussian_reconstruction(self.sde, x0, cfg.t_eps)
+        shape = getattr(self.sde, "shape_parameters", None)
+        return bound.mean() / scale, (diffusion / scale).pow(2).mean() if shape is not None and self.sde_params else None
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self._amp:
             return contextlib.nullcontext()
@@ -446,11 +486,22 @@ class Trainer:
         self.net.train()
         x0, t, w, noise, cond = self._draw_batch()
         with self._autocast():
-            loss = dsm_loss(self.sde, self._train_net, x0, prediction=cfg.prediction, weighting=cfg.weighting,
-                            reduce_mean=cfg.reduce_mean, cond=cond, time_input=self.time_input, t=t, noise=noise,
-                            t_weight=w)
+            loss, variance = self._loss(x0, t, w, noise, cond)
         self.optimizer.zero_grad(set_to_none=True)
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        scale = self.scaler.scale if self.scaler is not None else (lambda v: v)
+        if variance is None:
+            scale(loss).backward()
+        else:  # VDM: the network and the schedule's endpoints on the bound, the schedule's shape on its variance
+            shape = self.sde.shape_parameters()
+            rest = [p for p in [*self.net.parameters(), *self.sde_params] if p.requires_grad and all(p is not q for q in shape)]
+            torch.autograd.backward(scale(loss), inputs=rest, retain_graph=True)
+            torch.autograd.backward(scale(variance), inputs=shape)
+            if self.dist.world_size > 1:
+                import torch.distributed as dist
+
+                for p in self.sde_params:  # not in DDP: average their gradients by hand
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.dist.world_size
         global_loss = loss.detach().float()
         if self.dist.world_size > 1:
             import torch.distributed as dist
@@ -555,12 +606,18 @@ class Trainer:
         return list(self.history)
 
     # --- sampling and evaluation ------------------------------------------------------------------------
-    def score_fn(self, ema: bool = True, cond: Tensor | None = None) -> ScoreModel:
+    def score_fn(self, ema: bool = True, cond: Tensor | None = None, guidance_scale: float = 0.0) -> ScoreModel:
         """A ``score_fn(x, t)`` from the EMA (default) or raw weights, for :func:`sdediff.sample` and
         :func:`sdediff.log_likelihood`; ``cond`` fixes the network's third argument (e.g. class labels,
-        one per sample of the batch that will be evaluated)."""
+        one per sample of the batch that will be evaluated). A non-zero ``guidance_scale`` :math:`w` gives
+        classifier-free guidance, ``(1 + w) s(x, t, y) - w s(x, t, null)``, both branches in one
+        batched call (:class:`sdediff.guidance.ClassifierFreeNet`; needs ``cond`` and a null-class token)."""
         net: nn.Module = self.ema if ema else self.net
-        if cond is not None:
+        if guidance_scale != 0:
+            if cond is None:
+                raise ValueError("guidance_scale needs cond, the class labels to guide towards")
+            net = ClassifierFreeNet(net, cond.to(self.device), guidance_scale, self.null_class)
+        elif cond is not None:
             net = _Conditioned(net, cond.to(self.device))
         return ScoreModel(net, self.sde, self.config.prediction, self.time_input)
 
@@ -572,6 +629,16 @@ class Trainer:
         """Sample from the EMA model and compute the exact NLL (probability-flow ODE) and the NLL bound of
         held-out points; draws from its own generator, so training randomness is unaffected. Rank 0 only
         (other ranks return ``{}``); results are appended to :attr:`evals` and ``metrics.json``."""
+        frozen = [p for p in self.sde_params if p.requires_grad]  # no graph to a learned schedule while evaluating
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            return self._evaluate()
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def _evaluate(self) -> dict[str, Any]:
         if not self.is_main:
             return {}
         cfg = self.config
@@ -633,6 +700,9 @@ class Trainer:
             tensors[f"model.{k}"] = v
         for k, v in self.ema.state_dict().items():
             tensors[f"ema.{k}"] = v
+        if self.sde_params:
+            for k, v in self.sde.state_dict().items():
+                tensors[f"sde.{k}"] = v
         opt = self.optimizer.state_dict()
         scalars: dict[str, dict[str, Any]] = {}
         for idx, st in opt["state"].items():
@@ -680,6 +750,8 @@ class Trainer:
         try:
             self.net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
             self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+            if self.sde_params:
+                self.sde.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sde.")})
             state: dict[int, dict[str, Any]] = {}
             for key, val in tensors.items():
                 if key.startswith("optim."):
