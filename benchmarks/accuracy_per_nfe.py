@@ -27,7 +27,6 @@ import importlib.util
 import io
 import json
 import math
-import re
 import sys
 import time
 import traceback
@@ -572,21 +571,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    device, env = common.setup_torch(args.device)
-    print(env)
-    notes = common.import_optional_solvers()
-    for note in notes:
-        print(f"note: {note}")
+    run = common.start_solver_run(args.device, args.only)
+    device, specs = run.device, run.specs
     nfes = tuple(args.nfe or ((5, 10, 20) if args.quick else NFES))
     problems = [p for p in PROBLEMS if args.problems is None or f"{p.sde}{p.dim}" in args.problems]
-    specs_all = [s for s in common.SPECS if args.only is None or re.search(args.only, s.label)]
-    skipped: list[str] = []
-    specs = common.runnable_specs(specs_all, log=lambda m: (print(m), skipped.append(m.strip()[5:])))
-    kds, kd_note = common.load_kdiffusion()
-    print(kd_note)
     results: dict[str, Any] = {"command": "python benchmarks/accuracy_per_nfe.py " + " ".join(argv or sys.argv[1:]),
-                               "environment": env, "nfes": list(nfes), "kdiffusion": kd_note, "skipped": skipped,
-                               "optional_modules": notes, "problems": [], "records": []}
+                               "environment": run.env, "nfes": list(nfes), "kdiffusion": run.kd_note,
+                               "skipped": run.skipped, "optional_modules": run.notes, "problems": [], "records": []}
     t0 = time.perf_counter()
     for problem in problems:
         n = args.n or (256 if args.quick else None)

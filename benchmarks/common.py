@@ -1,16 +1,22 @@
 """Helpers shared by the benchmark scripts: solver specs (as data), the registry check, NFE counting,
-timing, and k-diffusion's noise levels (its loader and denoiser adapter come from sdediff.interop.kdiffusion).
+timing, and k-diffusion's noise levels (its loader and denoiser adapter come from sdediff.interop.kdiffusion);
+for the scripts that train a model and write results: common options, the run preamble (:func:`start_run`),
+timed training, the likelihood ODE in chunks and the results files.
 
 Nothing here is part of the ``sdediff`` package; the scripts load this file by path.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
+import json
 import math
 import platform
+import re
 import statistics
+import sys
 import time
 import types
 from collections.abc import Callable, Sequence
@@ -22,6 +28,7 @@ import torch
 from torch import Tensor
 
 import sdediff
+from sdediff._io import atomic_write
 from sdediff.interop.kdiffusion import KDiffusionDenoiser, load_sampling, sigma_of_time
 from sdediff.solvers import get_solver
 
@@ -150,6 +157,35 @@ def runnable_specs(specs: Sequence[SolverSpec], log: Callable[[str], None] = pri
     return out
 
 
+@dataclass
+class SolverRun:
+    """The common start of the solver benchmarks (:func:`start_solver_run`)."""
+
+    device: torch.device
+    env: str
+    notes: list[str]  # optional solver modules missing or broken
+    specs: list[SolverSpec]  # the runnable specs selected
+    skipped: list[str]  # why the other selected specs were skipped
+    kds: types.ModuleType | None  # k_diffusion.sampling, or None
+    kd_note: str
+
+
+def start_solver_run(device: str, only: str | None) -> SolverRun:
+    """One CPU thread on ``device``, the optional solver modules imported, the specs whose label matches the regular
+    expression ``only`` (all without) that can run, and k-diffusion loaded; each step printed."""
+    dev, env = setup_torch(device)
+    print(env)
+    notes = import_optional_solvers()
+    for note in notes:
+        print(f"note: {note}")
+    skipped: list[str] = []
+    specs = runnable_specs([s for s in SPECS if only is None or re.search(only, s.label)],
+                           log=lambda m: (print(m), skipped.append(m.strip()[5:])))
+    kds, kd_note = load_kdiffusion()
+    print(kd_note)
+    return SolverRun(dev, env, notes, specs, skipped, kds, kd_note)
+
+
 def steps_for_budget(nfe: int, per_step: float, fixed: float = 0.0) -> int:
     """The most steps whose cost ``per_step * steps + fixed`` stays within ``nfe`` (0: not even one step fits)."""
     return max(0, int(math.floor((nfe - fixed) / per_step + 1e-9)))
@@ -217,6 +253,103 @@ def fmt(value: float | None, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—"
     return f"{value:.{digits}e}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Scripts that train a model and write results (digits_*.py)
+# --------------------------------------------------------------------------------------------------
+def add_run_args(p: argparse.ArgumentParser, *, steps: int, quick_steps: int, batch_size: int, lr: float,
+                 ema_decay: float = 0.999) -> None:
+    """The options every training benchmark takes: ``--quick --steps --out --device --seed --batch-size --lr
+    --ema-decay`` (``--steps`` defaults to ``steps``, or ``quick_steps`` with ``--quick``: see :func:`start_run`)."""
+    p.add_argument("--quick", action="store_true", help="smoke run: few steps and evaluations, *_quick.* outputs")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps (default {steps}; {quick_steps} with --quick)")
+    p.set_defaults(default_steps=(steps, quick_steps))
+    p.add_argument("--out", default=str(RESULTS_DIR), help="results folder (default benchmarks/results)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--ema-decay", type=float, default=ema_decay)
+
+
+def add_likelihood_args(p: argparse.ArgumentParser, *, bound_t: int) -> None:
+    """Options of the digits test-set scoring: ``--t-eps --n-test --tol --nll-batch --bound-t``."""
+    p.add_argument("--t-eps", type=float, default=1e-5, help="smallest training time, ODE start and bound t_eps")
+    p.add_argument("--n-test", type=int, default=None, help="test images scored (default all 359; 16 with --quick)")
+    p.add_argument("--tol", type=float, default=1e-5, help="rtol = atol of the likelihood ODE")
+    p.add_argument("--nll-batch", type=int, default=180, help="test images per log_likelihood call")
+    p.add_argument("--bound-t", type=int, default=bound_t, help="Monte Carlo times per image for the bound")
+
+
+@dataclass
+class ScriptRun:
+    """A benchmark run: its device, results folder and file suffix, environment and command lines, start time."""
+
+    name: str
+    device: torch.device
+    out: Path
+    suffix: str
+    env: str
+    command: str
+    start: float
+
+    def seconds(self) -> float:
+        """Wall seconds since :func:`start_run`."""
+        return time.perf_counter() - self.start
+
+    def write(self, result: dict[str, Any], md: str, extra: str = "") -> None:
+        """Print ``md`` and write ``{name}{suffix}.json`` and ``.md`` atomically into the results folder."""
+        print()
+        print(md)
+        stem = self.out / f"{self.name}{self.suffix}"
+        atomic_write(stem.with_suffix(".json"), json.dumps(result, indent=1, default=str))
+        atomic_write(stem.with_suffix(".md"), md)
+        print(f"wrote {stem.with_suffix('.md')}, .json{extra}")
+
+
+def start_run(name: str, args: argparse.Namespace, argv: list[str] | None) -> ScriptRun:
+    """One CPU thread, the device (checked), ``args.steps`` filled in from :func:`add_run_args`'s defaults, and the
+    environment and command lines printed; ``name`` is the script's file stem."""
+    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda given but CUDA is not available")
+    steps, quick_steps = args.default_steps
+    del args.default_steps  # not an option: kept out of the results' "args"
+    if args.steps is None:
+        args.steps = quick_steps if args.quick else steps
+    env = (f"sdediff {sdediff.__version__}, torch {torch.__version__}, device {device}, torch.set_num_threads(1), "
+           f"python {platform.python_version()}")
+    command = f"python benchmarks/{name}.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(env)
+    print(command)
+    return ScriptRun(name, device, Path(args.out), "_quick" if args.quick else "", env, command, time.perf_counter())
+
+
+def fit_logged(trainer: sdediff.Trainer, tag: str = "", resume: bool = False) -> float:
+    """``trainer.fit(resume=resume)``, then its log printed (prefixed by ``tag``); returns the wall seconds."""
+    tic = time.perf_counter()
+    trainer.fit(resume=resume)
+    seconds = time.perf_counter() - tic
+    for entry in trainer.log:
+        print(f"  {tag}step {entry['step']:6d}  loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  "
+              f"{entry['steps_per_second']:.2f} steps/s")
+    return seconds
+
+
+def ode_log_probs(sde: Any, score: Callable[[Tensor, Tensor], Tensor], x: Tensor, args: argparse.Namespace,
+                  generator: torch.Generator, trace: str = "hutchinson") -> tuple[Tensor, list[int], float]:
+    """:func:`sdediff.log_likelihood` of ``x`` in chunks of ``args.nll_batch`` (from ``args.t_eps``, rtol = atol =
+    ``args.tol``): float64 log-densities on the CPU, the NFE of each chunk, wall seconds."""
+    tic = time.perf_counter()
+    log_probs, nfes = [], []
+    for chunk in x.split(args.nll_batch):
+        res = sdediff.log_likelihood(sde, score, chunk, eps=args.t_eps, rtol=args.tol, atol=args.tol, trace=trace,
+                                     generator=generator)
+        log_probs.append(res.log_prob.detach().double().cpu())
+        nfes.append(res.nfe)
+    return torch.cat(log_probs), nfes, time.perf_counter() - tic
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,9 +27,8 @@ Writes ``digits_elbo.{md,json}`` (``--quick``: ``*_quick.*``) into ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,37 +38,23 @@ import torch
 from torch import Tensor
 
 import sdediff
-from sdediff._io import atomic_write
 from sdediff.data import DIGITS_LEVELS, digits_bits_per_dim, digits_to_model, load_digits
+from sdediff.metrics import mean_se
 from sdediff.training import TrainConfig, Trainer, UNet
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+common = importlib.import_module("common")  # benchmarks/common.py, also when this file is loaded by path
+
 D = 64
 DISCRETE_FRACTIONS = (0.5, 0.25, 0.125)  # discrete decoder hand-over: s/m as a fraction of the bin width
 
 
-def mean_se(values: Tensor) -> tuple[float, float]:
-    v = values.double()
-    return float(v.mean()), float(v.std() / math.sqrt(len(v))) if len(v) > 1 else math.nan
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=None, help="training steps per model (default 2000; 30 with --quick)")
-    p.add_argument("--quick", action="store_true", help="smoke run: few steps, 16 test images, *_quick.* outputs")
-    p.add_argument("--out", default=str(RESULTS_DIR), help="results folder (default benchmarks/results)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    common.add_run_args(p, steps=2000, quick_steps=30, batch_size=128, lr=1e-3)
     p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--base-channels", type=int, default=16)
-    p.add_argument("--t-eps", type=float, default=1e-5, help="smallest training time, ODE start and bound t_eps")
-    p.add_argument("--n-test", type=int, default=None, help="test images scored (default all 359; 16 with --quick)")
-    p.add_argument("--tol", type=float, default=1e-5, help="rtol = atol of the likelihood ODE")
-    p.add_argument("--nll-batch", type=int, default=180, help="test images per log_likelihood call")
-    p.add_argument("--bound-t", type=int, default=256, help="Monte Carlo times per image for the bound")
+    common.add_likelihood_args(p, bound_t=256)
     return p
 
 
@@ -77,23 +62,18 @@ def train(args: argparse.Namespace, kind: str, train_k: Tensor, steps: int, devi
     """Train model (a) ``"vp"`` or (b) ``"learned"``; returns the trainer and the training seconds."""
     torch.manual_seed(args.seed)
     net = UNet(base_channels=args.base_channels, channel_mults=(1, 2), num_res_blocks=1)
-    common = dict(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=min(args.warmup, steps // 4),
+    options = dict(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=min(args.warmup, steps // 4),
                   lr_schedule="cosine", ema_decay=args.ema_decay, weighting="likelihood", t_eps=args.t_eps,
                   seed=args.seed, log_every=max(1, min(200, steps // 5)), progress=False, device=str(device))
     if kind == "vp":
         sde, time_input = sdediff.VPSDE(), None
-        cfg = TrainConfig(loss="dsm", t_sampling="importance", **common)
+        cfg = TrainConfig(loss="dsm", t_sampling="importance", **options)
     else:
         sde = sdediff.LearnedScheduleSDE()
         time_input = sde.noise_level
-        cfg = TrainConfig(loss="elbo", t_sampling="uniform", **common)
+        cfg = TrainConfig(loss="elbo", t_sampling="uniform", **options)
     trainer = Trainer(net, sde, train_k, config=cfg, transform=digits_to_model, time_input=time_input)
-    tic = time.perf_counter()
-    trainer.fit()
-    seconds = time.perf_counter() - tic
-    for entry in trainer.log:
-        print(f"  [{kind}] step {entry['step']:6d}  loss {entry['loss']:.4f}  {entry['steps_per_second']:.2f} steps/s")
-    return trainer, seconds
+    return trainer, common.fit_logged(trainer, f"[{kind}] ")
 
 
 def evaluate(args: argparse.Namespace, trainer: Trainer, x_test: Tensor, test_k: Tensor,
@@ -103,15 +83,8 @@ def evaluate(args: argparse.Namespace, trainer: Trainer, x_test: Tensor, test_k:
     if isinstance(sde, torch.nn.Module):
         sde.requires_grad_(False)
     ge = torch.Generator(device).manual_seed(args.seed + 2)
-    tic = time.perf_counter()
-    log_probs, nfes = [], []
-    for chunk in x_test.split(args.nll_batch):
-        res = sdediff.log_likelihood(sde, score, chunk, eps=args.t_eps, rtol=args.tol, atol=args.tol,
-                                     trace="hutchinson", generator=ge)
-        log_probs.append(res.log_prob.detach().double().cpu())
-        nfes.append(res.nfe)
-    ode_seconds = time.perf_counter() - tic
-    ode = mean_se(digits_bits_per_dim(torch.cat(log_probs)))
+    log_probs, nfes, ode_seconds = common.ode_log_probs(sde, score, x_test, args, ge)
+    ode = mean_se(digits_bits_per_dim(log_probs))
     tic = time.perf_counter()
     parts: dict[str, list[Tensor]] = {"bpd": [], "se": [], "prior": [], "diffusion": [], "reconstruction": []}
     width = 2 / DIGITS_LEVELS
@@ -150,20 +123,11 @@ def evaluate(args: argparse.Namespace, trainer: Trainer, x_test: Tensor, test_k:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    steps = args.steps if args.steps is not None else (30 if args.quick else 2000)
+    run = common.start_run("digits_elbo", args, argv)
+    steps, device = args.steps, run.device
     n_test = args.n_test if args.n_test is not None else (16 if args.quick else 359)
     if args.quick:
         args.bound_t = min(args.bound_t, 8)
-    torch.set_num_threads(1)
-    device = torch.device(args.device)
-    suffix = "_quick" if args.quick else ""
-    out_dir = Path(args.out)
-    t_start = time.perf_counter()
-    env = (f"sdediff {sdediff.__version__}, torch {torch.__version__}, device {device}, torch.set_num_threads(1), "
-           f"python {platform.python_version()}")
-    command = "python benchmarks/digits_elbo.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(env)
-    print(command)
     train_k, _ = load_digits("train")
     test_k, _ = load_digits("test")
     test_k = test_k[:n_test]
@@ -179,16 +143,11 @@ def main(argv: list[str] | None = None) -> int:
               f"± {rows[kind]['bound_se']:.4f} bits/dim")
     diff = rows["learned"]["bound_bpd"] - rows["vp"]["bound_bpd"]
     tolerance = 2 * math.hypot(rows["vp"]["bound_se"], rows["learned"]["bound_se"])
-    result = {"command": command, "environment": env, "quick": args.quick,
+    result = {"command": run.command, "environment": run.env, "quick": args.quick,
               "args": vars(args) | {"steps": steps, "n_test": n_test}, "test_scored": n_test, "models": rows,
               "learned_minus_vp_bound_bpd": diff, "learned_not_worse_on_bound": bool(diff <= tolerance),
-              "total_seconds": time.perf_counter() - t_start, "total_cpu_seconds": time.process_time()}
-    md = markdown(result)
-    print()
-    print(md)
-    atomic_write(out_dir / f"digits_elbo{suffix}.json", json.dumps(result, indent=1, default=str))
-    atomic_write(out_dir / f"digits_elbo{suffix}.md", md)
-    print(f"wrote {out_dir / f'digits_elbo{suffix}.md'}, .json")
+              "total_seconds": run.seconds(), "total_cpu_seconds": time.process_time()}
+    run.write(result, markdown(result))
     return 0
 
 

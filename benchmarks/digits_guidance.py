@@ -23,9 +23,8 @@ one panel per scale); ``--quick`` writes ``*_quick.*`` files and no grid unless 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,12 +34,14 @@ import torch
 from torch import Tensor
 
 import sdediff
-from sdediff._io import atomic_write, atomic_write_file
+from sdediff._io import atomic_write_file
 from sdediff.data import DIGITS_LEVELS, digits_to_model, load_digits, model_to_digits
 from sdediff.training import MLP, TrainConfig, Trainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+common = importlib.import_module("common")  # benchmarks/common.py, also when this file is loaded by path
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 GRID = ROOT / "docs" / "img" / "guidance_grid.png"
 CLASSES = 10
 
@@ -126,21 +127,14 @@ def markdown(r: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run: few steps and samples")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 6000, quick 30)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
+    common.add_run_args(p, steps=6000, quick_steps=30, batch_size=256, lr=2e-3)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--cond-drop-prob", type=float, default=0.1)
-    p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 3.0])
     p.add_argument("--per-class", type=int, default=None, help="samples per class and scale (default 100, quick 4)")
     p.add_argument("--solver", default="heun")
     p.add_argument("--sample-steps", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=str(RESULTS_DIR), help="folder of the .md and .json results")
     p.add_argument("--grid", default=None, help=f"per-class sample grid PNG (default {GRID.relative_to(ROOT)}; "
                                                 "quick: none)")
     return p
@@ -148,19 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    steps = args.steps if args.steps is not None else (30 if args.quick else 6000)
+    run = common.start_run("digits_guidance", args, argv)
+    steps, device = args.steps, run.device
     args.per_class = args.per_class if args.per_class is not None else (4 if args.quick else 100)
     grid = Path(args.grid) if args.grid else (None if args.quick else GRID)
-    torch.set_num_threads(1)
-    device = torch.device(args.device)
-    suffix = "_quick" if args.quick else ""
-    out = Path(args.out)
-    t_start = time.perf_counter()
-    env = (f"sdediff {sdediff.__version__}, torch {torch.__version__}, device {device}, torch.set_num_threads(1), "
-           f"python {platform.python_version()}")
-    command = "python benchmarks/digits_guidance.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(env)
-    print(command)
 
     clf, test_accuracy = fit_classifier(args.seed)
     print(f"classifier: logistic regression, test accuracy {100 * test_accuracy:.1f}%")
@@ -173,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                       lr_schedule="cosine", ema_decay=args.ema_decay, cond_drop_prob=args.cond_drop_prob,
                       seed=args.seed, log_every=max(1, steps // 5), progress=False, device=str(device))
     trainer = Trainer(net, sde, train_k, train_y, cfg, transform=digits_to_model)
-    tic = time.perf_counter()
-    trainer.fit()
-    train_seconds = time.perf_counter() - tic
-    for entry in trainer.log:
-        print(f"  step {entry['step']:6d}  loss {entry['loss']:.4f}")
+    train_seconds = common.fit_logged(trainer)
     print(f"trained {trainer.step} steps in {train_seconds:.0f} s")
 
     labels = torch.arange(CLASSES).repeat_interleave(args.per_class)
@@ -198,20 +179,15 @@ def main(argv: list[str] | None = None) -> int:
 
     wrote_grid = save_grid(grid, panels, min(8, args.per_class)) if grid is not None else False
     result = {
-        "command": command, "environment": env, "quick": args.quick, "args": vars(args) | {"steps": steps},
+        "command": run.command, "environment": run.env, "quick": args.quick, "args": vars(args) | {"steps": steps},
         "classifier": "sklearn LogisticRegression(max_iter=5000) on levels / 16 of the training split",
         "classifier_test_accuracy": test_accuracy,
         "model": {"params": sum(p.numel() for p in net.parameters()), "config": net.config},
         "training": {"steps": trainer.step, "seconds": train_seconds, "config": cfg.to_dict(), "log": trainer.log},
         "scales": rows, "grid": str(grid.relative_to(ROOT)) if wrote_grid and grid.is_relative_to(ROOT) else
-        (str(grid) if wrote_grid else None), "total_seconds": time.perf_counter() - t_start,
+        (str(grid) if wrote_grid else None), "total_seconds": run.seconds(),
     }
-    md = markdown(result)
-    print()
-    print(md)
-    atomic_write(out / f"digits_guidance{suffix}.json", json.dumps(result, indent=1, default=str))
-    atomic_write(out / f"digits_guidance{suffix}.md", md)
-    print(f"wrote {out / f'digits_guidance{suffix}.md'}, .json" + (f", {grid}" if wrote_grid else ""))
+    run.write(result, markdown(result), f", {grid}" if wrote_grid else "")
     return 0
 
 

@@ -24,9 +24,8 @@ Writes ``digits_nll.{md,json}`` and ``digits_samples.png`` (``--quick``: ``*_qui
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch
 from torch import Tensor
 
 import sdediff
-from sdediff._io import atomic_write, atomic_write_file
+from sdediff._io import atomic_write_file
 from sdediff.data import (
     DIGITS_LEVELS,
     digits_bits_per_dim,
@@ -45,9 +44,12 @@ from sdediff.data import (
     make_toy,
     model_to_digits,
 )
+from sdediff.metrics import mean_se
 from sdediff.training import MLP, TrainConfig, Trainer, UNet, nll_bound
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+common = importlib.import_module("common")  # benchmarks/common.py, also when this file is loaded by path
+
 D = 64
 
 
@@ -68,11 +70,6 @@ def gaussian_bpd(gauss: torch.distributions.MultivariateNormal, x: Tensor) -> Te
     return digits_bits_per_dim(gauss.log_prob(x.reshape(len(x), -1).to(torch.float64)))
 
 
-def mean_se(values: Tensor) -> tuple[float, float]:
-    v = values.double()
-    return float(v.mean()), float(v.std() / math.sqrt(len(v))) if len(v) > 1 else math.nan
-
-
 # --------------------------------------------------------------------------------------------------
 # Speed
 # --------------------------------------------------------------------------------------------------
@@ -91,11 +88,11 @@ def speed_table(args: argparse.Namespace, device: torch.device, train_levels: Te
     """Short timed ``train_step`` loops: the digits UNet (as trained here) and a 2-D MLP on two moons."""
     rows = []
     sde = sdediff.VPSDE()
-    common = {"weighting": "likelihood", "t_sampling": "importance", "progress": False, "device": str(device)}
+    options = {"weighting": "likelihood", "t_sampling": "importance", "progress": False, "device": str(device)}
     torch.manual_seed(args.seed)
     unet = UNet(base_channels=args.base_channels, channel_mults=(1, 2), num_res_blocks=args.res_blocks)
     trainer = Trainer(unet, sde, train_levels, config=TrainConfig(steps=10**9, batch_size=args.batch_size,
-                                                                   lr=args.lr, **common), transform=digits_to_model)
+                                                                   lr=args.lr, **options), transform=digits_to_model)
     rows.append({"model": f"digits UNet (base {args.base_channels}, mults (1, 2), {args.res_blocks} res block"
                           f"{'s' if args.res_blocks > 1 else ''}), 1×8×8",
                  "params": sum(p.numel() for p in unet.parameters()), "batch": args.batch_size,
@@ -103,7 +100,7 @@ def speed_table(args: argparse.Namespace, device: torch.device, train_levels: Te
     torch.manual_seed(args.seed)
     mlp = MLP(dim=2)
     moons = make_toy("moons", 10_000, torch.Generator().manual_seed(args.seed))
-    trainer = Trainer(mlp, sde, moons, config=TrainConfig(steps=10**9, batch_size=args.batch_size, **common))
+    trainer = Trainer(mlp, sde, moons, config=TrainConfig(steps=10**9, batch_size=args.batch_size, **options))
     rows.append({"model": "2-D MLP (hidden 256, depth 4), two moons", "params": sum(p.numel() for p in mlp.parameters()),
                  "batch": args.batch_size, **time_steps(trainer, 5 * args.speed_steps)})
     return rows
@@ -142,24 +139,13 @@ def save_grid(path: Path, levels: Tensor, title: str) -> bool:
 # --------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 2500; 40 with --quick)")
-    p.add_argument("--quick", action="store_true", help="smoke run: few steps, 16 test images, *_quick.* outputs")
-    p.add_argument("--out", default=str(RESULTS_DIR), help="results folder (default benchmarks/results)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    common.add_run_args(p, steps=2500, quick_steps=40, batch_size=128, lr=1e-3)
     p.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine")
-    p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--base-channels", type=int, default=32)
     p.add_argument("--res-blocks", type=int, default=1)
-    p.add_argument("--t-eps", type=float, default=1e-5, help="smallest training time and ODE start time")
-    p.add_argument("--n-test", type=int, default=None, help="test images scored (default all 359; 16 with --quick)")
     p.add_argument("--trace", choices=("hutchinson", "exact"), default="hutchinson")
-    p.add_argument("--tol", type=float, default=1e-5, help="rtol = atol of the likelihood ODE")
-    p.add_argument("--nll-batch", type=int, default=180, help="test images per log_likelihood call")
-    p.add_argument("--bound-t", type=int, default=32, help="Monte Carlo times per image for nll_bound")
+    common.add_likelihood_args(p, bound_t=32)
     p.add_argument("--fit-draws", type=int, default=16, help="dequantisation draws of the training set for the fit")
     p.add_argument("--draws", type=int, default=8, help="dequantisation draws of the test set for the baseline")
     p.add_argument("--samples", type=int, default=64, help="samples in the image grid")
@@ -171,25 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    steps = args.steps if args.steps is not None else (40 if args.quick else 2500)
+    run = common.start_run("digits_nll", args, argv)
+    steps, device, suffix, out = args.steps, run.device, run.suffix, run.out
     n_test = args.n_test if args.n_test is not None else (16 if args.quick else 359)
     args.speed_steps = args.speed_steps if args.speed_steps is not None else (5 if args.quick else 30)
     if args.quick:
         args.draws, args.fit_draws, args.samples, args.bound_t = min(args.draws, 2), min(args.fit_draws, 2), 16, 4
     if args.resume and args.run_dir is None:
         raise SystemExit("--resume needs --run-dir")
-    torch.set_num_threads(1)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda given but CUDA is not available")
-    suffix = "_quick" if args.quick else ""
-    out = Path(args.out)
-    t_start = time.perf_counter()
-    env = (f"sdediff {sdediff.__version__}, torch {torch.__version__}, device {device}, torch.set_num_threads(1), "
-           f"python {platform.python_version()}")
-    command = "python benchmarks/digits_nll.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(env)
-    print(command)
 
     train_k, _ = load_digits("train")
     test_k, _ = load_digits("test")
@@ -213,12 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                       t_sampling="importance", t_eps=args.t_eps, seed=args.seed, log_every=max(1, min(200, steps // 5)),
                       out_dir=args.run_dir, progress=False, device=str(device))
     trainer = Trainer(net, sde, train_k, config=cfg, transform=digits_to_model)
-    tic = time.perf_counter()
-    trainer.fit(resume=args.resume)
-    train_seconds = time.perf_counter() - tic
-    for entry in trainer.log:
-        print(f"  step {entry['step']:6d}  loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  "
-              f"{entry['steps_per_second']:.2f} steps/s")
+    train_seconds = common.fit_logged(trainer, resume=args.resume)
     fit_sps = trainer.steps_per_second or (trainer.log[-1]["steps_per_second"] if trainer.log else math.nan)
     print(f"trained {trainer.step} steps in {train_seconds:.0f} s ({fit_sps:.2f} steps/s)")
 
@@ -226,15 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     score = trainer.score_fn(ema=True)
     ge = torch.Generator(device).manual_seed(args.seed + 2)
     x_test = digits_to_model(test_k.to(device), ge)  # one dequantisation draw, shared by model and baseline
-    tic = time.perf_counter()
-    log_probs, nfes = [], []
-    for chunk in x_test.split(args.nll_batch):
-        res = sdediff.log_likelihood(sde, score, chunk, eps=args.t_eps, rtol=args.tol, atol=args.tol,
-                                     trace=args.trace, generator=ge)
-        log_probs.append(res.log_prob.detach().double().cpu())
-        nfes.append(res.nfe)
-    nll_seconds = time.perf_counter() - tic
-    model_bpd = digits_bits_per_dim(torch.cat(log_probs))
+    log_probs, nfes, nll_seconds = common.ode_log_probs(sde, score, x_test, args, ge, trace=args.trace)
+    model_bpd = digits_bits_per_dim(log_probs)
     m_mean, m_se = mean_se(model_bpd)
     paired_g = gaussian_bpd(gauss, x_test.cpu())
     diff = paired_g - model_bpd
@@ -259,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     # 4. Speed ----------------------------------------------------------------------------------------
     speed = speed_table(args, device, train_k)
 
-    total = time.perf_counter() - t_start
+    total = run.seconds()
     margin_abs = g_mean - m_mean
     result = {
-        "command": command, "environment": env, "quick": args.quick, "args": vars(args) | {"steps": steps,
+        "command": run.command, "environment": run.env, "quick": args.quick, "args": vars(args) | {"steps": steps,
                                                                                         "n_test": n_test},
         "data": {"train": len(train_k), "test_scored": len(test_k), "levels": DIGITS_LEVELS, "dims": D,
                  "bits_per_dim": "-log p(x)/(64 ln 2) + log2(17) - log2(2)",
@@ -280,12 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "speed": speed, "samples_png": png.name if wrote_png else None, "total_seconds": total,
         "beats_gaussian": bool(d_mean > 2 * d_se) if math.isfinite(d_se) else bool(d_mean > 0),
     }
-    md = markdown(result)
-    print()
-    print(md)
-    atomic_write(out / f"digits_nll{suffix}.json", json.dumps(result, indent=1, default=str))
-    atomic_write(out / f"digits_nll{suffix}.md", md)
-    print(f"wrote {out / f'digits_nll{suffix}.md'}, .json" + (f", {png}" if wrote_png else ""))
+    run.write(result, markdown(result), f", {png}" if wrote_png else "")
     return 0
 
 

@@ -38,19 +38,14 @@ from torch import Tensor
 
 import sdediff
 from sdediff._io import atomic_write
-from sdediff.data import GaussianMixture
+from sdediff.data import GaussianMixture, skewed_mixture
 from sdediff.guidance import classifier_guided, inpaint, reward_guided
 from sdediff.metrics import noise_floor, sliced_wasserstein
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 T64 = torch.float64
 EPS = 1e-3
-MIXTURE = GaussianMixture(
-    weights=[0.1, 0.2, 0.3, 0.4],
-    means=[[-2.0, -2.0], [-2.0, 2.0], [2.0, -2.0], [2.0, 2.0]],
-    covs=[[[0.3, 0.1], [0.1, 0.2]], [[0.2, -0.1], [-0.1, 0.3]], [[0.25, 0.0], [0.0, 0.1]],
-          [[0.15, 0.05], [0.05, 0.25]]],
-)
+MIXTURE = skewed_mixture()
 REWARD_MU = torch.tensor([1.0, -0.5], dtype=T64)
 REWARD_COV = torch.tensor([[1.0, 0.6], [0.6, 0.5]], dtype=T64)
 REWARD_A = torch.tensor([1.0, -1.0], dtype=T64)

@@ -48,18 +48,19 @@ from .data import GaussianMixture
 from .data.toy import TOY_DATASETS, make_toy, toy_mixture
 from .distributed import DistributedError, DistributedEval, chunk_generator, chunk_slices, local_device, process_rank
 from .distributed import world_size as _world_size
+from .elbo import nll_bound
 from .guidance import ClassifierFreeNet
 from .likelihood import log_likelihood
-from .metrics import noise_floor, sliced_wasserstein
+from .metrics import mean_se, noise_floor, sliced_wasserstein
 from .sampling import SampleResult, sample
 from .score import PREDICTIONS, ScoreModel
-from .sdes import VESDE, VPSDE, SubVPSDE
+from .sdes import VESDE, VPSDE, LearnedScheduleSDE, SubVPSDE
 from .solvers import available_solvers, get_solver
 
 __all__ = ["main", "build_parser", "atomic_write"]  # atomic_write: kept importable here for the benchmark scripts
 
 SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
-_SDE_CLASSES = {"VPSDE": VPSDE, "SubVPSDE": SubVPSDE, "VESDE": VESDE}
+_SDE_CLASSES = {"VPSDE": VPSDE, "SubVPSDE": SubVPSDE, "VESDE": VESDE, "LearnedScheduleSDE": LearnedScheduleSDE}
 DATASETS = (*TOY_DATASETS, "digits")
 DIGITS_CLASSES = 10  # labels 0-9 of the digits; a class-conditional model adds a null token (classifier-free guidance)
 TARGET_RATIO = 2.0  # the demo's criterion: mean sliced-W2 <= TARGET_RATIO x the noise floor
@@ -199,23 +200,41 @@ def _make_sde(name: str, args: argparse.Namespace):
     return SDES[name](beta_min=args.beta_min, beta_max=args.beta_max)
 
 
-def _sde_from_meta(desc: dict[str, Any]):
+def _sde_from_meta(path: Path, desc: dict[str, Any], tensors: dict[str, Tensor], device: torch.device):
+    """The checkpoint's SDE; a learned schedule (an ``nn.Module``) gets its trained state (``sde.*`` tensors)."""
+    from .training import CheckpointError
+
     cls = _SDE_CLASSES.get(desc.get("class", ""))
     if cls is None:
         raise CLIError(f"the checkpoint's SDE {desc.get('repr', desc.get('class'))!r} is not one the CLI can rebuild "
                        f"({', '.join(_SDE_CLASSES)}); use the Python API")
-    return cls(**desc.get("params", {}))
+    sde = cls(**desc.get("params", {}))
+    if isinstance(sde, torch.nn.Module):
+        state = {k[len("sde."):]: v for k, v in tensors.items() if k.startswith("sde.")}
+        try:
+            sde.load_state_dict(state)
+        except RuntimeError as err:
+            raise CheckpointError(f"checkpoint {path}: its {desc.get('class')} schedule cannot be restored "
+                                  f"({'no sde.* tensors' if not state else err})") from err
+        sde = sde.to(device).eval().requires_grad_(False)
+    return sde
+
+
+def _time_input_from_meta(path: Path, meta: dict[str, Any], sde) -> Callable[[Tensor], Tensor] | None:
+    """The network's time input recorded by the trainer: ``t`` itself, or a method of the SDE (``sde.noise_level``)."""
+    desc = meta.get("time_input")
+    if desc is None:
+        return None
+    name = desc[len("sde."):] if desc.startswith("sde.") else None
+    if name is None or not callable(getattr(sde, name, None)):
+        raise CLIError(f"checkpoint {path} was trained with a custom time_input ({desc!r}) that the CLI cannot rebuild; "
+                       "use the Python API")
+    return getattr(sde, name)
 
 
 def _sde_params(sde) -> dict[str, float]:
     return {k: float(getattr(sde, k)) for k in ("beta_min", "beta_max", "sigma_min", "sigma_max", "T")
             if isinstance(getattr(sde, k, None), (int, float))}
-
-
-def _mean_se(values: Tensor) -> tuple[float, float]:
-    values = values.double()
-    se = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
-    return float(values.mean()), se
 
 
 def _fmt(x: float, digits: int = 4) -> str:
@@ -434,7 +453,7 @@ def _open_run(run: str | None, checkpoint: str | None, device: torch.device, ema
         record = json.loads((run_dir / "run.json").read_text())
         if record.get("format") != _RUN_FORMAT:
             record = None
-    sde = _sde_from_meta(meta.get("sde", {}))
+    sde = _sde_from_meta(ckpt, meta.get("sde", {}), tensors, device)
     net = _load_net(ckpt, tensors, meta, ema, device)
     if record is not None:
         shape = tuple(record["shape"])
@@ -443,7 +462,7 @@ def _open_run(run: str | None, checkpoint: str | None, device: torch.device, ema
     else:
         raise CLIError(f"{run_dir} has no run.json, so the sample shape of this {type(net).__name__} is unknown; "
                        "use a folder written by 'sdediff train'")
-    score = ScoreModel(net, sde, meta.get("prediction", meta["config"]["prediction"]))
+    score = ScoreModel(net, sde, meta.get("prediction", meta["config"]["prediction"]), _time_input_from_meta(ckpt, meta, sde))
     return _Run(run_dir, ckpt, record, meta, sde, net, score, shape, (record or {}).get("data"))
 
 
@@ -658,7 +677,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     def draw(k: int) -> tuple[Tensor, Tensor, int]:
         size = chunks[k].stop - chunks[k].start
         score = run.score if labels is None else ScoreModel(ClassifierFreeNet(run.net, labels[chunks[k]], args.guidance_scale),
-                                                           run.sde, run.score.prediction)
+                                                           run.sde, run.score.prediction, run.score.time_input)
         info = sample(run.sde, score, (size, *run.shape), solver=args.solver, steps=args.steps, eps=args.eps,
                       generator=chunk_generator(args.seed, k, device), device=device, time_grid=args.time_grid,
                       denoise=args.denoise, progress=args.progress and main and len(chunks) == 1, return_info=True,
@@ -706,8 +725,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def _nll_bound(sde, score, x: Tensor, t_eps: float, num_t: int, generator: torch.Generator,
                max_evals: int = 8192) -> Tensor:
     """:func:`sdediff.training.nll_bound` per point, in chunks of at most ``max_evals`` network inputs."""
-    from .training import nll_bound
-
     chunk = max(1, max_evals // num_t)
     return torch.cat([nll_bound(sde, score, x[i:i + chunk], t_eps=t_eps, num_t=num_t, generator=generator)
                       for i in range(0, len(x), chunk)])
@@ -765,7 +782,7 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
         return 0
     seconds = time.perf_counter() - start
     log_prob, nfe = torch.cat([part[0] for part in parts]), sum(part[1] for part in parts)
-    nll, nll_se = _mean_se(-log_prob)
+    nll, nll_se = mean_se(-log_prob)
     doc: dict[str, Any] = {"checkpoint": str(run.checkpoint), "step": run.meta.get("step"), "data": data,
                            "split": args.split, "n": len(x), "eps": eps, "trace": trace, "rtol": args.rtol,
                            "atol": args.atol, "nfe": nfe, "batch_size": args.batch_size, "world_size": _world_size(),
@@ -775,12 +792,12 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
     if image:
         from .data.digits import digits_bits_per_dim
 
-        bpd, bpd_se = _mean_se(digits_bits_per_dim(log_prob.cpu()))
+        bpd, bpd_se = mean_se(digits_bits_per_dim(log_prob.cpu()))
         doc.update(bits_per_dim=bpd, bits_per_dim_se=bpd_se)
         lines.append(f"bits/dim {bpd:.4f} ± {bpd_se:.4f} (17 grey levels, uniform dequantisation; a uniform model "
                      f"scores {math.log2(17):.3f})")
     if args.bound:
-        b, b_se = _mean_se(torch.cat([part[2] for part in parts]))
+        b, b_se = mean_se(torch.cat([part[2] for part in parts]))
         doc.update(nll_bound=b, nll_bound_se=b_se)
         lines.append(f"NLL upper bound (ELBO, {args.bound_times} times per point) {b:.4f} ± {b_se:.4f} nats")
         if image:
@@ -789,7 +806,7 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
             doc["bits_per_dim_bound"] = float(digits_bits_per_dim(torch.tensor(-b)))
             lines[-1] += f" = {doc['bits_per_dim_bound']:.4f} bits/dim"
     if data == "gaussian_mixture":
-        true, true_se = _mean_se(-toy_mixture().log_prob(x.double().cpu(), run.sde, eps))
+        true, true_se = mean_se(-toy_mixture().log_prob(x.double().cpu(), run.sde, eps))
         doc.update(true_nll=true, true_nll_se=true_se)
         lines.append(f"true NLL of the same points (exact mixture density at eps) {true:.4f} ± {true_se:.4f} nats")
     print("\n".join(lines))
@@ -983,11 +1000,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     res = log_likelihood(sde, score, x_nll, eps=t_eps, rtol=1e-5, atol=1e-5, trace="exact")
     bound = _nll_bound(sde, score, x_nll, t_eps, 64, gen)
     nll_seconds = time.perf_counter() - start
-    nll_rows = [("model NLL, probability-flow ODE (exact trace)", *_mean_se(-res.log_prob.detach()), res.nfe),
-                ("model NLL upper bound (ELBO, 64 times per point)", *_mean_se(bound), None)]
+    nll_rows = [("model NLL, probability-flow ODE (exact trace)", *mean_se(-res.log_prob.detach()), res.nfe),
+                ("model NLL upper bound (ELBO, 64 times per point)", *mean_se(bound), None)]
     if args.data == "gaussian_mixture":
         true = -toy_mixture().log_prob(x_nll.double().cpu(), sde, t_eps)
-        nll_rows.append(("true NLL (exact density of the data)", *_mean_se(true), None))
+        nll_rows.append(("true NLL (exact density of the data)", *mean_se(true), None))
     nll = {name: {"nats": m, "se": se, "nfe": nfe} for name, m, se, nfe in nll_rows}
 
     table_rows = [{"kind": r["kind"], "solver": r["solver"], "steps": r["steps"], "nfe": f"{r['nfe']:g}",

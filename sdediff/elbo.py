@@ -119,7 +119,8 @@ def _discrete_nll(sde, centres: Tensor, levels: int, data_range: tuple[float, fl
 
 def diffusion_draws(sde, model: Callable[..., Tensor], x: Tensor, num_t: int, *, prediction: str | None = "score",
                     t_sampling: str = "importance", t_eps: float = 1e-5, generator: torch.Generator | None = None,
-                    time_input: Callable[[Tensor], Tensor] | None = None, control_variate: bool = True) -> Tensor:
+                    time_input: Callable[[Tensor], Tensor] | None = None, control_variate: bool = True,
+                    cond: Tensor | None = None) -> Tensor:
     r"""``(batch, num_t)`` unbiased draws of the diffusion term, with an optional control variate.
 
     Each draw is :math:`\tfrac12 (T - t_\epsilon)\,w(t)\,\gamma'(t)\,\big[\|\hat\varepsilon - \varepsilon\|^2 -
@@ -131,15 +132,16 @@ def diffusion_draws(sde, model: Callable[..., Tensor], x: Tensor, num_t: int, *,
     :math:`\|\varepsilon\|^2` that dominates at high signal-to-noise ratio (where :math:`\hat\varepsilon \approx 0`),
     and fades out at low SNR (where :math:`\hat\varepsilon \approx \varepsilon`). That holds for data with a density;
     for discrete data (point masses) :math:`\hat\varepsilon \to \varepsilon` at high SNR too, and
-    ``control_variate=False`` (:math:`\beta = 0`) is the better choice. ``model`` and ``prediction`` as in
-    :func:`~sdediff.training.dsm_loss` (differentiable).
+    ``control_variate=False`` (:math:`\beta = 0`) is the better choice. ``model``, ``prediction``, ``time_input``
+    and ``cond`` (per sample of ``x``) as in :func:`~sdediff.training.dsm_loss` (differentiable).
     """
     rep = x.repeat_interleave(num_t, dim=0)
+    rep_cond = None if cond is None else cond.repeat_interleave(num_t, dim=0)
     t, w = sample_time(sde, rep.shape[0], t_sampling=t_sampling, t_eps=t_eps, generator=generator, device=x.device,
                        dtype=x.dtype)
     noise = randn(rep.shape, generator=generator, device=x.device, dtype=x.dtype)
     loss = dsm_loss(sde, model, rep, prediction=prediction, weighting="likelihood", reduce_mean=False, reduction="none",
-                    t=t, noise=noise, t_weight=w, time_input=time_input)
+                    t=t, noise=noise, t_weight=w, time_input=time_input, cond=rep_cond)
     if control_variate:
         m2, s2 = sde.mean_coeff(t) ** 2, sde.marginal_std(t) ** 2
         beta = (m2 / (m2 + s2)) ** 2
@@ -235,3 +237,52 @@ def elbo(sde, score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, *, t_eps:
         bpd = bits_per_dim_levels(-nats, d, levels, hi - lo)
     return ELBOResult(nats=nats, bits_per_dim=bpd, std_error=std_error, prior=prior, diffusion=diffusion,
                       reconstruction=recon, num_dims=d)
+
+
+def nll_bound(sde, model: Callable[..., Tensor], x0: Tensor, *, prediction: str | None = None,
+              t_eps: float = 1e-5, num_t: int = 16, generator: torch.Generator | None = None,
+              cond: Tensor | None = None, time_input: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    r"""Upper bound on :math:`-\log p_\theta(x_0)` in nats, per sample: the Gaussian-decoder bound of :func:`elbo`
+    for a network of any prediction (also exported as ``sdediff.training.nll_bound``).
+
+    The same bound as ``elbo(..., decoder="gaussian").nats`` (module notes): prior KL + diffusion term + Gaussian
+    reconstruction, which together equal Girsanov's form
+
+    .. math::  E\big[-\log\pi(x_T)\big] + \tfrac12\int_{t_\epsilon}^T g^2\,E\|s_\theta(x_t,t) + \varepsilon/s\|^2\,dt
+               - \tfrac D2\log\frac{m_\epsilon^2\,s_T^2}{s_\epsilon^2},
+
+    with the diffusion term estimated by :func:`diffusion_draws` (``num_t`` importance-sampled times per sample, with
+    the control variate). Unlike :func:`elbo` it takes the raw network with its ``prediction``, ``cond`` and
+    ``time_input`` (as :func:`~sdediff.training.dsm_loss` does), allows ``num_t = 1`` and returns the bound only.
+    With the exact score of data :math:`N(0, vI)` its mean is :math:`\tfrac D2[\log(2\pi\sigma_\epsilon^2/m_\epsilon^2)
+    + \sigma_T^2/\sigma_\pi^2 + \log(\sigma_\pi^2/\sigma_T^2)]`, :math:`\sigma_t^2 = m^2v + s^2`.
+
+    Parameters
+    ----------
+    sde : LinearSDE
+        Forward SDE (its prior must be ``N(0, prior_std^2 I)``, as for every LinearSDE).
+    model, prediction, cond, time_input
+        As in :func:`~sdediff.training.dsm_loss` (a :class:`~sdediff.score.ScoreModel` is unwrapped).
+    x0 : Tensor
+        Data ``(batch, ...)``, floating point.
+    t_eps : float
+        Where the reverse SDE stops and the decoder takes over, in ``(0, T)``.
+    num_t : int
+        Monte Carlo times per sample, ``>= 1``.
+    generator : torch.Generator, optional
+        Draws times and noise.
+
+    Returns
+    -------
+    Tensor
+        ``(batch,)`` bounds in nats (Monte Carlo estimates: unbiased for the bound itself).
+    """
+    require_linear(sde, "the evidence bound")
+    t_eps = _check_t_eps(t_eps, sde)
+    if isinstance(num_t, bool) or not isinstance(num_t, int) or num_t < 1:
+        raise ValueError(f"num_t must be a positive integer, got {num_t!r}")
+    if not isinstance(x0, Tensor) or not x0.is_floating_point() or x0.dim() < 1:
+        raise TypeError("x0 must be a floating-point tensor of shape (batch, ...)")
+    diffusion = diffusion_draws(sde, model, x0, num_t, prediction=prediction, t_eps=t_eps, generator=generator,
+                                time_input=time_input, cond=cond).mean(1)
+    return prior_kl(sde, x0) + diffusion + gaussian_reconstruction(sde, x0, t_eps)

@@ -65,6 +65,20 @@ def _kernel(sde: LinearSDE, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     return expand_as(sde.mean_coeff(t), x), expand_as(sde.marginal_std(t), x)
 
 
+def _tweedie_guided(sde: LinearSDE, score_fn: ScoreFn, x: Tensor, t: Tensor, scale: float,
+                    gradient: Callable[[Tensor, Tensor, Tensor, Tensor, bool], Tensor]) -> Tensor:
+    r"""``score + scale * gradient(x, x0, m, s, keep)`` at ``x`` with Tweedie's denoiser
+    :math:`\hat x_0 = (x + s^2 s_\theta(x, t))/m` computed under grad mode, so that ``gradient`` can differentiate
+    through it with respect to ``x``; the graph is kept (``keep``) only when the caller differentiates the result."""
+    m, s = _kernel(sde, x, t)
+    keep = _keep_graph(x)
+    with torch.enable_grad():
+        xg = x if keep else x.detach().requires_grad_(True)
+        score = score_fn(xg, t)
+        grad = gradient(xg, (xg + s**2 * score) / m, m, s, keep)
+    return (score if keep else score.detach()) + scale * grad
+
+
 def _per_sample(value: Tensor, x: Tensor, name: str) -> Tensor:
     if not isinstance(value, Tensor) or value.shape != (x.shape[0],):
         got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -235,20 +249,14 @@ def reward_guided(sde: LinearSDE, score_fn: ScoreFn, reward_fn: RewardFn, scale:
         raise ValueError(f"jacobian must be one of {', '.join(JACOBIANS)}; got {jacobian!r}")
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
-        t = batch_time(t, x)
-        m, s = _kernel(sde, x, t)
-        keep = _keep_graph(x)
-        with torch.enable_grad():
-            xg = x if keep else x.detach().requires_grad_(True)
-            score = score_fn(xg, t)
-            x0 = (xg + s**2 * score) / m
+        def gradient(xg: Tensor, x0: Tensor, m: Tensor, s: Tensor, keep: bool) -> Tensor:
             reward = _per_sample(reward_fn(x0), x, "reward_fn").sum()
             if jacobian == "full":
-                (grad,) = torch.autograd.grad(reward, xg, create_graph=keep)
-            else:  # the gradient with respect to x0 itself: no backward pass through the score
-                (grad,) = torch.autograd.grad(reward, x0, create_graph=keep)
-                grad = grad / m
-        return (score if keep else score.detach()) + lam * grad
+                return torch.autograd.grad(reward, xg, create_graph=keep)[0]
+            # the gradient with respect to x0 itself: no backward pass through the score
+            return torch.autograd.grad(reward, x0, create_graph=keep)[0] / m
+
+        return _tweedie_guided(sde, score_fn, x, batch_time(t, x), lam, gradient)
 
     return guided
 
@@ -373,22 +381,16 @@ def inpainting_score(sde: LinearSDE, score_fn: ScoreFn, mask: Tensor, observed: 
         return replaced
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
-        t = batch_time(t, x)
         known, y = _check_observation(mask, observed, x)
-        m, s = _kernel(sde, x, t)
-        keep = _keep_graph(x)
-        with torch.enable_grad():
-            xg = x if keep else x.detach().requires_grad_(True)
-            score = score_fn(xg, t)
-            x0 = (xg + s**2 * score) / m
+
+        def gradient(xg: Tensor, x0: Tensor, m: Tensor, s: Tensor, keep: bool) -> Tensor:
             if covariance == "isotropic":
                 var = data_std**2 * s**2 / (m**2 * data_std**2 + s**2) + obs_std**2
                 residual = torch.where(known, y - x0, 0.0)
-                log_lik = -0.5 * (residual**2 / var).sum()
-                (grad,) = torch.autograd.grad(log_lik, xg, create_graph=keep)
-            else:
-                grad = _tweedie_guidance(known_index(x), y, xg, x0, m, s, obs_std, keep)
-        return (score if keep else score.detach()) + w * grad
+                return torch.autograd.grad(-0.5 * (residual**2 / var).sum(), xg, create_graph=keep)[0]
+            return _tweedie_guidance(known_index(x), y, xg, x0, m, s, obs_std, keep)
+
+        return _tweedie_guided(sde, score_fn, x, batch_time(t, x), w, gradient)
 
     return guided
 

@@ -1,4 +1,5 @@
-r"""Sample-based distances between distributions: the sliced 2-Wasserstein distance and its noise floor.
+r"""Sample-based distances between distributions: the sliced 2-Wasserstein distance and its noise floor; the mean
+of per-sample values with its standard error (:func:`mean_se`).
 
 For two sample sets in :math:`\mathbb{R}^d` the sliced 2-Wasserstein distance averages the squared 1-D
 Wasserstein distance of their projections on random unit directions :math:`u_p`,
@@ -13,6 +14,7 @@ which are step functions found by sorting.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -130,3 +132,27 @@ def noise_floor(sampler: Sampler, n: int, repeats: int = 8, n_projections: int =
     values = [sliced_wasserstein(sampler(n, generator), sampler(n, generator), n_projections, generator)
               for _ in range(repeats)]
     return torch.stack(values)
+
+
+def mean_se(values: Tensor) -> tuple[float, float]:
+    r"""Mean of per-sample values (e.g. NLLs or bits/dim) and its standard error, in float64.
+
+    :math:`\bar v = \frac1n\sum_i v_i` and :math:`\mathrm{se} = \mathrm{sd}(v)/\sqrt n` with the unbiased
+    (:math:`n - 1`) standard deviation; ``nan`` for a single value.
+
+    Parameters
+    ----------
+    values : Tensor
+        ``(n,)`` values, ``n >= 1``.
+
+    Returns
+    -------
+    (float, float)
+        The mean and its standard error.
+    """
+    if not isinstance(values, Tensor) or values.dim() != 1 or values.shape[0] < 1:
+        raise ValueError(f"values must be a tensor of shape (n,) with n >= 1, got "
+                         f"{tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__}")
+    v = values.double()
+    se = float(v.std() / math.sqrt(len(v))) if len(v) > 1 else math.nan
+    return float(v.mean()), se

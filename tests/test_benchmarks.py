@@ -4,32 +4,17 @@ The scripts are loaded by path. The k-diffusion parts are skipped when k-diffusi
 (it is an optional peer: ``pip install --no-deps k-diffusion``, see benchmarks/README.md).
 """
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 import sdediff
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name):
-    module_name = f"sdediff_bench_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
-
-
-acc = _load("accuracy_per_nfe")
-ovh = _load("overhead")
+acc = load_benchmark("accuracy_per_nfe")
+ovh = load_benchmark("overhead")
 common = acc.common
 SPEC = {s.label: s for s in common.SPECS}
 

@@ -1,30 +1,16 @@
 """Smoke-with-truth test of benchmarks/digits_elbo.py at a tiny size (2 training steps, 4 test images)."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import torch
+from conftest import load_benchmark
 
 import sdediff
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "digits_elbo.py"
-
-
-def _load():
-    name = "sdediff_bench_digits_elbo"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
 
 def test_digits_elbo_quick_run_writes_consistent_results(tmp_path):
-    bench = _load()
+    bench = load_benchmark("digits_elbo")
     assert bench.main(["--quick", "--steps", "2", "--n-test", "4", "--tol", "1e-3", "--bound-t", "4",
                        "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "digits_elbo_quick.json").read_text())

@@ -24,6 +24,16 @@ LEVEL_POINTS = torch.tensor([[1, 2], [5, 5], [3, 6], [7, 0]])
 LEVEL_WEIGHTS = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=T64)
 
 
+def test_nll_bound_is_the_gaussian_decoder_elbo():
+    """sdediff.training.nll_bound is a wrapper of the same bound: identical draws for the same generator."""
+    sde = sdediff.VPSDE()
+    x = gaussian_data(64, seed=32)
+    bound = sdediff.training.nll_bound(sde, exact_model(sde), x, prediction="score", t_eps=1e-3, num_t=4,
+                                       generator=gen(33))
+    res = sdediff.elbo(sde, exact_model(sde), x, t_eps=1e-3, num_t=4, generator=gen(33))
+    assert torch.equal(bound, res.nats)
+
+
 @pytest.mark.parametrize("name", sorted(SDES))
 def test_mean_bound_for_gaussian_data_is_exact(name):
     sde, d, t_eps = SDES[name](), 3, 1e-3

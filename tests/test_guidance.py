@@ -7,19 +7,17 @@
 * Inpainting of Gaussian data: the imputed coordinates against the analytic conditional Gaussian.
 """
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import gen
+from conftest import gen, load_benchmark
 
 import sdediff
 from sdediff import cli
-from sdediff.data import GaussianMixture
+from sdediff.data import GaussianMixture, skewed_mixture
 from sdediff.guidance import (
     ClassifierFreeNet,
     classifier_free,
@@ -33,12 +31,7 @@ from sdediff.metrics import noise_floor, sliced_wasserstein
 
 T64 = torch.float64
 EPS = 1e-3
-MIXTURE = GaussianMixture(
-    weights=[0.1, 0.2, 0.3, 0.4],
-    means=[[-2.0, -2.0], [-2.0, 2.0], [2.0, -2.0], [2.0, 2.0]],
-    covs=[[[0.3, 0.1], [0.1, 0.2]], [[0.2, -0.1], [-0.1, 0.3]], [[0.25, 0.0], [0.0, 0.1]],
-          [[0.15, 0.05], [0.05, 0.25]]],
-)
+MIXTURE = skewed_mixture()
 
 
 def component(k):
@@ -332,24 +325,16 @@ def test_cli_class_conditional_digits_with_guidance_scale(tmp_path, capsys):
 
 
 # --- benchmark scripts (smoke runs with truth checks) ------------------------------------------------------
-def _load_benchmark(name):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"sdediff_bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_guidance_benchmarks_quick(tmp_path):
     pytest.importorskip("sklearn")
-    assert _load_benchmark("guidance_gaussian").main(["--quick", "--out", str(tmp_path)]) == 0
+    assert load_benchmark("guidance_gaussian").main(["--quick", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "guidance_gaussian_quick.json").read_text())
     tweedie = [r for r in doc["inpainting"] if r["method"] == "guidance (tweedie)"]
     replacement = [r for r in doc["inpainting"] if r["method"] == "replacement"]
     assert all(t["mean_error"] < r["mean_error"] for t, r in zip(tweedie, replacement, strict=True))
     assert all(r["assigned"] > 0.98 for r in doc["classifier"])
-    assert _load_benchmark("digits_guidance").main(["--quick", "--out", str(tmp_path)]) == 0
+    assert load_benchmark("digits_guidance").main(["--quick", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "digits_guidance_quick.json").read_text())
     assert doc["classifier_test_accuracy"] > 0.9
     assert [r["scale"] for r in doc["scales"]] == [0.0, 1.0, 3.0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sdediff.data import GaussianMixture
-from sdediff.metrics import noise_floor, sliced_wasserstein
+from sdediff.metrics import mean_se, noise_floor, sliced_wasserstein
 
 
 def gen(seed: int) -> torch.Generator:
@@ -110,3 +110,12 @@ def test_invalid_inputs_raise() -> None:
         noise_floor(gm.sample, 0)
     with pytest.raises(TypeError, match="sampler"):
         noise_floor(None, 10)
+
+
+def test_mean_se_by_hand() -> None:
+    # values 1, 2, 3, 6: mean 3, unbiased variance (4 + 1 + 0 + 9) / 3 = 14/3, se = sqrt(14/3 / 4)
+    mean, se = mean_se(torch.tensor([1.0, 2.0, 3.0, 6.0]))
+    assert mean == 3.0 and se == pytest.approx(math.sqrt(14 / 12), rel=1e-12)
+    assert mean_se(torch.tensor([2.5]))[0] == 2.5 and math.isnan(mean_se(torch.tensor([2.5]))[1])
+    with pytest.raises(ValueError, match="values"):
+        mean_se(torch.ones(2, 2))

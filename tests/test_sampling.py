@@ -12,21 +12,16 @@ import math
 
 import pytest
 import torch
-from conftest import SDE_FACTORIES, gen
+from conftest import SDE_FACTORIES, Counted, assert_nfe_counts, assert_seeded, gen
 
 import sdediff
-from sdediff.data import GaussianMixture
+from sdediff.data import skewed_mixture
 from sdediff.metrics import noise_floor, sliced_wasserstein
 from sdediff.sdes import gaussian_log_prob, gaussian_sample
 
 T64 = torch.float64
 EPS = 1e-3
-MIXTURE = GaussianMixture(
-    weights=[0.1, 0.2, 0.3, 0.4],
-    means=[[-2.0, -2.0], [-2.0, 2.0], [2.0, -2.0], [2.0, 2.0]],
-    covs=[[[0.3, 0.1], [0.1, 0.2]], [[0.2, -0.1], [-0.1, 0.3]], [[0.25, 0.0], [0.0, 0.1]],
-          [[0.15, 0.05], [0.05, 0.25]]],
-)
+MIXTURE = skewed_mixture()
 
 
 class OU(sdediff.SDE):
@@ -178,36 +173,19 @@ def test_fixed_step_ode_convergence_order(solver, order):
 
 def test_same_seed_same_samples_and_independent_of_global_rng():
     sde = sdediff.VPSDE()
-    score = MIXTURE.score_fn(sde)
-    for solver in ["euler_maruyama", "reverse_diffusion", "ancestral", "pc", "langevin"]:
-        a = sdediff.sample(sde, score, (64, 2), solver=solver, steps=20, generator=gen(7))
-        torch.manual_seed(123)
-        b = sdediff.sample(sde, score, (64, 2), solver=solver, steps=20, generator=gen(7))
-        c = sdediff.sample(sde, score, (64, 2), solver=solver, steps=20, generator=gen(8))
-        assert torch.equal(a, b), solver
-        assert not torch.allclose(a, c), solver
+    assert_seeded(sde, MIXTURE.score_fn(sde), ["euler_maruyama", "reverse_diffusion", "ancestral", "pc", "langevin"])
 
 
 def test_nfe_counts_and_info():
     sde = sdediff.VPSDE()
     score = MIXTURE.score_fn(sde)
-    calls = []
-
-    def counted(x, t):
-        calls.append(1)
-        return score(x, t)
-
     expected = {"euler_maruyama": 10, "reverse_diffusion": 10, "ancestral": 10, "euler": 10, "heun": 20,
                 "pc": 20, "langevin": 10}
-    for solver, nfe in expected.items():
-        calls.clear()
-        info = sdediff.sample(sde, counted, (8, 2), solver=solver, steps=10, generator=gen(0), return_info=True)
-        assert info.nfe == nfe == len(calls), solver
-        assert info.samples.shape == (8, 2) and info.times.shape == (11,)
-        assert info.times[0] == sde.T and abs(info.times[-1].item() - 1e-3) < 1e-9
-    calls.clear()
+    for solver, info in assert_nfe_counts(sde, score, expected).items():
+        assert info.times[0] == sde.T and abs(info.times[-1].item() - 1e-3) < 1e-9, solver
+    counted = Counted(score)
     info = sdediff.sample(sde, counted, (8, 2), solver="ode", generator=gen(0), return_info=True, denoise=True)
-    assert info.nfe == len(calls) > 1
+    assert info.nfe == counted.calls > 1
 
 
 def test_trajectory_and_callback():

@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import gen
+from conftest import assert_nfe_counts, assert_seeded, gen
 from test_sampling import MIXTURE, OU, check_against_exact, reference, run
 
 import sdediff
@@ -145,36 +145,18 @@ SOLVERS = ["ddpm", "sde_dpm_solver", "torchsde:euler", "torchsde:srk", "torchsde
 @pytest.mark.filterwarnings("ignore:torchsde's reversible_heun")
 def test_same_seed_same_samples_and_independent_of_global_rng():
     sde = sdediff.VPSDE()
-    score = MIXTURE.score_fn(sde)
-    for solver in SOLVERS:
-        a = sdediff.sample(sde, score, (64, 2), solver=solver, steps=20, generator=gen(7))
-        torch.manual_seed(123)
-        b = sdediff.sample(sde, score, (64, 2), solver=solver, steps=20, generator=gen(7))
-        c = sdediff.sample(sde, score, (64, 2), solver=solver, steps=20, generator=gen(8))
-        assert torch.equal(a, b), solver
-        assert not torch.allclose(a, c), solver
+    assert_seeded(sde, MIXTURE.score_fn(sde), SOLVERS)
 
 
 @pytest.mark.filterwarnings("ignore:torchsde's reversible_heun")
 def test_nfe_counts():
     sde = sdediff.VPSDE()
-    score = MIXTURE.score_fn(sde)
-    calls = []
-
-    def counted(x, t):
-        calls.append(1)
-        return score(x, t)
-
     # torchsde: +1 for sdeint's shape check, +1 more for reversible_heun's initial state; srk re-evaluates
     # the drift of earlier stages (1 + 2 + 3 + 4 per step)
     expected = {"ddpm": 10, "sde_dpm_solver": 10, "torchsde:euler": 11, "torchsde:milstein": 11,
                 "torchsde:euler_heun": 11, "torchsde:heun": 21, "torchsde:midpoint": 21, "torchsde:log_ode": 21,
                 "torchsde:srk": 101, "torchsde:reversible_heun": 12}
-    for solver, nfe in expected.items():
-        calls.clear()
-        info = sdediff.sample(sde, counted, (8, 2), solver=solver, steps=10, generator=gen(0), return_info=True)
-        assert info.nfe == nfe == len(calls), solver
-        assert info.samples.shape == (8, 2) and info.times.shape == (11,)
+    assert_nfe_counts(sde, MIXTURE.score_fn(sde), expected)
 
 
 @pytest.mark.filterwarnings("ignore:torchsde's reversible_heun")

@@ -38,6 +38,18 @@ def toy_mixture() -> GaussianMixture:
     return GaussianMixture.ring(num_components=8, radius=1.4, std=0.15)
 
 
+def skewed_mixture() -> GaussianMixture:
+    r"""Four anisotropic Gaussians at :math:`(\pm2, \pm2)` with weights 0.1, 0.2, 0.3, 0.4 and distinct, partly
+    correlated covariances: a 2-D law with exact scores, densities and noisy marginals whose asymmetry (unequal
+    modes, tilted components) exposes sampler and guidance errors that a symmetric ring hides."""
+    return GaussianMixture(
+        weights=[0.1, 0.2, 0.3, 0.4],
+        means=[[-2.0, -2.0], [-2.0, 2.0], [2.0, -2.0], [2.0, 2.0]],
+        covs=[[[0.3, 0.1], [0.1, 0.2]], [[0.2, -0.1], [-0.1, 0.3]], [[0.25, 0.0], [0.0, 0.1]],
+              [[0.15, 0.05], [0.05, 0.25]]],
+    )
+
+
 def _uniform(n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
     return torch.rand(n, generator=g, device=dev, dtype=_F64)
 

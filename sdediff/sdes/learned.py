@@ -75,6 +75,8 @@ class LearnedScheduleSDE(nn.Module, LinearSDE):
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
         self.init_range = (float(gamma_min), float(gamma_max))
+        self.config = {"gamma_min": float(gamma_min), "gamma_max": float(gamma_max), "num_features": num_features,
+                       "T": float(T)}  # the constructor arguments: rebuilds the module before load_state_dict
         self.gamma_min = nn.Parameter(torch.tensor(float(gamma_min)))
         self.gamma_gap = nn.Parameter(torch.tensor(_inverse_softplus(gamma_max - gamma_min)))  # softplus: the range
         self.w0 = nn.Parameter(torch.tensor(_inverse_softplus(1.0)))

@@ -1,5 +1,6 @@
 """Training: the denoising score-matching loss, small networks, checkpoints and a trainer (DDP-ready)."""
 
+from ..elbo import nll_bound
 from .checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -10,7 +11,7 @@ from .checkpoint import (
     load_weights,
     save_checkpoint,
 )
-from .losses import dsm_loss, nll_bound, sample_time
+from .losses import dsm_loss, sample_time
 from .models import MLP, FourierEmbedding, SinusoidalEmbedding, UNet
 from .ssm import ssm_loss
 from .trainer import NonFiniteLossError, TrainConfig, Trainer, seed_everything

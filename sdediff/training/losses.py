@@ -12,7 +12,7 @@ Any prediction (score, ε, x₀, v, flow) is first turned into the network's imp
 
 * ``"simple"``: :math:`\lambda = s^2`, :math:`w = 1` — DDPM's ε-MSE;
 * ``"likelihood"``: :math:`\lambda = g^2`, :math:`w = g^2/s^2` — makes the time integral an upper
-  bound on the negative log-likelihood (see :func:`nll_bound`).
+  bound on the negative log-likelihood (see :func:`sdediff.elbo` and :func:`sdediff.training.nll_bound`).
 
 Times are drawn uniformly on :math:`[t_\epsilon, T]` or by importance sampling with density
 :math:`q(t) \propto g(t)^2/s(t)^2`. Because :math:`\frac{d}{dt}\log\frac{s^2}{m^2} = \frac{g^2}{s^2}`
@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._utils import batch_time, expand_as, flat_dim, randn
+from .._utils import batch_time, expand_as, randn
 from ..score import PREDICTIONS, ScoreModel, to_data_and_noise
 from ..sdes.linear import require_linear
 
@@ -240,64 +240,3 @@ def dsm_loss(sde, model: Callable[..., Tensor], x0: Tensor, *, prediction: str |
         return err
     return err.mean() if reduction == "mean" else err.sum()
 
-
-def nll_bound(sde, model: Callable[..., Tensor], x0: Tensor, *, prediction: str | None = None,
-              t_eps: float = 1e-5, num_t: int = 16, generator: torch.Generator | None = None,
-              cond: Tensor | None = None, time_input: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    r"""Upper bound on :math:`-\log p_\theta(x_0)` (nats, per sample) from the likelihood-weighted DSM loss.
-
-    The model is the reverse SDE driven by :math:`s_\theta` from the prior :math:`\pi = N(0, \sigma_\pi^2 I)`
-    at ``T`` down to :math:`t_\epsilon`, followed by the Gaussian decoder
-    :math:`p(x_0|x_\epsilon) = N(x_\epsilon/m_\epsilon,\ (s_\epsilon/m_\epsilon)^2 I)`. Girsanov's theorem for
-    the path measures on :math:`[t_\epsilon, T]` gives the evidence bound
-
-    .. math::  -\log p_\theta(x_0) \le E\big[-\log\pi(x_T)\big]
-               + \tfrac12\int_{t_\epsilon}^T g^2\,E\|s_\theta(x_t,t) + \varepsilon/s\|^2\,dt
-               - \tfrac D2\log\frac{m_\epsilon^2\,s_T^2}{s_\epsilon^2},
-
-    where :math:`E[-\log\pi(x_T)] = \tfrac D2\log(2\pi\sigma_\pi^2) + (m_T^2\|x_0\|^2 + D s_T^2)/(2\sigma_\pi^2)`
-    is exact and the integral is estimated with ``num_t`` importance-sampled times per sample
-    (:func:`dsm_loss` with ``weighting="likelihood"``, summed over dimensions). With the exact score of
-    data :math:`N(0, vI)` its mean is :math:`\tfrac D2[\log(2\pi\sigma_\epsilon^2/m_\epsilon^2) + \sigma_T^2/\sigma_\pi^2
-    + \log(\sigma_\pi^2/\sigma_T^2)]`, :math:`\sigma_t^2 = m^2v + s^2`: the data entropy as
-    :math:`t_\epsilon \to 0` and :math:`\sigma_T \to \sigma_\pi`.
-
-    Parameters
-    ----------
-    sde : LinearSDE
-        Forward SDE (its prior must be ``N(0, prior_std^2 I)``, as for every LinearSDE).
-    model, prediction, cond, time_input
-        As in :func:`dsm_loss`.
-    x0 : Tensor
-        Data ``(batch, ...)``.
-    t_eps : float
-        Where the reverse SDE stops and the decoder takes over.
-    num_t : int
-        Monte Carlo times per sample.
-    generator : torch.Generator, optional
-        Draws times and noise.
-
-    Returns
-    -------
-    Tensor
-        ``(batch,)`` bounds in nats (Monte Carlo estimates: unbiased for the bound itself).
-    """
-    require_linear(sde, "the denoising loss")
-    t_eps = _check_t_eps(t_eps, sde)
-    if isinstance(num_t, bool) or not isinstance(num_t, int) or num_t < 1:
-        raise ValueError(f"num_t must be a positive integer, got {num_t!r}")
-    if not isinstance(x0, Tensor) or not x0.is_floating_point() or x0.dim() < 1:
-        raise TypeError("x0 must be a floating-point tensor of shape (batch, ...)")
-    batch, d = x0.shape[0], flat_dim(x0)
-    rep = x0.repeat_interleave(num_t, dim=0)
-    rep_cond = None if cond is None else cond.repeat_interleave(num_t, dim=0)
-    loss = dsm_loss(sde, model, rep, prediction=prediction, weighting="likelihood", t_sampling="importance",
-                    t_eps=t_eps, generator=generator, reduce_mean=False, reduction="none", cond=rep_cond,
-                    time_input=time_input)
-    integral = 0.5 * (sde.T - t_eps) * loss.reshape(batch, num_t).mean(1)
-    ends = torch.tensor([t_eps, sde.T], dtype=torch.float64)
-    (m_eps, m_T), (s_eps, s_T) = sde.mean_coeff(ends).tolist(), sde.marginal_std(ends).tolist()
-    var_pi = float(sde.prior_std) ** 2
-    sq_norm = x0.reshape(batch, -1).pow(2).sum(1)
-    prior = 0.5 * d * math.log(2 * math.pi * var_pi) + (m_T**2 * sq_norm + d * s_T**2) / (2 * var_pi)
-    return prior + integral - 0.5 * d * math.log(m_eps**2 * s_T**2 / s_eps**2)

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .._io import atomic_write, atomic_write_file
 from .._utils import flat_dim, randn
-from ..elbo import gaussian_reconstruction, prior_kl
+from ..elbo import gaussian_reconstruction, nll_bound, prior_kl
 from ..guidance import ClassifierFreeNet
 from ..likelihood import log_likelihood
 from ..sampling import sample
@@ -54,7 +54,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .losses import T_SAMPLINGS, WEIGHTINGS, dsm_loss, nll_bound, sample_time
+from .losses import T_SAMPLINGS, WEIGHTINGS, dsm_loss, sample_time
 from .ssm import ssm_loss
 
 Transform = Callable[[Tensor, torch.Generator], Tensor]
@@ -291,9 +291,22 @@ def _json_safe(obj: Any) -> Any:
 
 
 def _describe_sde(sde) -> dict[str, Any]:
-    params = {k: getattr(sde, k) for k in ("beta_min", "beta_max", "sigma_min", "sigma_max", "T")
-              if isinstance(getattr(sde, k, None), (int, float))}
+    """Class, constructor arguments (an SDE's own ``config`` dict, e.g. a learned schedule's) and repr of ``sde``."""
+    config = getattr(sde, "config", None)
+    params = dict(config) if isinstance(config, dict) else {
+        k: getattr(sde, k) for k in ("beta_min", "beta_max", "sigma_min", "sigma_max", "T")
+        if isinstance(getattr(sde, k, None), (int, float))}
     return {"class": type(sde).__name__, "params": params, "repr": repr(sde)}
+
+
+def _describe_time_input(time_input: Callable[[Tensor], Tensor] | None, sde) -> str | None:
+    """``None`` (the network sees ``t``), ``"sde.NAME"`` (a method of the SDE, e.g. ``sde.noise_level``: rebuilt on
+    loading) or ``"custom"`` (any other callable, which a checkpoint cannot hold)."""
+    if time_input is None:
+        return None
+    if getattr(time_input, "__self__", None) is sde and hasattr(time_input, "__name__"):
+        return f"sde.{time_input.__name__}"
+    return "custom"
 
 
 class Trainer:
@@ -700,7 +713,7 @@ class Trainer:
             tensors[f"model.{k}"] = v
         for k, v in self.ema.state_dict().items():
             tensors[f"ema.{k}"] = v
-        if self.sde_params:
+        if isinstance(self.sde, nn.Module):  # a learned schedule, trained or frozen: a run holds its state
             for k, v in self.sde.state_dict().items():
                 tensors[f"sde.{k}"] = v
         opt = self.optimizer.state_dict()
@@ -723,8 +736,8 @@ class Trainer:
                 "nonfinite_count": self.nonfinite_count, "log": self.log, "evals": self.evals,
                 "model": {"class": type(self.net).__name__, "config": getattr(self.net, "config", None)},
                 "prediction": self.config.prediction, "sde": _describe_sde(self.sde),
-                "world_size": self.dist.world_size, "device": str(self.device), "torch": torch.__version__,
-                "sdediff": __version__}
+                "time_input": _describe_time_input(self.time_input, self.sde), "world_size": self.dist.world_size,
+                "device": str(self.device), "torch": torch.__version__, "sdediff": __version__}
         return tensors, meta
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path | None:
@@ -750,8 +763,9 @@ class Trainer:
         try:
             self.net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
             self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-            if self.sde_params:
-                self.sde.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sde.")})
+            sde_state = {k[4:]: v for k, v in tensors.items() if k.startswith("sde.")}
+            if self.sde_params or sde_state:
+                self.sde.load_state_dict(sde_state)
             state: dict[int, dict[str, Any]] = {}
             for key, val in tensors.items():
                 if key.startswith("optim."):
