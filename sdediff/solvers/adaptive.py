@@ -55,6 +55,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._utils import expand_as, randn_like
+from ..sdes.linear import LinearSDE
 from .base import Callback, Context, Solver, register_solver
 from .ode import pf_drift
 
@@ -184,7 +185,8 @@ class PerSampleAdaptiveSolver(Solver):
             raise ValueError(f"solver {self.name!r}: the time grid must be strictly monotone")
 
         device, long = x.device, torch.long
-        x = x.clone()
+        x_rows = torch.cat([x, x[:1]])  # the state, plus a spare row that rejected proposals are written to
+        x, rows = x_rows[:n], torch.arange(n, device=device)
         t = targets[0].expand(n).clone()
         h = torch.full((n,), direction * (self.first_step or 0.01 * abs(span)), dtype=x.dtype, device=device)
         k = torch.ones(n, dtype=long, device=device)  # index in `targets` of each sample's next stop
@@ -251,13 +253,12 @@ class PerSampleAdaptiveSolver(Solver):
                 k_new = ka + arrived.to(long)
                 finished = k_new == n_targets
                 underflow = ~finished & (t_new + h_new == t_new)
-                ok_b = expand_as(ok, xa)
-                x_new = torch.where(ok_b, res.x, xa)
+                ia = rows if full else idx
+                x_rows.index_copy_(0, torch.where(ok, ia, n), res.x)  # accepted proposals into x, the rest to the spare row
                 if trajectory is not None:  # store the states that just landed on a stop
-                    ia = torch.arange(n, device=device) if full else idx
                     landed = torch.where(expand_as(arrived, xa), res.x, trajectory[ka, ia])
                     trajectory.index_put_((ka, ia), landed)
-                updates = [(x, x_new), (t, t_new), (h, h_new), (k, k_new), (nfe, take(nfe) + res.nfe),
+                updates = [(t, t_new), (h, h_new), (k, k_new), (nfe, take(nfe) + res.nfe),
                            (accepted, take(accepted) + ok.to(long)), (rejected, take(rejected) + (~ok).to(long)),
                            (done, take(done) | finished | underflow), (stuck, take(stuck) | underflow),
                            (retrying, ~ok)]
@@ -362,17 +363,6 @@ BOSH3 = ButcherTableau(
 TABLEAUX: dict[str, ButcherTableau] = {"dopri5": DOPRI5, "bosh3": BOSH3}
 
 
-def _combine(weights: tuple[float, ...], ks: list[Tensor]) -> Tensor:
-    r""":math:`\sum_j w_j k_j`, skipping zero weights."""
-    out = None
-    for w, kj in zip(weights, ks, strict=False):
-        if w == 0:
-            continue
-        out = kj * w if out is None else out.add_(kj, alpha=w)
-    assert out is not None
-    return out
-
-
 @register_solver("adaptive_ode")
 class AdaptiveRungeKutta(PerSampleAdaptiveSolver):
     r"""Embedded Runge–Kutta on the probability flow with a time and a step size per sample.
@@ -420,22 +410,63 @@ class AdaptiveRungeKutta(PerSampleAdaptiveSolver):
         self.exponent = 1.0 / (self._tableau.low_order + 1)
 
     def begin(self, ctx: Context, x: Tensor, t: Tensor) -> tuple[Carry, int]:
+        tab, n = self._tableau, x.shape[0]
+        # scratch reused by every attempt (its first n rows when n samples are active): the stage derivatives
+        # k_2..k_{s-1}, the stage input, the proposal and two temporaries; and k_s beside a copy of k_1
+        ctx.state["rk_work"] = x.new_empty((tab.stages + 2, *x.shape))
+        ctx.state["rk_pair"] = x.new_empty((2 * n, *x.shape[1:]))
+        ctx.state["rk_rows"] = torch.arange(n, device=x.device)
+        sde = ctx.sde
+        ctx.state["rk_linear"] = isinstance(sde, LinearSDE) and type(sde).drift is LinearSDE.drift
         return {"k1": pf_drift(ctx, x, t)}, 1
 
+    @staticmethod
+    def _combine(weights: tuple[float, ...], ks: list[Tensor], out: Tensor) -> Tensor:
+        r""":math:`\sum_j w_j k_j` into ``out``, skipping zero weights."""
+        terms = [(w, kj) for w, kj in zip(weights, ks, strict=False) if w != 0]
+        torch.mul(terms[0][1], terms[0][0], out=out)
+        for w, kj in terms[1:]:
+            out.add_(kj, alpha=w)
+        return out
+
     def attempt(self, ctx: Context, x: Tensor, t: Tensor, h: Tensor, t_next: Tensor, carry: Carry) -> Attempt:
-        tab = self._tableau
+        tab, st = self._tableau, ctx.state
+        n, stages = x.shape[0], self._tableau.stages
+        work = st["rk_work"][:, :n]  # each work[j] is contiguous: the first n rows of a buffer
+        k_bufs, (y, proposal, tmp, scale) = work[:stages - 2], work[stages - 2:]
+        pair = st["rk_pair"][:2 * n]  # k_s, then k_1: the next k_1 is a row gather from them
+        k_bufs = [*k_bufs, pair[:n]]
         hx = expand_as(h, x)
-        ks = [carry["k1"]]
-        y = x
-        for i in range(1, tab.stages):  # in-place on fresh temporaries: the same arithmetic, fewer allocations
-            y = x + _combine(tab.a[i], ks).mul_(hx)
-            ks.append(pf_drift(ctx, y, t_next if tab.c[i] == 1 else t + tab.c[i] * h))
+        times = torch.stack([t_next if c == 1 else t + c * h for c in tab.c[1:]])  # t + c_i h, i = 1..s-1
+        linear = st["rk_linear"]
+        if linear:  # v = a(t) x - (g(t)^2 / 2) s(x, t), the coefficients of every stage at once
+            flat = times.reshape(-1)
+            a_t = torch.broadcast_to(ctx.sde.drift_coef(flat), flat.shape).reshape(times.shape)
+            half_g2 = (0.5 * torch.broadcast_to(ctx.sde.diffusion(flat), flat.shape) ** 2).reshape(times.shape)
+        k1 = carry["k1"]
+        ks = [pair[n:].copy_(k1)]
+        # the same operations, in the same order, as x + h * sum_j a_ij k_j and pf_drift: allocation-free
+        for i in range(1, stages):  # y = x + h sum_j a_ij k_j, k_i = v(y, t + c_i h)
+            y_i = proposal if i == stages - 1 else y
+            torch.add(x, self._combine(tab.a[i], ks, tmp).mul_(hx), out=y_i)
+            k_i = k_bufs[i - 1]
+            if linear:
+                torch.mul(expand_as(half_g2[i - 1], y_i), ctx.score(y_i, times[i - 1]), out=tmp)
+                k_i = torch.mul(expand_as(a_t[i - 1], y_i), y_i, out=k_i).sub_(tmp)
+            else:
+                k_i.copy_(pf_drift(ctx, y_i, times[i - 1]))
+            ks.append(k_i)
         # FSAL: the last stage's input is the order-p solution and its derivative the next k1
-        err = _combine(tab.error_weights, ks).mul_(hx)
-        scale = torch.maximum(x.abs(), y.abs()).mul_(self.rtol).add_(self.atol)  # atol + rtol max(|x|, |y|)
-        k1, k_last = ks[0], ks[-1]
-        return Attempt(x=y, error=rms_norm(err.div_(scale)), nfe=tab.stages - 1,
-                       update=lambda ok: {"k1": torch.where(expand_as(ok, k1), k_last, k1)})
+        err = self._combine(tab.error_weights, ks, tmp).mul_(hx)
+        torch.maximum(torch.abs(x, out=scale), torch.abs(proposal, out=y), out=scale)
+        err.div_(scale.mul_(self.rtol).add_(self.atol))  # / (atol + rtol max(|x|, |y|))
+        error = err.mul_(err).reshape(n, -1).mean(dim=1).sqrt()  # rms_norm, in place
+        rows = st["rk_rows"][:n]
+
+        def update(ok: Tensor) -> Carry:  # k_s where accepted, else k_1: a row gather (torch.where is slower)
+            return {"k1": torch.index_select(pair, 0, torch.where(ok, rows, rows + n), out=k1)}
+
+        return Attempt(x=proposal, error=error, nfe=stages - 1, update=update)
 
 
 # --- the adaptive reverse-SDE solver ---------------------------------------------------------------------

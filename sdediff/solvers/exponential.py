@@ -83,12 +83,13 @@ def phi_terms(z: Tensor, k: int) -> Tensor:
     """
     small = z.abs() < 0.5
     zs = torch.where(small, z, torch.zeros_like(z))
-    out = []
-    for j in range(1, k + 1):
-        closed = torch.expm1(z) - sum(z**n * (1.0 / math.factorial(n)) for n in range(1, j))
-        series = sum(zs**n * (1.0 / math.factorial(n)) for n in range(j + 20, j - 1, -1))
-        out.append(torch.where(small, series, closed))
-    return torch.stack(out, dim=-1)
+    inv_fact = torch.tensor([1.0 / math.factorial(n) for n in range(k + 21)], dtype=z.dtype, device=z.device)
+    powers = torch.arange(k + 21, dtype=z.dtype, device=z.device)
+    terms = zs[..., None] ** powers * inv_fact  # z^n/n!, n = 0..k+20, for the series (small z only)
+    series = torch.stack([terms[..., j:j + 21].flip(-1).sum(-1) for j in range(1, k + 1)], dim=-1)  # n = j..j+20
+    head = (z[..., None] ** powers[1:k] * inv_fact[1:k]).cumsum(-1)  # sum_{n=1}^{j-1} z^n/n!, j = 2..k
+    closed = torch.expm1(z)[..., None] - torch.cat([torch.zeros_like(z)[..., None], head], dim=-1)
+    return torch.where(small[..., None], series, closed)
 
 
 def _exp_coefficients(prediction: str, start: tuple[Tensor, Tensor, Tensor], end: tuple[Tensor, Tensor, Tensor],

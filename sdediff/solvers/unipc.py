@@ -28,8 +28,7 @@ step skips it. ``N`` steps cost ``N`` score evaluations.
 
 from __future__ import annotations
 
-from typing import Any
-
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -66,33 +65,32 @@ def unipc_coefficients(lam: Tensor, m: Tensor, s: Tensor, order: int, prediction
     a = s[1:] / s[:-1] if prediction == "data" else m[1:] / m[:-1]
     big_b = z if variant == "bh1" else torch.expm1(z)
     psi = phi_terms(z, order + 1)  # psi[:, j - 1] = psi_j(z)
-    c0 = kappa * psi[:, 0]  # the first-order (DDIM) term: x_{i+1} = a x_i + c0 P_0
     q = torch.arange(1, order + 1, dtype=lam.dtype, device=lam.device)
     fact = torch.exp(torch.lgamma(q + 1))
     b = fact * psi[:, 1:] / (z[:, None] ** q * big_b[:, None])  # (N, order): b_q, q = 1..order
-    w = torch.zeros(n, order, dtype=lam.dtype, device=lam.device)
-    v = torch.zeros(n, order + 1, dtype=lam.dtype, device=lam.device)
-    w[:, 0], v[:, 0] = c0, c0
-    half = torch.full((1,), 0.5, dtype=lam.dtype, device=lam.device)
-    lam_host = lam.tolist()
+    # the per-step solves are tiny (k <= 5): in NumPy on the host, where each costs a few microseconds
+    lam_h, h_h, kb_h, b_h, c0 = (val.detach().cpu().numpy() for val in (lam, h, kappa * big_b, b, kappa * psi[:, 0]))
+    w = np.zeros((n, order), dtype=lam_h.dtype)
+    v = np.zeros((n, order + 1), dtype=lam_h.dtype)
+    w[:, 0], v[:, 0] = c0, c0  # the first-order (DDIM) term: x_{i+1} = a x_i + c0 P_0
+    powers = np.arange(order)[:, None]  # q - 1 for the rows q = 1..order
     for i in range(n):
         k = min(order, i + 1)
         if lower_order_final and n < lower_order_final_below:
             k = min(k, n - i)
-        while k > 1 and abs(lam_host[i] - lam_host[i - k + 1]) < 0.5 * abs(lam_host[i + 1] - lam_host[i]):
+        while k > 1 and abs(lam_h[i] - lam_h[i - k + 1]) < 0.5 * abs(lam_h[i + 1] - lam_h[i]):
             k -= 1  # the oldest node would be closer than h/2: extrapolating that far is unstable
-        r = torch.cat([(lam[i - k + 1:i].flip(0) - lam[i]) / h[i], torch.ones_like(h[:1])])  # r_1..r_{k-1}, 1
-        vander = r[None, :] ** (q[:k, None] - 1)  # rows q = 1..k
-        kb = kappa[i] * big_b[i]
+        r = np.append((lam_h[i - k + 1:i][::-1] - lam_h[i]) / h_h[i], 1.0).astype(lam_h.dtype)  # r_1..r_{k-1}, 1
+        vander = r[None, :] ** powers[:k]  # rows q = 1..k
         if k > 1:  # predictor with the k - 1 past nodes
-            rho_p = half if k == 2 else torch.linalg.solve(vander[:k - 1, :k - 1], b[i, :k - 1])
-            w[i, 1:k] = kb * rho_p / r[:k - 1]
+            rho_p = 0.5 if k == 2 else np.linalg.solve(vander[:k - 1, :k - 1], b_h[i, :k - 1])
+            w[i, 1:k] = kb_h[i] * rho_p / r[:k - 1]
             w[i, 0] -= w[i, 1:k].sum()
-        rho_c = half if k == 1 else torch.linalg.solve(vander, b[i, :k])  # corrector: past nodes and the new one
-        v[i, 1:k] = kb * rho_c[:k - 1] / r[:k - 1]
-        v[i, order] = kb * rho_c[k - 1]
+        rho_c = np.array([0.5]) if k == 1 else np.linalg.solve(vander, b_h[i, :k])  # past nodes and the new one
+        v[i, 1:k] = kb_h[i] * rho_c[:k - 1] / r[:k - 1]
+        v[i, order] = kb_h[i] * rho_c[k - 1]
         v[i, 0] -= v[i, 1:k].sum() + v[i, order]
-    return a, w, v
+    return a, torch.from_numpy(w).to(lam), torch.from_numpy(v).to(lam)
 
 
 @register_solver("unipc")
@@ -148,27 +146,43 @@ class UniPC(FixedStepSolver):
         t64 = ts.to("cpu", torch.float64)  # a few hundred tiny solves: cheaper on the host, once per run
         m, s, lam = _kernel(sde, t64)
         a, w, v = unipc_coefficients(lam, m, s, self.order, self.prediction, self.variant, self.lower_order_final)
-        st: dict[str, Any] = {"i": 0, "n": len(ts) - 1, "history": [], "next": None}
-        st.update({key: val.to(device=x.device, dtype=x.dtype) for key, val in
-                   {"m": m, "s": s, "a": a, "w": w, "v": v}.items()})
-        ctx.state.update(st)
+        # P = c_x x + c_s score per grid time: (1/m, s^2/m) for x0_hat, (0, -s) for eps_hat
+        predict = torch.stack([1 / m, s**2 / m] if self.prediction == "data" else [0 * s, -s], dim=1)
+        width = [int(row.nonzero().max()) + 1 for row in w]  # columns past a step's order are 0: skip them
+        rows = {key: [r.unbind() for r in val.to(device=x.device, dtype=x.dtype)]  # 0-d tensors: a step only
+                for key, val in {"a": a[:, None], "w": w, "v": v, "predict": predict}.items()}  # indexes lists
+        ctx.state.update(i=0, n=len(ts) - 1, history=[], next=None, spare=[], width=width,
+                         x_pred=torch.empty_like(x), **rows)
 
     def _predict(self, ctx: Context, x: Tensor, t: Tensor, i: int) -> Tensor:
-        r""":math:`\hat x_0` or :math:`\hat\epsilon` at grid point ``i`` (one NFE)."""
+        r""":math:`\hat x_0 = (x + s^2\nabla\log p_t)/m` or :math:`\hat\epsilon = -s\nabla\log p_t` at grid
+        point ``i`` (one NFE), written into a buffer of a prediction no longer needed (or a new one)."""
         st = ctx.state
         score = ctx.score(x, t)
-        return (x + st["s"][i] ** 2 * score) / st["m"][i] if self.prediction == "data" else -st["s"][i] * score
+        c_x, c_s = st["predict"][i]
+        out = st["spare"].pop() if st["spare"] else torch.empty_like(x)
+        if self.prediction == "data":
+            return torch.mul(x, c_x, out=out).addcmul_(c_s, score)
+        return torch.mul(score, c_s, out=out)
 
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
         st, i = ctx.state, _tick(ctx)
-        hist = st["history"]
+        hist = st["history"]  # P_i, P_{i-1}, ... newest first, in buffers recycled through st["spare"]
         hist.insert(0, self._predict(ctx, x, t, i) if st["next"] is None else st["next"])
-        del hist[self.order:]
-        base = st["a"][i] * x
-        x_pred = base + sum(st["w"][i, j] * p for j, p in enumerate(hist))
-        if not self.corrector or i == st["n"] - 1:
+        if len(hist) > self.order:
+            st["spare"].append(hist.pop())
+        (a,), w, width = st["a"][i], st["w"][i], st["width"][i]
+        last = not self.corrector or i == st["n"] - 1
+        x_pred = torch.mul(x, a, out=ctx.buffer(x) if last else st["x_pred"])
+        for j in range(width):
+            x_pred.addcmul_(w[j], hist[j])
+        if last:
             st["next"] = None
             return x_pred
         p_new = self._predict(ctx, x_pred, t_next, i + 1)
         st["next"] = p_new
-        return base + sum(st["v"][i, j] * p for j, p in enumerate(hist)) + st["v"][i, self.order] * p_new
+        v = st["v"][i]
+        out = torch.mul(x, a, out=ctx.buffer(x))
+        for j in range(width):  # v has the same zero columns as w, then P_new's
+            out.addcmul_(v[j], hist[j])
+        return out.addcmul_(v[self.order], p_new)
