@@ -187,13 +187,7 @@ class DistributedEval:
 
     def close(self) -> None:
         """Leave the process group if this object created it (all ranks meet at a barrier first)."""
-        if self._dist.created:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.barrier()
-                dist.destroy_process_group()
-            self._dist.created = False
+        self._dist.close()
 
     def __enter__(self) -> DistributedEval:
         return self

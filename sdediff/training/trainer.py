@@ -247,6 +247,17 @@ class _Dist:
     local_rank: int = 0
     created: bool = False
 
+    def close(self) -> None:
+        """Leave the process group if :func:`_setup_distributed` created it; all ranks meet at a barrier first,
+        so no rank tears gloo down while a peer is still working (which can abort at interpreter exit)."""
+        if self.created:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
+            self.created = False
+
 
 def _setup_distributed(device_pref: str | None) -> _Dist:
     """Join the process group ``torchrun`` describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), if any."""
@@ -800,15 +811,10 @@ class Trainer:
     def close(self) -> None:
         """Leave the process group if this trainer created it.
 
-        All ranks meet at a barrier first and the DDP wrapper (whose reducer holds gloo work objects) is dropped
-        before the group is destroyed: a rank that tears gloo down while its peer is still writing files, or
-        with work objects alive, can abort at interpreter exit.
+        The DDP wrapper (whose reducer holds gloo work objects) is dropped first, then all ranks meet at a
+        barrier and the group is destroyed: a rank that tears gloo down while its peer is still writing files,
+        or with work objects alive, can abort at interpreter exit.
         """
         if self.dist.created:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.barrier()
-                self._train_net = self.net
-                dist.destroy_process_group()
-            self.dist.created = False
+            self._train_net = self.net
+        self.dist.close()
