@@ -31,9 +31,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._utils import batch_time, expand_as
+from ._utils import batch_time
 from .processes import ScoreFn
 from .sampling import SampleResult, sample
+from .score import _coeffs
 from .sdes.linear import LinearSDE, require_linear
 
 LogProbFn = Callable[[Tensor, Tensor], Tensor]
@@ -60,17 +61,12 @@ def _keep_graph(x: Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
 
-def _kernel(sde: LinearSDE, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """``(m(t), s(t))`` shaped to broadcast against ``x``."""
-    return expand_as(sde.mean_coeff(t), x), expand_as(sde.marginal_std(t), x)
-
-
 def _tweedie_guided(sde: LinearSDE, score_fn: ScoreFn, x: Tensor, t: Tensor, scale: float,
                     gradient: Callable[[Tensor, Tensor, Tensor, Tensor, bool], Tensor]) -> Tensor:
     r"""``score + scale * gradient(x, x0, m, s, keep)`` at ``x`` with Tweedie's denoiser
     :math:`\hat x_0 = (x + s^2 s_\theta(x, t))/m` computed under grad mode, so that ``gradient`` can differentiate
     through it with respect to ``x``; the graph is kept (``keep``) only when the caller differentiates the result."""
-    m, s = _kernel(sde, x, t)
+    m, s = _coeffs(sde, x, t)
     keep = _keep_graph(x)
     with torch.enable_grad():
         xg = x if keep else x.detach().requires_grad_(True)
@@ -375,7 +371,7 @@ def inpainting_score(sde: LinearSDE, score_fn: ScoreFn, mask: Tensor, observed: 
         def replaced(x: Tensor, t: Tensor) -> Tensor:
             t = batch_time(t, x)
             known, y = _check_observation(mask, observed, x)
-            m, s = _kernel(sde, x, t)
+            m, s = _coeffs(sde, x, t)
             return torch.where(known, (m * y - x) / s**2, score_fn(x, t))
 
         return replaced
