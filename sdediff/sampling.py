@@ -152,7 +152,8 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solver: str | Solv
         x_init = _check_x_init(x_init, shape)
     score = CountedScore(score_fn)
     pieces, stats, trajectory, ts = [], {}, None, None
-    for start in tqdm(range(0, n, chunk), desc="chunks", disable=not progress or chunk == n, leave=False):
+    starts = range(0, n, chunk)
+    for start in tqdm(starts, desc="chunks", leave=False) if progress and chunk < n else starts:
         size = min(chunk, n - start)
         if x_init is None:
             x = sde.prior_sample((size, *shape[1:]), generator=generator, dtype=dtype or torch.get_default_dtype(),

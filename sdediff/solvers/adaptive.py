@@ -411,60 +411,57 @@ class AdaptiveRungeKutta(PerSampleAdaptiveSolver):
 
     def begin(self, ctx: Context, x: Tensor, t: Tensor) -> tuple[Carry, int]:
         tab, n = self._tableau, x.shape[0]
-        # scratch reused by every attempt (its first n rows when n samples are active): the stage derivatives
-        # k_2..k_{s-1}, the stage input, the proposal and two temporaries; and k_s beside a copy of k_1
-        ctx.state["rk_work"] = x.new_empty((tab.stages + 2, *x.shape))
-        ctx.state["rk_pair"] = x.new_empty((2 * n, *x.shape[1:]))
+        # scratch reused by every attempt (its first n rows when n samples are active), one allocation: the stage
+        # derivatives k_1..k_s (a stage's input is one batched matrix product over them), the stage input (then
+        # the error) and the proposal
+        ctx.state["rk_k"] = x.new_empty((tab.stages + 2, *x.shape))
         ctx.state["rk_rows"] = torch.arange(n, device=x.device)
+        # row i < s: a_i (stage i's input is x + h sum_j a_ij k_j); row s: the error weights b - b_hat
+        ctx.state["rk_coef"] = torch.tensor([*(list(r) + [0.0] * (tab.stages - i) for i, r in enumerate(tab.a)),
+                                             tab.error_weights], dtype=x.dtype, device=x.device)
         sde = ctx.sde
         ctx.state["rk_linear"] = isinstance(sde, LinearSDE) and type(sde).drift is LinearSDE.drift
         return {"k1": pf_drift(ctx, x, t)}, 1
 
-    @staticmethod
-    def _combine(weights: tuple[float, ...], ks: list[Tensor], out: Tensor) -> Tensor:
-        r""":math:`\sum_j w_j k_j` into ``out``, skipping zero weights."""
-        terms = [(w, kj) for w, kj in zip(weights, ks, strict=False) if w != 0]
-        torch.mul(terms[0][1], terms[0][0], out=out)
-        for w, kj in terms[1:]:
-            out.add_(kj, alpha=w)
-        return out
-
     def attempt(self, ctx: Context, x: Tensor, t: Tensor, h: Tensor, t_next: Tensor, carry: Carry) -> Attempt:
         tab, st = self._tableau, ctx.state
         n, stages = x.shape[0], self._tableau.stages
-        work = st["rk_work"][:, :n]  # each work[j] is contiguous: the first n rows of a buffer
-        k_bufs, (y, proposal, tmp, scale) = work[:stages - 2], work[stages - 2:]
-        pair = st["rk_pair"][:2 * n]  # k_s, then k_1: the next k_1 is a row gather from them
-        k_bufs = [*k_bufs, pair[:n]]
-        hx = expand_as(h, x)
+        k_all = st["rk_k"]
+        ks = k_all[:stages, :n]  # ks[j - 1] = k_j, contiguous (the first n rows of a buffer)
+        y, proposal = k_all[stages:, :n]
+        k_rows = ks.view(stages, n, -1).transpose(0, 1)  # (n, s, D): sample r's k_1..k_s, a strided view (no copy)
+        x_row = x.reshape(n, 1, -1)
+        coef = h[:, None, None] * st["rk_coef"]  # (n, s + 1, s): h a_ij, then h (b_j - b_hat_j)
         times = torch.stack([t_next if c == 1 else t + c * h for c in tab.c[1:]])  # t + c_i h, i = 1..s-1
         linear = st["rk_linear"]
         if linear:  # v = a(t) x - (g(t)^2 / 2) s(x, t), the coefficients of every stage at once
             flat = times.reshape(-1)
             a_t = torch.broadcast_to(ctx.sde.drift_coef(flat), flat.shape).reshape(times.shape)
             half_g2 = (0.5 * torch.broadcast_to(ctx.sde.diffusion(flat), flat.shape) ** 2).reshape(times.shape)
-        k1 = carry["k1"]
-        ks = [pair[n:].copy_(k1)]
-        # the same operations, in the same order, as x + h * sum_j a_ij k_j and pf_drift: allocation-free
-        for i in range(1, stages):  # y = x + h sum_j a_ij k_j, k_i = v(y, t + c_i h)
+        ks[0].copy_(carry["k1"])
+        for i in range(1, stages):  # y = x + sum_j (h a_ij) k_j (one batched product), k_i = v(y, t + c_i h)
             y_i = proposal if i == stages - 1 else y
-            torch.add(x, self._combine(tab.a[i], ks, tmp).mul_(hx), out=y_i)
-            k_i = k_bufs[i - 1]
+            torch.baddbmm(x_row, coef[:, i:i + 1, :i], k_rows[:, :i], out=y_i.view(n, 1, -1))
+            # k_i = f(y, t_i) - (g(t_i)^2 / 2) s(y, t_i) (pf_drift), both paths with the same operations
             if linear:
-                torch.mul(expand_as(half_g2[i - 1], y_i), ctx.score(y_i, times[i - 1]), out=tmp)
-                k_i = torch.mul(expand_as(a_t[i - 1], y_i), y_i, out=k_i).sub_(tmp)
+                torch.mul(y_i, expand_as(a_t[i - 1], y_i), out=ks[i])
+                g2 = half_g2[i - 1]
             else:
-                k_i.copy_(pf_drift(ctx, y_i, times[i - 1]))
-            ks.append(k_i)
+                ks[i].copy_(ctx.sde.drift(y_i, times[i - 1]))
+                g2 = 0.5 * ctx.sde.diffusion(times[i - 1]) ** 2
+            ks[i].addcmul_(ctx.score(y_i, times[i - 1]), expand_as(g2, y_i), value=-1)
         # FSAL: the last stage's input is the order-p solution and its derivative the next k1
-        err = self._combine(tab.error_weights, ks, tmp).mul_(hx)
-        torch.maximum(torch.abs(x, out=scale), torch.abs(proposal, out=y), out=scale)
+        err, scale, tmp = y, ks[1], ks[2]  # free now (only k_1 and k_s are needed after the error)
+        torch.bmm(coef[:, stages:], k_rows, out=err.view(n, 1, -1))  # h sum_j (b_j - b_hat_j) k_j
+        torch.maximum(torch.abs(x, out=scale), torch.abs(proposal, out=tmp), out=scale)
         err.div_(scale.mul_(self.rtol).add_(self.atol))  # / (atol + rtol max(|x|, |y|))
-        error = err.mul_(err).reshape(n, -1).mean(dim=1).sqrt()  # rms_norm, in place
+        error = torch.linalg.vector_norm(err.view(n, -1), dim=1).div_(math.sqrt(err[0].numel()))  # rms_norm
         rows = st["rk_rows"][:n]
+        last = (stages - 1) * k_all.shape[1]  # where k_s of sample 0 is among the rows of k_all
 
         def update(ok: Tensor) -> Carry:  # k_s where accepted, else k_1: a row gather (torch.where is slower)
-            return {"k1": torch.index_select(pair, 0, torch.where(ok, rows, rows + n), out=k1)}
+            return {"k1": torch.index_select(k_all.view(-1, *x.shape[1:]), 0, torch.where(ok, rows + last, rows),
+                                             out=carry["k1"])}
 
         return Attempt(x=proposal, error=error, nfe=stages - 1, update=update)
 

@@ -130,19 +130,20 @@ def integrate(solver: FixedStepSolver, ctx: Context, x: Tensor, ts: Tensor, *,
         trajectory[0].copy_(x)
     reuse = trajectory is None and callback is None  # a callback may keep the states it is given
     spare = None  # a state made by an earlier step, free to be written again
+    times, records = ts.unbind(), sums.unbind()  # 0-d views, made once: a step indexes Python tuples
     try:
-        for i in tqdm(range(n), desc=solver.name, disable=not progress, leave=False):
+        for i in tqdm(range(n), desc=solver.name, leave=False) if progress else range(n):  # no bar object unless shown
             out = trajectory[i + 1] if trajectory is not None else spare
             ctx.index, ctx.out = i, out
-            x_new = solver.step(ctx, x, ts[i], ts[i + 1])
+            x_new = solver.step(ctx, x, times[i], times[i + 1])
             if trajectory is not None and x_new is not out:
                 out.copy_(x_new)
             if reuse and i > 0 and x_new is not x:  # x came from step i - 1, not from the caller
                 spare = x
             x = x_new
-            torch.sum(x, dims, out=sums[i])
+            torch.sum(x, dims, out=records[i])
             if callback is not None:
-                callback(i, ts[i + 1], x)
+                callback(i, times[i + 1], x)
     finally:
         ctx.out = None
     bad = ~torch.isfinite(sums)

@@ -49,6 +49,7 @@ name            method                                                       NFE
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -387,9 +388,9 @@ class DDIM(FixedStepSolver):
 
 
 # --- linear multistep in sigma ----------------------------------------------------------------------
-def _gauss_legendre(points: int) -> tuple[Tensor, Tensor]:
-    nodes, weights = np.polynomial.legendre.leggauss(points)
-    return torch.from_numpy(nodes), torch.from_numpy(weights)
+@functools.cache
+def _gauss_legendre(points: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.polynomial.legendre.leggauss(points)
 
 
 def adams_bashforth_weights(sigma: Tensor, order: int) -> Tensor:
@@ -399,23 +400,21 @@ def adams_bashforth_weights(sigma: Tensor, order: int) -> Tensor:
     the Lagrange basis polynomials on the nodes :math:`\sigma_i, \sigma_{i-1}, \dots, \sigma_{i-k+1}`,
     :math:`k = \min(\text{order}, i + 1)` (columns ``j >= k`` are zero). The integrals are exact:
     Gauss–Legendre quadrature with ``order`` points integrates the degree ``k - 1`` polynomials exactly.
+    All steps at once: :math:`L_{ij}(q) = \prod_{l \ne j,\ l < k} (q - \sigma_{i-l}) / (\sigma_{i-j} - \sigma_{i-l})`.
     """
     n = len(sigma) - 1
-    u, w = (v.to(sigma) for v in _gauss_legendre(order))
+    u, w = (torch.from_numpy(v).to(sigma) for v in _gauss_legendre(order))
     half = 0.5 * (sigma[1:] - sigma[:-1])
     q = (0.5 * (sigma[1:] + sigma[:-1]))[:, None] + half[:, None] * u  # (N, order) quadrature nodes per step
-    out = torch.zeros(n, order, dtype=sigma.dtype, device=sigma.device)
-    steps = torch.arange(n, device=sigma.device)
-    for k in range(1, order + 1):
-        rows = steps[k - 1:] if k == order else steps[k - 1:k]  # the steps that use k nodes
-        nodes = sigma[rows[:, None] - torch.arange(k, device=sigma.device)]  # (R, k): sigma_i, sigma_{i-1}, ...
-        for j in range(k):
-            basis = torch.ones_like(q[rows])
-            for l in range(k):
-                if l != j:
-                    basis = basis * (q[rows] - nodes[:, l:l + 1]) / (nodes[:, j:j + 1] - nodes[:, l:l + 1])
-            out[rows, j] = half[rows] * (basis * w).sum(-1)
-    return out
+    cols = torch.arange(order, device=sigma.device)
+    back = torch.arange(n, device=sigma.device)[:, None] - cols  # (N, order): i, i - 1, .., i - order + 1
+    used = back >= 0  # step i has nodes j < k = min(order, i + 1)
+    nodes = sigma[back.clamp(min=0)]
+    factor = used[:, None, :] & (cols[:, None] != cols[None, :])  # (N, j, l): l is a factor of L_ij
+    num = torch.where(factor[..., None], q[:, None, None, :] - nodes[:, None, :, None], 1.0)  # (N, j, l, order)
+    den = torch.where(factor, nodes[:, :, None] - nodes[:, None, :], 1.0)
+    basis = (num / den[..., None]).prod(2)  # (N, j, order): L_ij at the quadrature nodes
+    return torch.where(used, half[:, None] * (basis * w).sum(-1), 0.0)
 
 
 @register_solver("lms")

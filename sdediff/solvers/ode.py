@@ -82,7 +82,7 @@ class Euler(FixedStepSolver):
         flow = linear_flow(ctx.sde, ts)
         if flow is not None:
             h, a, b = flow
-            flow = ((1 + h * a[:-1]).to(x), (h * b[:-1]).to(x))
+            flow = ((1 + h * a[:-1]).to(x).unbind(), (h * b[:-1]).to(x).unbind())  # per step: index a tuple
         ctx.state["euler"] = flow
 
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
@@ -110,7 +110,7 @@ class Heun(FixedStepSolver):
         flow = linear_flow(ctx.sde, ts)
         if flow is not None:
             h, a, b = flow
-            flow = tuple(c.to(x) for c in (1 + h * a[:-1], h * b[:-1], 0.5 * (1 + h * a[1:]), 0.5 * h * b[1:]))
+            flow = tuple(c.to(x).unbind() for c in (1 + h * a[:-1], h * b[:-1], 0.5 * (1 + h * a[1:]), 0.5 * h * b[1:]))
             ctx.state["heun_x"] = torch.empty_like(x)  # the Euler predictor, reused every step
         ctx.state["heun"] = flow
 

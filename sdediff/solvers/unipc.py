@@ -148,7 +148,7 @@ class UniPC(FixedStepSolver):
         a, w, v = unipc_coefficients(lam, m, s, self.order, self.prediction, self.variant, self.lower_order_final)
         # P = c_x x + c_s score per grid time: (1/m, s^2/m) for x0_hat, (0, -s) for eps_hat
         predict = torch.stack([1 / m, s**2 / m] if self.prediction == "data" else [0 * s, -s], dim=1)
-        width = [int(row.nonzero().max()) + 1 for row in w]  # columns past a step's order are 0: skip them
+        width = ((w != 0) * torch.arange(1, self.order + 1)).amax(1).tolist()  # columns past a step's order are 0: skip them
         rows = {key: [r.unbind() for r in val.to(device=x.device, dtype=x.dtype)]  # 0-d tensors: a step only
                 for key, val in {"a": a[:, None], "w": w, "v": v, "predict": predict}.items()}  # indexes lists
         ctx.state.update(i=0, n=len(ts) - 1, history=[], next=None, spare=[], width=width,
