@@ -183,13 +183,16 @@ def _sdediff_run(setup: Setup, spec: common.SolverSpec, steps: int, tol: float |
     return res.samples, counted.calls
 
 
-def _kd_run(setup: Setup, kd_name: str, schedule: str, steps: int, x_T: Tensor | None = None):
+def _kd_run(setup: Setup, kd_name: str, schedule: str, steps: int, x_T: Tensor | None = None,
+            sigmas: Tensor | None = None):
+    """k-diffusion's ``kd_name`` from x_T on ``schedule``'s ``steps + 1`` noise levels (or on ``sigmas``)."""
     kds, _ = common.load_kdiffusion()
     x_T = setup.x_T if x_T is None else x_T
     fn_name, _, _ = common.KD_SAMPLERS[kd_name]
     sde, eps = setup.sde, setup.problem.eps
     denoiser = common.Counted(common.KDenoiser(sde, setup.score, eps))
-    sigmas = common.kd_sigmas(kds, sde, steps, eps, schedule, x_T.device)
+    if sigmas is None:
+        sigmas = common.kd_sigmas(kds, sde, steps, eps, schedule, x_T.device)
     T = torch.tensor([sde.T], dtype=x_T.dtype, device=x_T.device)
     y = x_T / sde.mean_coeff(T)
     kwargs = {"disable": True}

@@ -12,7 +12,7 @@ from .processes import ReverseProcess
 from .sampling import SampleResult, sample
 from .sdes import SDE, VESDE, VPSDE, LearnedScheduleSDE, LinearSDE, SubVPSDE
 from .simulate import simulate
-from .solvers import available_solvers, register_solver
+from .solvers import available_solvers, calibrate_grid, register_solver
 from .training import MLP, TrainConfig, Trainer, UNet, dsm_loss
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
 ]
 __all__ += ["simulate", "elbo", "ELBOResult", "LearnedScheduleSDE"]
 __all__ += ["guidance"]
+__all__ += ["calibrate_grid"]
 
 
 def __getattr__(name: str):

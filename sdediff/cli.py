@@ -55,7 +55,7 @@ from .metrics import mean_se, noise_floor, sliced_wasserstein
 from .sampling import SampleResult, sample
 from .score import PREDICTIONS, ScoreModel
 from .sdes import VESDE, VPSDE, LearnedScheduleSDE, SubVPSDE
-from .solvers import available_solvers, get_solver
+from .solvers import FixedStepSolver, available_solvers, calibrate_grid, get_solver
 
 __all__ = ["main", "build_parser", "atomic_write"]  # atomic_write: kept importable here for the benchmark scripts
 
@@ -655,6 +655,28 @@ def _sample_labels(run: _Run, classes: list[int] | None, scale: float, n: int) -
     return torch.tensor(classes).repeat_interleave(math.ceil(n / len(classes)))[:n]
 
 
+def _calibrated_grid(run: _Run, args: argparse.Namespace, options: dict[str, Any], device: torch.device,
+                     labels: Tensor | None, progress: bool) -> tuple[Tensor, dict[str, Any]]:
+    """``--time-grid calibrated``: :func:`calibrate_grid` for the run's model and the chosen solver on
+    ``--calibration-pilot`` prior draws (seeded apart from the samples; the same grid in every process)."""
+    if labels is not None:
+        raise CLIError("--time-grid calibrated: not available with --classes (calibrate on unconditional runs)")
+    solver = get_solver(args.solver, **options)
+    if solver.stochastic or not isinstance(solver, FixedStepSolver):
+        raise CLIError(f"--time-grid calibrated needs a deterministic fixed-step solver (e.g. unipc, dpm_solver, heun), "
+                       f"got {args.solver}")
+    gen = torch.Generator(device).manual_seed(args.seed + 7919)
+    pilot = run.sde.prior_sample((args.calibration_pilot, *run.shape), generator=gen, device=device)
+    start = time.perf_counter()
+    cal = calibrate_grid(run.sde, run.score, pilot, args.steps, args.solver, eps=args.eps,
+                         max_evals=args.calibration_evals, progress=progress, **options)
+    info = {"times": cal.times.tolist(), "pilot": args.calibration_pilot, "pilot_rmse": cal.rmse, "start": cal.start,
+            "start_rmse": cal.start_rmse[cal.start], "accepted": cal.accepted, "holdout_rmse": cal.holdout_rmse,
+            "start_holdout_rmse": cal.start_holdout_rmse, "evals": cal.evals, "reference_nfe": cal.reference_nfe,
+            "search_nfe": cal.search_nfe, "seconds": time.perf_counter() - start}
+    return cal.times, info
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     """``sdediff sample``: draw samples from a trained run with any solver and save them."""
     device = local_device(_device(args.device))
@@ -672,6 +694,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
         print(f"sdediff {__version__} sample: {n} samples from {_run_description(run)} with {args.solver} "
               f"({args.steps} steps{', ' + str(options) if options else ''}) on {device}, {threads}; "
               f"{_sharding(chunks)}")
+    time_grid, calibration = args.time_grid, None
+    if time_grid == "calibrated":
+        time_grid, calibration = _calibrated_grid(run, args, options, device, labels, progress=args.progress and main)
+        if main:
+            verdict = ("kept" if calibration["accepted"] else f"not better on the held-out quarter: using {calibration['start']}")
+            print(f"calibrated {args.steps}-step grid on {args.calibration_pilot} pilot paths: RMSE "
+                  f"{calibration['pilot_rmse']:.3g} (best standard grid, {calibration['start']}: "
+                  f"{calibration['start_rmse']:.3g}); held-out quarter {calibration['holdout_rmse']:.3g} vs "
+                  f"{calibration['start_holdout_rmse']:.3g}, {verdict}; {calibration['seconds']:.1f} s")
 
     @torch.no_grad()
     def draw(k: int) -> tuple[Tensor, Tensor, int]:
@@ -679,7 +710,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         score = run.score if labels is None else ScoreModel(ClassifierFreeNet(run.net, labels[chunks[k]], args.guidance_scale),
                                                            run.sde, run.score.prediction, run.score.time_input)
         info = sample(run.sde, score, (size, *run.shape), solver=args.solver, steps=args.steps, eps=args.eps,
-                      generator=chunk_generator(args.seed, k, device), device=device, time_grid=args.time_grid,
+                      generator=chunk_generator(args.seed, k, device), device=device, time_grid=time_grid,
                       denoise=args.denoise, progress=args.progress and main and len(chunks) == 1, return_info=True,
                       **options)
         per_sample = info.stats.get("nfe_per_sample")
@@ -705,6 +736,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                            "nfe_per_sample": nfe_per_sample, "batch_size": args.batch_size,
                            "world_size": _world_size(), "seconds": seconds, "samples": str(out),
                            "classes": args.classes, "guidance_scale": args.guidance_scale}
+    if calibration is not None:
+        doc["calibration"] = calibration
     line = f"{n} samples in {seconds:.2f} s, {nfe_per_sample:.4g} NFE"
     if run.data in TOY_DATASETS and x.dim() == 2:
         doc.update(_toy_metrics(x, run.data, _held_out_generator(run.seed + 1)))
@@ -1231,8 +1264,13 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
                    help="solver option, repeatable (e.g. snr=0.16, rtol=1e-4, order=3)")
     p.add_argument("--n", type=_positive_int, help="number of samples (default: 2000 for 2-D runs, 64 for images)")
     p.add_argument("--eps", type=_positive_float, default=1e-3, help="final time")
-    p.add_argument("--time-grid", choices=("uniform", "quadratic", "log_snr", "karras"), default="uniform",
-                   help="time grid of fixed-step solvers (log_snr suits dpm_solver, ddim and lms at few steps)")
+    p.add_argument("--time-grid", choices=("uniform", "quadratic", "log_snr", "karras", "calibrated"), default="uniform",
+                   help="time grid of fixed-step solvers (log_snr suits dpm_solver, ddim and lms at few steps; "
+                        "calibrated: fitted to this model and solver first, see --calibration-pilot)")
+    p.add_argument("--calibration-pilot", type=_positive_int, default=256,
+                   help="--time-grid calibrated: prior draws the grid is fitted on (3/4) and checked on (1/4)")
+    p.add_argument("--calibration-evals", type=_positive_int, default=300,
+                   help="--time-grid calibrated: solver runs of the search")
     p.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=False,
                    help="finish with a noise-free denoising step to t=0 (one more NFE)")
     p.add_argument("--batch-size", type=_positive_int, default=500,

@@ -15,6 +15,7 @@ import sdediff
 
 acc = load_benchmark("accuracy_per_nfe")
 ovh = load_benchmark("overhead")
+cal = load_benchmark("calibrated_grids")
 common = acc.common
 SPEC = {s.label: s for s in common.SPECS}
 
@@ -143,6 +144,21 @@ def test_accuracy_script_end_to_end(tmp_path, capsys):
     assert {r["label"] for r in results["records"]} == {"heun", "heun (karras grid)", "heun (log-SNR grid)"}
     assert "| heun | sdediff | " in (tmp_path / "accuracy_per_nfe_quick.md").read_text()
     assert "set_num_threads(1)" in capsys.readouterr().out
+
+
+def test_calibrated_grids_script_end_to_end_and_merge(tmp_path):
+    _kdiffusion()
+    assert cal.main(["--quick", "--nfe", "5", "--tag", "part", "--out", str(tmp_path)]) == 0
+    part = json.loads((tmp_path / "calibrated_grids_quick_part.json").read_text())
+    (row,) = part["rows"]
+    assert row["problem"] == "VP d=2" and row["n_eval"] == 256 and set(row["calibrated"]) == set(cal.CANDIDATES)
+    for c in [*row["calibrated"].values(), row["kd_calibrated"][cal.KD_CALIBRATED]]:
+        assert c["evals"] <= 60 and len(c["times"]) == 6 and math.isfinite(c["rmse"])
+        # the returned grid is never worse than its start grid on the held-out quarter of the pilot
+        assert c["holdout_rmse"] < c["start_holdout_rmse"] or not c["accepted"]
+    assert cal.main(["--merge", str(tmp_path / "calibrated_grids_quick_part.json"), "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "calibrated_grids.md").read_text()
+    assert "| VP d=2 | 5 | `" in text and "then --merge" in text
 
 
 @pytest.mark.parametrize("script", [acc, ovh])

@@ -195,6 +195,18 @@ def test_sample_default_output_and_checkpoint_flag(moons_run, capsys):
     assert "NFE" in capsys.readouterr().out
 
 
+def test_sample_on_a_calibrated_grid(moons_run, tmp_path, capsys):
+    out = tmp_path / "cal.pt"
+    assert run("sample", "--run", moons_run, "--solver", "unipc", "--steps", "4", "--n", "40", "--time-grid", "calibrated",
+               "--calibration-pilot", "32", "--calibration-evals", "20", "--out", out, "--no-plot", "--no-progress") == 0
+    info = json.loads(out.with_suffix(".json").read_text())
+    cal = info["calibration"]
+    assert info["time_grid"] == "calibrated" and len(cal["times"]) == 5 and cal["evals"] <= 20
+    assert cal["pilot_rmse"] <= cal["start_rmse"] and "calibrated 4-step grid" in capsys.readouterr().out
+    assert run("sample", "--run", moons_run, "--solver", "pc", "--time-grid", "calibrated", "--no-plot") == 2
+    assert "deterministic fixed-step solver" in capsys.readouterr().err
+
+
 def test_likelihood(moons_run, tmp_path, capsys):
     out = tmp_path / "lik.json"
     assert run("likelihood", "--run", moons_run, "--n", "16", "--rtol", "1e-3", "--atol", "1e-3", "--bound-times",

@@ -3,9 +3,10 @@
 Importing this package registers the built-in solvers (one module per family).
 """
 
-from . import adaptive, correctors, exponential, grids, ode, sde, stochastic, unipc
+from . import adaptive, calibrate, correctors, exponential, grids, ode, sde, stochastic, unipc
 from .adaptive import AdaptiveReverseSDE, AdaptiveRungeKutta
 from .base import Context, FixedStepSolver, Solver, available_solvers, get_solver, integrate, register_solver
+from .calibrate import CalibratedGrid, calibrate_grid
 from .correctors import AnnealedLangevin, LangevinCorrector, PredictorCorrector
 from .exponential import DDIM, LMS, DPMSolver, EDMHeun
 from .ode import AdaptiveODE, Euler, Heun
@@ -19,4 +20,5 @@ __all__ = [
     "AnnealedLangevin", "Euler", "Heun", "AdaptiveODE", "DPMSolver", "DDIM", "LMS", "EDMHeun",
     "AdaptiveRungeKutta", "AdaptiveReverseSDE", "grids", "adaptive", "correctors", "exponential", "ode", "sde", "stochastic",
     "DDPM", "SDEDPMSolver", "TorchSDE", "UniPC", "unipc",
+    "calibrate", "CalibratedGrid", "calibrate_grid",
 ]
