@@ -157,7 +157,7 @@ def summarise(row: dict[str, Any]) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = ["# Calibrated time grids", "", f"Run: `{results['command']}`; {results['environment']}; float64; "
-             f"{results['seconds']:.0f} s.", "",
+             f"{results['seconds']:.0f} s{' (sum over the parts, run side by side)' if 'merged' in results else ''}.", "",
              f"Pilot batch: {results['pilot_n']} prior draws (seed distinct from the evaluation starts), reference "
              "dopri8 at rtol = atol = 1e-10; each calibration (`calibrate_grid` defaults) searches on the first 3/4 "
              f"with at most {results['max_evals']} solver runs (Powell) and keeps the searched grid only if it beats "
@@ -198,6 +198,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     names = list(dict.fromkeys(r["problem"] for r in results["rows"]))
@@ -212,6 +213,8 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         ax.loglog(nfe, [s["kd_calibrated"] for s in summ], "s:", color="C7", label=f"k-diffusion {KD_CALIBRATED}, calibrated")
         ax.set_title(name)
         ax.set_xlabel("NFE")
+        ax.set_xticks(nfe, [str(v) for v in nfe])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("pathwise RMSE (held-out starts)")
     axes[0][0].legend(fontsize=7)
@@ -240,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         parts = [json.loads(path.read_text()) for path in args.merge]
         results = {**parts[0], "rows": [row for part in parts for row in part["rows"]],
                    "seconds": sum(part["seconds"] for part in parts),
-                   "command": "; ".join(part["command"] for part in parts) + "; then --merge of their records"}
+                   "command": "; ".join(part["command"] for part in parts) + "; then --merge of their records",
+                   "merged": [str(path) for path in args.merge]}
         return write(results, args.out / "calibrated_grids")
     torch.set_num_threads(1)
     device = torch.device("cpu")
