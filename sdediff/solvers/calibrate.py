@@ -61,7 +61,8 @@ class CalibratedGrid:
         ``steps + 1`` strictly decreasing times from ``T`` to ``eps`` (float64, CPU); pass them as
         ``time_grid=`` to :func:`sdediff.sample`.
     rmse : float
-        Root-mean-square error per coordinate of the solver on the pilot batch with ``times``.
+        Root-mean-square error per coordinate of the solver with ``times`` on the pilot starts the search
+        used (all but the held-out share).
     start : str
         The standard grid the search started from (the one with the lowest pilot error).
     start_rmse : dict
