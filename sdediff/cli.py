@@ -55,7 +55,7 @@ from .metrics import mean_se, noise_floor, sliced_wasserstein
 from .sampling import SampleResult, sample
 from .score import PREDICTIONS, ScoreModel
 from .sdes import VESDE, VPSDE, LearnedScheduleSDE, SubVPSDE
-from .solvers import FixedStepSolver, available_solvers, calibrate_grid, get_solver
+from .solvers import available_solvers, calibrate_grid, get_solver
 
 __all__ = ["main", "build_parser", "atomic_write"]  # atomic_write: kept importable here for the benchmark scripts
 
@@ -661,15 +661,14 @@ def _calibrated_grid(run: _Run, args: argparse.Namespace, options: dict[str, Any
     ``--calibration-pilot`` prior draws (seeded apart from the samples; the same grid in every process)."""
     if labels is not None:
         raise CLIError("--time-grid calibrated: not available with --classes (calibrate on unconditional runs)")
-    solver = get_solver(args.solver, **options)
-    if solver.stochastic or not isinstance(solver, FixedStepSolver):
-        raise CLIError(f"--time-grid calibrated needs a deterministic fixed-step solver (e.g. unipc, dpm_solver, heun), "
-                       f"got {args.solver}")
     gen = torch.Generator(device).manual_seed(args.seed + 7919)
     pilot = run.sde.prior_sample((args.calibration_pilot, *run.shape), generator=gen, device=device)
     start = time.perf_counter()
-    cal = calibrate_grid(run.sde, run.score, pilot, args.steps, args.solver, eps=args.eps,
-                         max_evals=args.calibration_evals, progress=progress, **options)
+    try:  # calibrate_grid checks the solver (deterministic, fixed-step) and the sizes before any work
+        cal = calibrate_grid(run.sde, run.score, pilot, args.steps, args.solver, eps=args.eps,
+                             max_evals=args.calibration_evals, progress=progress, **options)
+    except ValueError as err:
+        raise CLIError(f"--time-grid calibrated: {err} (e.g. unipc, dpm_solver, heun)") from err
     info = {"times": cal.times.tolist(), "pilot": args.calibration_pilot, "pilot_rmse": cal.rmse, "start": cal.start,
             "start_rmse": cal.start_rmse[cal.start], "accepted": cal.accepted, "holdout_rmse": cal.holdout_rmse,
             "start_holdout_rmse": cal.start_holdout_rmse, "evals": cal.evals, "reference_nfe": cal.reference_nfe,

@@ -265,9 +265,9 @@ def _runner(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], solver: str 
         raise TypeError(f"solver must be a solver name, a Solver or a function (times, x_T) -> x_eps, got {solver!r}")
     instance = get_solver(solver, **options)
     if instance.stochastic:
-        raise ValueError(f"solver {instance.name!r} is stochastic; calibrate_grid fits deterministic (PF-ODE) solvers")
+        raise ValueError(f"calibrate_grid needs a deterministic fixed-step solver; {instance.name!r} is stochastic")
     if not isinstance(instance, FixedStepSolver):
-        raise ValueError(f"solver {instance.name!r} chooses its own steps; calibrate_grid needs a fixed-step solver")
+        raise ValueError(f"calibrate_grid needs a deterministic fixed-step solver; {instance.name!r} chooses its own steps")
 
     def run(ts: Tensor, x: Tensor) -> Tensor:
         res = _sample(sde, score_fn, x, instance, steps, eps, ts, {})
