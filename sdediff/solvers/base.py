@@ -34,7 +34,10 @@ class Context:
     ``state`` is scratch space for the solver (e.g. a multistep history; reset it in ``start``);
     ``stats`` is reported to the user in :attr:`sdediff.SampleResult.stats`. :func:`integrate` sets
     ``index`` to the number of the grid step being taken (so ``step`` can read coefficients precomputed
-    in ``start``) and ``out`` to a buffer that :meth:`buffer` hands out.
+    in ``start``), ``out`` to a buffer that :meth:`buffer` hands out, and ``observed`` to whether anyone sees
+    the states a step returns besides the next step (a callback, a kept trajectory): a solver whose
+    internal state differs from the one it reports (UniPC carries its predictor) forms the reported
+    state only then.
     """
 
     sde: SDE
@@ -44,6 +47,7 @@ class Context:
     stats: dict[str, Any] = field(default_factory=dict)
     index: int = 0
     out: Tensor | None = None
+    observed: bool = True
     _noise: Tensor | None = field(default=None, repr=False)
 
     def buffer(self, like: Tensor) -> Tensor:
@@ -129,6 +133,7 @@ def integrate(solver: FixedStepSolver, ctx: Context, x: Tensor, ts: Tensor, *,
     if trajectory is not None:
         trajectory[0].copy_(x)
     reuse = trajectory is None and callback is None  # a callback may keep the states it is given
+    ctx.observed = not reuse
     spare = None  # a state made by an earlier step, free to be written again
     times, records = ts.unbind(), sums.unbind()  # 0-d views, made once: a step indexes Python tuples
     try:
@@ -145,7 +150,7 @@ def integrate(solver: FixedStepSolver, ctx: Context, x: Tensor, ts: Tensor, *,
             if callback is not None:
                 callback(i, times[i + 1], x)
     finally:
-        ctx.out = None
+        ctx.out, ctx.observed = None, True
     bad = ~torch.isfinite(sums)
     if bool(bad.any()):
         k = int(bad.nonzero()[0, 0])

@@ -36,7 +36,7 @@ from ..sdes.linear import require_linear
 from .base import Context, FixedStepSolver, register_solver
 from .exponential import _check_choice, _kernel, _tick, phi_terms
 
-__all__ = ["UniPC", "unipc_coefficients"]
+__all__ = ["UniPC", "unipc_coefficients", "predictor_form"]
 
 
 def unipc_coefficients(lam: Tensor, m: Tensor, s: Tensor, order: int, prediction: str = "data", variant: str = "bh2",
@@ -146,13 +146,16 @@ class UniPC(FixedStepSolver):
         t64 = ts.to("cpu", torch.float64)  # a few hundred tiny solves: cheaper on the host, once per run
         m, s, lam = _kernel(sde, t64)
         a, w, v = unipc_coefficients(lam, m, s, self.order, self.prediction, self.variant, self.lower_order_final)
+        u, d = predictor_form(a, w, v, self.corrector)
         # P = c_x x + c_s score per grid time: (1/m, s^2/m) for x0_hat, (0, -s) for eps_hat
         predict = torch.stack([1 / m, s**2 / m] if self.prediction == "data" else [0 * s, -s], dim=1)
-        width = ((w != 0) * torch.arange(1, self.order + 1)).amax(1).tolist()  # columns past a step's order are 0: skip them
+        cols = torch.arange(1, self.order + 2)
+        width = ((u != 0) * cols).amax(1).tolist()  # columns past a step's order are 0: skip them
+        d_width = ((d != 0) * cols).amax(1).tolist()
         rows = {key: [r.unbind() for r in val.to(device=x.device, dtype=x.dtype)]  # 0-d tensors: a step only
-                for key, val in {"a": a[:, None], "w": w, "v": v, "predict": predict}.items()}  # indexes lists
-        ctx.state.update(i=0, n=len(ts) - 1, history=[], next=None, spare=[], width=width,
-                         x_pred=torch.empty_like(x), **rows)
+                for key, val in {"a": a[:, None], "u": u, "d": d, "predict": predict}.items()}  # indexes lists
+        ctx.state.update(i=0, n=len(ts) - 1, history=[], next=None, spare=[], width=width, d_width=d_width, y=None,
+                         y_buffers=[], **rows)
 
     def _predict(self, ctx: Context, x: Tensor, t: Tensor, i: int) -> Tensor:
         r""":math:`\hat x_0 = (x + s^2\nabla\log p_t)/m` or :math:`\hat\epsilon = -s\nabla\log p_t` at grid
@@ -166,23 +169,57 @@ class UniPC(FixedStepSolver):
         return torch.mul(score, c_s, out=out)
 
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+        r"""One step in the predictor form of :func:`predictor_form`: from the predictor state
+        :math:`\tilde x_i` (the step's input, or the one kept when the previous step reported its corrected
+        state), :math:`\tilde x_{i+1} = a_i\tilde x_i + \sum_j u_{ij} P_{i-j}`; the corrected
+        :math:`x_{i+1} = \tilde x_{i+1} + \sum_j d_{ij} P_{i+1-j}` is formed only when ``ctx.observed``."""
         st, i = ctx.state, _tick(ctx)
+        y = x if st["y"] is None else st["y"]
         hist = st["history"]  # P_i, P_{i-1}, ... newest first, in buffers recycled through st["spare"]
-        hist.insert(0, self._predict(ctx, x, t, i) if st["next"] is None else st["next"])
-        if len(hist) > self.order:
+        hist.insert(0, self._predict(ctx, y, t, i) if st["next"] is None else st["next"])
+        if len(hist) > self.order + 1:
             st["spare"].append(hist.pop())
-        (a,), w, width = st["a"][i], st["w"][i], st["width"][i]
-        last = not self.corrector or i == st["n"] - 1
-        x_pred = torch.mul(x, a, out=ctx.buffer(x) if last else st["x_pred"])
-        for j in range(width):
-            x_pred.addcmul_(w[j], hist[j])
-        if last:
-            st["next"] = None
-            return x_pred
-        p_new = self._predict(ctx, x_pred, t_next, i + 1)
-        st["next"] = p_new
-        v = st["v"][i]
-        out = torch.mul(x, a, out=ctx.buffer(x))
-        for j in range(width):  # v has the same zero columns as w, then P_new's
-            out.addcmul_(v[j], hist[j])
-        return out.addcmul_(v[self.order], p_new)
+        report = ctx.observed and self.corrector and i < st["n"] - 1  # someone sees x_{i+1}: form it
+        if report and not st["y_buffers"]:
+            st["y_buffers"] = [torch.empty_like(x), torch.empty_like(x)]
+        (a,), u = st["a"][i], st["u"][i]
+        y_next = torch.mul(y, a, out=st["y_buffers"][i % 2] if report else ctx.buffer(x))
+        for j in range(st["width"][i]):
+            y_next.addcmul_(u[j], hist[j])
+        st["next"], st["y"] = None, None
+        if not report:
+            return y_next
+        p_new = st["next"] = self._predict(ctx, y_next, t_next, i + 1)
+        d = st["d"][i]
+        out = torch.mul(p_new, d[0], out=ctx.buffer(x)).add_(y_next)
+        for j in range(1, st["d_width"][i]):
+            out.addcmul_(d[j], hist[j - 1])
+        st["y"] = y_next
+        return out
+
+
+def predictor_form(a: Tensor, w: Tensor, v: Tensor, corrector: bool = True) -> tuple[Tensor, Tensor]:
+    r"""UniPC's weights rewritten for the predictor :math:`\tilde x_i` as the carried state.
+
+    With the corrected state :math:`x_i = \tilde x_i + \delta_i`, where
+    :math:`\delta_{i+1} = \sum_{j<K} (v_{ij} - w_{ij}) P_{i-j} + v_{iK} P_{i+1}` (the corrector minus the predictor,
+    which share :math:`a_i x_i`) and :math:`\delta_0 = 0`, the predictor of step ``i`` is
+
+    .. math::  \tilde x_{i+1} = a_i\tilde x_i + a_i\delta_i + \sum_{j<K} w_{ij} P_{i-j}
+               = a_i\tilde x_i + \sum_{j\le K} u_{ij} P_{i-j},
+
+    a linear multistep formula over ``K + 1`` predictions: the model is evaluated at :math:`\tilde x_i` anyway,
+    so a run that shows no intermediate state never forms :math:`x_i`, which saves a combination of the
+    history per step (the final step has no corrector, so the result is the same). Returns ``(u, d)``: ``u``
+    ``(N, K + 1)`` as above, and ``d`` ``(N, K + 1)`` with :math:`x_{i+1} = \tilde x_{i+1} + d_{i0} P_{i+1} +
+    \sum_{j\ge1} d_{ij} P_{i+1-j}` (zero on the last step and without the corrector).
+    """
+    n, k = w.shape
+    if not corrector:
+        v = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)  # the corrected state is the predictor's
+    v = v.clone()
+    v[-1] = torch.cat([w[-1], torch.zeros_like(w[-1, :1])])  # the last step is not corrected
+    d = torch.cat([v[:, k:], v[:, :k] - w], dim=1)  # on P_{i+1}, P_i, ..., P_{i-K+1}
+    u = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)
+    u[1:] += a[1:, None] * d[:-1]  # delta_i, made at step i - 1, carried through a_i
+    return u, d
