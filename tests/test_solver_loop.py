@@ -7,6 +7,7 @@ process, so the two must agree to rounding (same noise draws, in float64). Ances
 has no general path, is checked against its textbook formula.
 """
 
+import functools
 import math
 
 import pytest
@@ -85,7 +86,8 @@ def test_ancestral_step_is_the_posterior_formula(variance):
 
 LOOP_SOLVERS = [("euler", {}), ("heun", {}), ("euler_maruyama", {}), ("ancestral", {}), ("pc", {}), ("langevin", {}),
                 ("dpm_solver", {}), ("dpm_solver", {"method": "singlestep", "order": 3}), ("ddim", {"eta": 0.5}),
-                ("lms", {}), ("edm_heun", {}), ("sde_dpm_solver", {})]
+                ("lms", {}), ("edm_heun", {}), ("sde_dpm_solver", {}), ("unipc", {}), ("reverse_diffusion", {}),
+                ("ddpm", {})]
 
 
 @pytest.mark.parametrize("name,options", LOOP_SOLVERS, ids=[f"{n}{o}" for n, o in LOOP_SOLVERS])
@@ -132,6 +134,37 @@ def test_buffer_is_reused_across_steps_and_distinct_from_the_input():
         sdediff.solvers.base._REGISTRY.pop("test_buffer_probe")
 
 
+def test_inplace_buffer_is_the_input_only_when_the_loop_owns_it():
+    taken = []
+
+    @register_solver("test_inplace_probe")
+    class Probe(FixedStepSolver):
+        r"""Scaled identity, :math:`x \leftarrow 0.5\,x`, in place where the loop allows it."""
+
+        def step(self, ctx, x, t, t_next):
+            out = ctx.buffer(x, inplace=True)
+            taken.append(out is x)
+            return torch.mul(x, 0.5, out=out)
+
+    try:
+        x = torch.ones(3, 2)
+        run = functools.partial(sdediff.sample, sdediff.VPSDE(), _score, x.shape, solver="test_inplace_probe", steps=5,
+                                x_init=x)
+        assert torch.equal(run(), torch.full_like(x, 0.5**5)) and torch.equal(x, torch.ones(3, 2))
+        assert taken == [False] + [True] * 4  # not the caller's start; every state the loop made after it
+        seen = []
+        for kwargs in ({"callback": lambda i, t, y: seen.append(y)}, {"keep_trajectory": True}):
+            taken.clear()
+            out = run(**kwargs)
+            assert taken == [False] * 5  # states someone may hold are never overwritten
+            if "callback" in kwargs:  # every state handed out is still as it was
+                assert [float(y[0, 0]) for y in seen] == [0.5 ** (k + 1) for k in range(5)]
+            else:
+                assert torch.equal(out.trajectory[:, 0, 0], 0.5 ** torch.arange(6.0))
+    finally:
+        sdediff.solvers.base._REGISTRY.pop("test_inplace_probe")
+
+
 @pytest.mark.parametrize("name", ["euler", "euler_maruyama", "ancestral", "dpm_solver", "sde_dpm_solver"])
 def test_first_non_finite_step_is_named(name):
     def score(x, t):
@@ -139,6 +172,27 @@ def test_first_non_finite_step_is_named(name):
 
     with pytest.raises(FloatingPointError, match=r"step 6 of 10 \(t = 0.46 -> 0.37\)"):
         sdediff.sample(sdediff.VPSDE(), score, (3, 2), solver=name, steps=10, eps=0.1, generator=gen(6))
+
+
+def test_non_finite_values_outside_the_record_are_caught_at_the_end():
+    """The per-step record holds the first element of every sample; a NaN or Inf elsewhere that the score does
+    not spread (an elementwise score) is caught by the check of the whole final state, without a step."""
+    for bad in (math.nan, math.inf):
+        def score(x, t, bad=bad):
+            s = -x.clone()
+            s[:, 1:, 2] = torch.where(t[:, None] < 0.5, bad, s[:, 1:, 2])
+            return s
+
+        with pytest.raises(FloatingPointError, match="by the end of the run .* step is not known"):
+            sdediff.sample(sdediff.VPSDE(), score, (3, 2, 4), solver="euler", steps=10, eps=0.1, generator=gen(6))
+
+
+def test_the_record_follows_any_memory_format():
+    """The per-step record reads the first element of every sample of a channels-last state as of any other."""
+    x = torch.randn(2, 3, 4, 5, generator=gen(1))
+    runs = [sdediff.sample(sdediff.VPSDE(), lambda y, t: -y, x.shape, solver="euler", steps=4,
+                           x_init=x.contiguous(memory_format=fmt)) for fmt in (torch.contiguous_format, torch.channels_last)]
+    assert torch.allclose(runs[0], runs[1], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("make_sde", [sdediff.VPSDE, sdediff.SubVPSDE, sdediff.VESDE,

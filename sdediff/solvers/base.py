@@ -34,8 +34,9 @@ class Context:
     ``state`` is scratch space for the solver (e.g. a multistep history; reset it in ``start``);
     ``stats`` is reported to the user in :attr:`sdediff.SampleResult.stats`. :func:`integrate` sets
     ``index`` to the number of the grid step being taken (so ``step`` can read coefficients precomputed
-    in ``start``), ``out`` to a buffer that :meth:`buffer` hands out, and ``observed`` to whether anyone sees
-    the states a step returns besides the next step (a callback, a kept trajectory): a solver whose
+    in ``start``), ``out`` to a buffer that :meth:`buffer` hands out, ``owned`` to the step's input state
+    when the loop may let the step overwrite it (see :meth:`buffer`), and ``observed`` to whether anyone
+    sees the states a step returns besides the next step (a callback, a kept trajectory): a solver whose
     internal state differs from the one it reports (UniPC carries its predictor) forms the reported
     state only then.
     """
@@ -48,16 +49,25 @@ class Context:
     index: int = 0
     out: Tensor | None = None
     observed: bool = True
+    owned: Tensor | None = None
     _noise: Tensor | None = field(default=None, repr=False)
 
-    def buffer(self, like: Tensor) -> Tensor:
+    def buffer(self, like: Tensor, inplace: bool = False) -> Tensor:
         """A tensor like ``like`` for ``step`` to write its new state into (``out=`` / in-place ops).
 
         Inside :func:`integrate` this is a buffer reused from step to step (or the trajectory's slot), which
         shares no memory with the step's input state: writing into it allocates nothing. A solver that
         uses it must take it at most once per step, return it as the new state, and keep no earlier
         state across steps (two steps later the buffer is written again). Elsewhere it is a new tensor.
+
+        With ``inplace=True`` it is ``like`` itself where ``like`` is :attr:`owned`, the step's input state when
+        the loop made it and nobody else holds it (no callback or trajectory sees it, and it is not the
+        caller's start): the update then reads and writes the state in the same pass, which saves a pass
+        over memory per step. Ask for it only once the step has read all it needs of its input (evaluated
+        the score at it), or for an elementwise update of it.
         """
+        if inplace and like is self.owned:
+            return like
         out = self.out
         return torch.empty_like(like) if out is None else out
 
@@ -114,12 +124,16 @@ def integrate(solver: FixedStepSolver, ctx: Context, x: Tensor, ts: Tensor, *,
               keep_trajectory: bool = False) -> tuple[Tensor, Tensor | None]:
     """The time loop every fixed-step solver shares (without autograd, see :func:`sdediff.sample`).
 
-    Runs ``solver.step`` over consecutive pairs of ``ts`` with no host synchronisation. Each step's
-    new state is summed into a preallocated record (one reduction: a NaN or Inf anywhere makes the sum
-    non-finite), which is checked once, at the end, where a :class:`FloatingPointError` names the first
-    step and time that went non-finite. Without a callback the loop lends the solver (through
-    :meth:`Context.buffer`) the state of two steps back, which the loop made and nobody else holds, or
-    with ``keep_trajectory`` the trajectory's own slot, so a step that writes into it allocates nothing.
+    Runs ``solver.step`` over consecutive pairs of ``ts`` with no host synchronisation. Each step copies
+    the first element of every sample of its new state into a preallocated record (the cheapest tensor
+    operation there is; a reduction over the whole state costs a pass more per step). At the end one
+    pass checks the whole final state, and a :class:`FloatingPointError` names the first step whose
+    record went non-finite: non-finite values are absorbing (every update scales the state, and a network
+    spreads a NaN in one element over its sample), so a step that produces them shows in its record or
+    the next one, and always in the final state. Without a callback the loop lends the solver (through
+    :meth:`Context.buffer`) the state of two steps back, which the loop made and nobody else holds (or the
+    step's own input, to a step that asks to update in place), or with ``keep_trajectory`` the trajectory's
+    own slot, so a step that writes into it allocates nothing.
 
     Returns
     -------
@@ -128,35 +142,41 @@ def integrate(solver: FixedStepSolver, ctx: Context, x: Tensor, ts: Tensor, *,
     """
     n = len(ts) - 1
     solver.start(ctx, x, ts)
-    sums, dims = torch.empty(n, dtype=x.dtype, device=x.device), tuple(range(x.dim()))
+    first = (slice(None),) + (0,) * (x.dim() - 1)  # x[first]: the first element of every sample, a view
+    firsts = torch.empty((n, x.shape[0]), dtype=x.dtype, device=x.device)
     trajectory = torch.empty((n + 1, *x.shape), dtype=x.dtype, device=x.device) if keep_trajectory else None
     if trajectory is not None:
         trajectory[0].copy_(x)
     reuse = trajectory is None and callback is None  # a callback may keep the states it is given
     ctx.observed = not reuse
     spare = None  # a state made by an earlier step, free to be written again
-    times, records = ts.unbind(), sums.unbind()  # 0-d views, made once: a step indexes Python tuples
+    times, records = ts.unbind(), firsts.unbind()  # views, made once: a step indexes Python tuples
     try:
         for i in tqdm(range(n), desc=solver.name, leave=False) if progress else range(n):  # no bar object unless shown
             out = trajectory[i + 1] if trajectory is not None else spare
-            ctx.index, ctx.out = i, out
+            ctx.index, ctx.out, ctx.owned = i, out, x if reuse and i > 0 else None
             x_new = solver.step(ctx, x, times[i], times[i + 1])
             if trajectory is not None and x_new is not out:
                 out.copy_(x_new)
             if reuse and i > 0 and x_new is not x:  # x came from step i - 1, not from the caller
                 spare = x
             x = x_new
-            torch.sum(x, dims, out=records[i])
+            records[i].copy_(x[first])
             if callback is not None:
                 callback(i, times[i + 1], x)
     finally:
-        ctx.out, ctx.observed = None, True
-    bad = ~torch.isfinite(sums)
+        ctx.out, ctx.observed, ctx.owned = None, True, None
+    bad = ~torch.isfinite(firsts).all(1)
     if bool(bad.any()):
         k = int(bad.nonzero()[0, 0])
         raise FloatingPointError(
             f"solver {solver.name!r} produced non-finite values at step {k} of {n} (t = {float(ts[k]):.6g} -> "
             f"{float(ts[k + 1]):.6g}); check the score function and the time grid (eps)")
+    if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):  # NaN and ±Inf reach min or max
+        raise FloatingPointError(
+            f"solver {solver.name!r} produced non-finite values by the end of the run (t = {float(ts[-1]):.6g}) in "
+            "elements the per-step record does not hold, so the step is not known; check the score function and "
+            "the time grid (eps), or pass a callback to inspect the states")
     return x, trajectory
 
 

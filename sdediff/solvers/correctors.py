@@ -118,8 +118,9 @@ class PredictorCorrector(FixedStepSolver):
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
         if self.predictor is not None:
             x = self.predictor.step(ctx, x, t, t_next)
-        # the predictor's output may be updated in place only when it is the loop's buffer (no one else holds it)
-        out = x if ctx.out is not None and x is ctx.out else ctx.buffer(x)
+        # the predictor's output may be updated in place only when no one else holds it: the loop's buffer, or the
+        # step's input state that the loop owns (where the predictor updated it in place, or there is none)
+        out = x if (ctx.out is not None and x is ctx.out) or x is ctx.owned else ctx.buffer(x)
         return self.corrector.correct(ctx, x, t_next, t - t_next, ctx.state["langevin_alpha"][ctx.index], out)
 
 

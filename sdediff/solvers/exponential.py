@@ -312,7 +312,7 @@ class DPMSolver(FixedStepSolver):
         p0 = hist.pop() if len(hist) == self.order else torch.empty_like(x)
         hist.insert(0, self._predict(ctx, x, t, st["predict"][i], p0))
         w, order = st["weights"][i], self._order_at(i, st["n"])
-        out = torch.mul(x, w[0], out=ctx.buffer(x))
+        out = torch.mul(x, w[0], out=ctx.buffer(x, inplace=True))
         for j in range(order):
             out.addcmul_(w[j + 1], hist[j])
         return out
@@ -322,7 +322,7 @@ class DPMSolver(FixedStepSolver):
         p0 = self._predict(ctx, x, t, st["predict"][i], st["p0"])
         w = st["weights"][i]
         if self.order == 1:
-            return torch.mul(x, w[0], out=ctx.buffer(x)).addcmul_(w[1], p0)
+            return torch.mul(x, w[0], out=ctx.buffer(x, inplace=True)).addcmul_(w[1], p0)
         a1, c1 = st["stage1"][i]
         u = torch.mul(x, a1, out=st["u"]).addcmul_(c1, p0)
         p = self._predict(ctx, u, st["t1"][i], st["predict1"][i], st["p1"])
@@ -330,7 +330,7 @@ class DPMSolver(FixedStepSolver):
             a2, v0, v1 = st["stage2"][i]
             u = torch.mul(x, a2, out=st["u"]).addcmul_(v0, p0).addcmul_(v1, p)
             p = self._predict(ctx, u, st["t2"][i], st["predict2"][i], st["p1"])
-        return torch.mul(x, w[0], out=ctx.buffer(x)).addcmul_(w[1], p0).addcmul_(w[2], p)
+        return torch.mul(x, w[0], out=ctx.buffer(x, inplace=True)).addcmul_(w[1], p0).addcmul_(w[2], p)
 
 
 # --- DDIM -------------------------------------------------------------------------------------------
@@ -383,7 +383,8 @@ class DDIM(FixedStepSolver):
         r""":math:`x_t = \frac{m_t}{m_s}x + \big(\frac{m_t}{m_s}s_s^2 - \sqrt{s_t^2 - \sigma^2}\,s_s\big)\nabla\log p_s(x)
         + \sigma z`, the step above with :math:`\hat x_0, \hat\epsilon` written in the score."""
         st, i = ctx.state, _tick(ctx)
-        out = torch.mul(x, st["a"][i], out=ctx.buffer(x)).addcmul_(st["b"][i], ctx.score(x, t))
+        score = ctx.score(x, t)
+        out = torch.mul(x, st["a"][i], out=ctx.buffer(x, inplace=True)).addcmul_(st["b"][i], score)
         return out if self.eta == 0 else out.addcmul_(st["sigma"][i], ctx.noise(x))
 
 
@@ -461,7 +462,7 @@ class LMS(FixedStepSolver):
         hist = st["history"]  # d_i = dy/dsigma = eps_hat, newest first, in buffers reused as they age out
         d = hist.pop() if len(hist) == self.order else torch.empty_like(x)
         hist.insert(0, torch.mul(ctx.score(x, t), -st["s"][i], out=d))
-        out = torch.mul(x, st["a"][i], out=ctx.buffer(x))
+        out = torch.mul(x, st["a"][i], out=ctx.buffer(x, inplace=True))
         for j, d in enumerate(hist):
             out.addcmul_(st["w"][i, j], d)
         return out
@@ -549,7 +550,8 @@ class EDMHeun(FixedStepSolver):
         if self.churn == 0:  # the step below, multiplied out in x (coefficients from start)
             a, b, c = st["heun"][i]
             x_euler = torch.mul(x, a, out=st["x_euler"]).addcmul_(b, ctx.score(x, t))
-            return torch.mul(x, 0.5 * a, out=ctx.buffer(x)).add_(x_euler, alpha=0.5).addcmul_(c, ctx.score(x_euler, t_next))
+            score = ctx.score(x_euler, t_next)
+            return torch.mul(x, 0.5 * a, out=ctx.buffer(x, inplace=True)).add_(x_euler, alpha=0.5).addcmul_(c, score)
         y = x / st["m"][i]
         if self.churn > 0:  # raise the noise level to sigma_hat (a Python option, not a tensor value)
             y = y + st["noise"][i] * randn_like(y, ctx.generator)

@@ -91,7 +91,7 @@ class Euler(FixedStepSolver):
             return torch.addcmul(x, t_next - t, pf_drift(ctx, x, t))
         i = ctx.index
         score = ctx.score(x, t.expand(x.shape[0]))
-        return torch.mul(x, coef[0][i], out=ctx.buffer(x)).addcmul_(coef[1][i], score)
+        return torch.mul(x, coef[0][i], out=ctx.buffer(x, inplace=True)).addcmul_(coef[1][i], score)
 
 
 @register_solver("heun")
@@ -124,7 +124,7 @@ class Heun(FixedStepSolver):
         i, n = ctx.index, x.shape[0]
         x_euler = torch.mul(x, coef[0][i], out=ctx.state["heun_x"]).addcmul_(coef[1][i], ctx.score(x, t.expand(n)))
         score = ctx.score(x_euler, t_next.expand(n))
-        return torch.mul(x, 0.5, out=ctx.buffer(x)).addcmul_(coef[2][i], x_euler).addcmul_(coef[3][i], score)
+        return torch.mul(x, 0.5, out=ctx.buffer(x, inplace=True)).addcmul_(coef[2][i], x_euler).addcmul_(coef[3][i], score)
 
 
 @register_solver("ode")

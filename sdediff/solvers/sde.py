@@ -53,7 +53,8 @@ class EulerMaruyama(FixedStepSolver):
         coef = ctx.state.get("euler_maruyama")
         if coef is not None:
             i = ctx.index
-            x = torch.mul(x, coef[0][i], out=ctx.buffer(x)).addcmul_(coef[1][i], ctx.score(x, tb))
+            score = ctx.score(x, tb)
+            x = torch.mul(x, coef[0][i], out=ctx.buffer(x, inplace=True)).addcmul_(coef[1][i], score)
             return x if self.noise_scale == 0 else x.addcmul_(coef[2][i], ctx.noise(x))
         h = t_next - t
         g = ctx.sde.diffusion(tb)
@@ -90,7 +91,8 @@ class ReverseDiffusion(FixedStepSolver):
         coef = ctx.state.get("reverse_diffusion")
         if coef is not None:
             i = ctx.index
-            x = torch.mul(x, coef[0][i], out=ctx.buffer(x)).addcmul_(coef[1][i], ctx.score(x, tb))
+            score = ctx.score(x, tb)
+            x = torch.mul(x, coef[0][i], out=ctx.buffer(x, inplace=True)).addcmul_(coef[1][i], score)
             return x.addcmul_(coef[2][i], ctx.noise(x))
         f, G = ctx.sde.discretize(x, tb, (t - t_next).expand(x.shape[0]))
         G = expand_as(G, x)
@@ -138,5 +140,6 @@ class Ancestral(FixedStepSolver):
 
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
         (a, b, c), i = ctx.state["ancestral"], ctx.index
-        x = torch.mul(x, a[i], out=ctx.buffer(x)).addcmul_(b[i], ctx.score(x, t.expand(x.shape[0])))
+        score = ctx.score(x, t.expand(x.shape[0]))
+        x = torch.mul(x, a[i], out=ctx.buffer(x, inplace=True)).addcmul_(b[i], score)
         return x.addcmul_(c[i], ctx.noise(x))

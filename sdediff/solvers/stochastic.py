@@ -132,7 +132,7 @@ class SDEDPMSolver(FixedStepSolver):
         px, ps, a, b, d, c = state["coef"][i]
         x0, x0_prev = state["x0"][i % 2], state["x0"][(i + 1) % 2]
         torch.mul(x, px, out=x0).addcmul_(ps, ctx.score(x, t.expand(x.shape[0])))
-        out = torch.mul(x, a, out=ctx.buffer(x)).addcmul_(b, x0).addcmul_(c, ctx.noise(x))
+        out = torch.mul(x, a, out=ctx.buffer(x, inplace=True)).addcmul_(b, x0).addcmul_(c, ctx.noise(x))
         return out.addcmul_(d, x0_prev) if state["second"][i] else out
 
 

@@ -124,7 +124,10 @@ class UniPC(FixedStepSolver):
     Notes
     -----
     NFE: ``steps`` (the last step needs no corrector evaluation). Needs a :class:`~sdediff.LinearSDE`; the
-    ``time_grid="log_snr"`` grid suits it.
+    ``time_grid="log_snr"`` grid suits it. The state carried from step to step is the predictor
+    :math:`\tilde x_i` (the point the model is evaluated at), with the corrections folded into its weights
+    (:func:`predictor_form`): one combination of the history per step. The corrected :math:`x_{i+1}` is formed
+    as well only when a callback or a kept trajectory shows it; the final sample is the same either way.
     """
 
     ORDERS = (1, 2, 3, 4)
@@ -183,7 +186,7 @@ class UniPC(FixedStepSolver):
         if report and not st["y_buffers"]:
             st["y_buffers"] = [torch.empty_like(x), torch.empty_like(x)]
         (a,), u = st["a"][i], st["u"][i]
-        y_next = torch.mul(y, a, out=st["y_buffers"][i % 2] if report else ctx.buffer(x))
+        y_next = torch.mul(y, a, out=st["y_buffers"][i % 2] if report else ctx.buffer(x, inplace=True))
         for j in range(st["width"][i]):
             y_next.addcmul_(u[j], hist[j])
         st["next"], st["y"] = None, None
