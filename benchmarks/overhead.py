@@ -44,9 +44,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torchdiffeq
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import sdediff
 from sdediff._io import atomic_write
@@ -214,6 +217,24 @@ def count_syncs(fn: Callable[[], Any]) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+class StateOps(TorchDispatchMode):
+    """Count the tensor operations that touch a state-sized tensor: every non-view op with an input or output
+    of at least half the state's elements (a pass over memory of about the state's size; views, allocations
+    and small coefficient arithmetic are not counted). Run under it with a free network, the count per NFE is the
+    solver's own number of passes over the state."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        touches = any(isinstance(v, Tensor) and 2 * v.numel() >= self.numel for v in tree_flatten((args, kwargs or {}, out))[0])
+        if touches and not func.is_view and not func.__name__.startswith("empty"):
+            self.count += 1
+        return out
+
+
 class Bench:
     """Shared state of one overhead run: the network, the start state, timing settings."""
 
@@ -285,7 +306,8 @@ class Bench:
 
         Cleaner than subtracting two large noisy times: ``free_us_per_nfe`` is the *minimum* over the repeats
         of (run time / NFE), in CPU time on a CPU device, else wall time (a busy machine only adds time, so the
-        minimum is the least disturbed estimate of a fixed amount of work).
+        minimum is the least disturbed estimate of a fixed amount of work). ``state_ops_per_nfe``: the
+        operations that touch a state-sized tensor per NFE (:class:`StateOps`), from one more run.
         """
         gen = torch.Generator(self.device).manual_seed(self.seed + 2)
         net, out = self.net, 0.1 * torch.randn(self.x_T.shape, generator=gen, device=self.device, dtype=self.x_T.dtype)
@@ -294,10 +316,13 @@ class Bench:
             with torch.inference_mode():
                 nfe = run()
                 times = [common.timed(run, self.device) for _ in range(self.repeats)]
+                with StateOps(self.x_T.numel()) as ops:
+                    nfe_counted = run()
         finally:
             self.net = net
         i = 1 if self.device.type == "cpu" else 0
-        return {"free_nfe": nfe, "free_us_per_nfe": 1e6 * min(t[i] / nfe for t in times)}
+        return {"free_nfe": nfe, "free_us_per_nfe": 1e6 * min(t[i] / nfe for t in times),
+                "state_ops_per_nfe": ops.count / nfe_counted}
 
     # --- the runs -------------------------------------------------------------------------------
     def sdediff_run(self, spec: common.SolverSpec, steps: int, tol: float | None, x: Tensor | None = None) -> int:
@@ -479,6 +504,8 @@ def markdown(results: dict[str, Any]) -> str:
            "- `free µs/NFE`: CPU time per NFE of the same run with a free network (one that returns a fixed tensor; "
            "minimum over the runs), the solver's own cost measured directly; `1 + free/t_call` is the ratio it "
            "implies.",
+           "- `state ops/NFE`: tensor operations per NFE that read or write a state-sized tensor (views excluded), "
+           "counted with a dispatch mode in a run with the free network: the solver's passes over the state.",
            "- `loop`: the same update as a minimal hand-written loop (coefficients precomputed as Python floats, "
            "out-of-place tensor ops; the SDE loops draw their noise, which is part of their floor); `loop in situ` "
            "its in-situ ratio, `loop free µs/NFE` its own cost, `vs loop` = sdediff's in-situ ratio / the loop's.",
@@ -490,7 +517,7 @@ def markdown(results: dict[str, Any]) -> str:
         out += ["Skipped (not available yet): " + "; ".join(results["skipped"]), ""]
     sync = any("syncs" in r for r in results["rows"])
     cols = ["solver", "impl", "NFE", "wall ms", "ratio (wall)", "ratio (CPU)", "ratio in situ", "outside µs/NFE",
-            "free µs/NFE", "1 + free/t_call", "loop in situ", "loop free µs/NFE", "vs loop", "samples/s"] + \
+            "free µs/NFE", "1 + free/t_call", "state ops/NFE", "loop in situ", "loop free µs/NFE", "vs loop", "samples/s"] + \
         (["syncs/run", "syncs/step"] if sync else []) + ["target"]
     out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
@@ -504,14 +531,42 @@ def markdown(results: dict[str, Any]) -> str:
         cells = [r["label"], r["impl"], str(r["nfe"]), f"{r['wall_ms']:.1f}", f"{r['ratio_wall']:.3f}",
                  cell(r, "ratio_cpu", ".3f") if cpu else "—", cell(r, "ratio_situ", ".3f"),
                  cell(r, "outside_us_per_nfe_situ", ".0f"), cell(r, "free_us_per_nfe", ".0f"),
-                 cell(r, "predicted_ratio", ".3f"), cell(r, "loop_ratio", ".3f"), cell(r, "loop_free_us_per_nfe", ".0f"),
+                 cell(r, "predicted_ratio", ".3f"), cell(r, "state_ops_per_nfe", ".1f"), cell(r, "loop_ratio", ".3f"),
+                 cell(r, "loop_free_us_per_nfe", ".0f"),
                  cell(r, "vs_loop", ".3f"), f"{r['samples_per_s']:.0f}"]
         if sync:
             cells += [str(r.get("syncs", "—")), cell(r, "syncs_per_step", ".2f")]
         out.append("| " + " | ".join(cells + [target_of(r)]) + " |")
+    fit = pass_cost_fit(results)
+    if fit is not None:
+        out += ["", f"Where the time outside the network goes, for the fixed-step ODE solvers ({fit['rows']} rows): a "
+                f"least-squares line through their `outside µs/NFE` against `state ops/NFE` gives {fit['per_op_us']:.0f} µs "
+                f"per state operation plus {fit['intercept_us']:.0f} µs per NFE (R² = {fit['r2']:.2f}). At this network "
+                f"the ratio target {TARGET_FIXED_ODE} leaves {fit['budget_us']:.0f} µs per NFE, room for about "
+                f"{fit['ops_in_budget']:.1f} state operations: a one-stage update `a x + b s` takes 2 (eager PyTorch has "
+                "no fused `a x + b s`), a multistep update one more per past term it combines, and the final "
+                "finiteness check 1 per run."]
     if not sync:
         out += ["", "Host syncs are only counted on CUDA (`--device cuda`)."]
     return "\n".join(out)
+
+
+def pass_cost_fit(results: dict[str, Any]) -> dict[str, float] | None:
+    """Least squares ``outside µs/NFE = intercept + per_op × state ops/NFE`` over sdediff's fixed-step ODE rows,
+    and how many state operations per NFE the fixed-step target leaves room for (``None`` with fewer than 3
+    rows, or off CPU, where no in-situ figure exists)."""
+    rows = [r for r in results["rows"] if r["impl"] == "sdediff" and r.get("kind") == "ode" and not r.get("adaptive")
+            and r.get("outside_us_per_nfe_situ") is not None and r.get("state_ops_per_nfe") is not None]
+    if len(rows) < 3:
+        return None
+    ops = np.array([r["state_ops_per_nfe"] for r in rows])
+    outside = np.array([r["outside_us_per_nfe_situ"] for r in rows])
+    (intercept, per_op), *_ = np.linalg.lstsq(np.stack([np.ones_like(ops), ops], 1), outside, rcond=None)
+    residual = outside - intercept - per_op * ops
+    r2 = 1 - float(residual @ residual) / max(float(((outside - outside.mean()) ** 2).sum()), 1e-300)
+    budget = (TARGET_FIXED_ODE - 1) * 1e3 * results["t_call_cpu_ms"]
+    return {"rows": len(rows), "per_op_us": float(per_op), "intercept_us": float(intercept), "r2": r2,
+            "budget_us": budget, "ops_in_budget": (budget - float(intercept)) / float(per_op)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -559,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
                "kdiffusion": kd_note, "skipped": skipped,
                "optional_modules": notes, "rows": rows, "seconds": time.perf_counter() - t0,
                "load_average": [load_start, os.getloadavg()[0]], "cpu_count": os.cpu_count()}
+    results["pass_cost_fit"] = pass_cost_fit(results)
     suffix = "_quick" if args.quick else ""
     if device.type == "cuda":
         suffix += "_cuda"

@@ -111,10 +111,25 @@ def test_overhead_smoke():
         assert math.isfinite(r["ratio"]) and r["ratio"] > 0 and r["samples_per_s"] > 0
     for r in rows[:3]:  # every one of these has a hand-written loop of the same update
         assert math.isfinite(r["loop_ratio"]) and math.isfinite(r["vs_loop"])
+    # passes over the state per NFE, at 4 NFE: Euler's mul and addcmul_; Heun's 5 per step of 2 NFE;
+    # Euler-Maruyama's mul, 2 addcmul_ and the noise draw; each plus the final finiteness check (1 per run)
+    assert [r["state_ops_per_nfe"] for r in rows[:3]] == [2.25, 2.75, 4.25]
     text = ovh.markdown({"command": "x", "environment": "y", "device": "cpu", "network": "z", "t_call_ms": 1.0,
                          "t_call_cpu_ms": 1.0, "batch": 4, "nfe": 4, "tol": 1e-3, "repeats": 1, "call_repeats": 2,
                          "kdiffusion": "n/a", "skipped": [], "rows": rows})
     assert "| euler_maruyama | sdediff | 4 |" in text
+
+
+def test_pass_cost_fit_recovers_a_line():
+    rows = [{"impl": "sdediff", "kind": "ode", "adaptive": False, "state_ops_per_nfe": k, "outside_us_per_nfe_situ": 20 + 30 * k}
+            for k in (3.0, 6.0, 8.0)]
+    rows.append({"impl": "k-diffusion", "kind": "ode", "adaptive": False, "state_ops_per_nfe": 3.0,
+                 "outside_us_per_nfe_situ": 1e4})  # peers are not part of the fit
+    fit = ovh.pass_cost_fit({"rows": rows, "t_call_cpu_ms": 2.0})
+    assert fit["rows"] == 3 and fit["per_op_us"] == pytest.approx(30) and fit["intercept_us"] == pytest.approx(20)
+    assert fit["r2"] == pytest.approx(1) and fit["budget_us"] == pytest.approx(100)
+    assert fit["ops_in_budget"] == pytest.approx(8 / 3)
+    assert ovh.pass_cost_fit({"rows": rows[:2], "t_call_cpu_ms": 2.0}) is None
 
 
 def test_overhead_kdiffusion_runs():
