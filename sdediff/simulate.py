@@ -16,7 +16,7 @@ import torch
 import torchsde
 from torch import Tensor
 
-from ._utils import batch_time, expand_as, randn_like
+from ._utils import all_finite, batch_time, expand_as, randn_like
 from .processes import CountedScore
 from .sdes.base import SDE
 from .sdes.linear import require_linear
@@ -175,7 +175,7 @@ def _simulate_torchsde(sde: SDE, x0: Tensor, times: Tensor, t0: float, dt: float
     ys = torchsde.sdeint(_TorchSDEForward(sde, tuple(x0.shape), sde_type), flat, u, bm=bm,
                          method=method, dt=dt)
     out = ys[torch.searchsorted(u, times).to(ys.device)].reshape(len(times), *x0.shape)
-    if not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         raise FloatingPointError(f"simulate with 'torchsde:{method}' produced non-finite values; check the SDE "
                                  "and dt")
     return out

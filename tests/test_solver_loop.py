@@ -218,3 +218,16 @@ def test_a_subclass_with_its_own_schedule_keeps_the_bisection():
     sde = Cosine()
     t = torch.linspace(0.01, 0.9, 50, dtype=torch.float64)
     torch.testing.assert_close(sde.time_of_log_snr(sde.log_snr(t)), t, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_all_finite_sees_every_nan_and_inf(dtype):
+    from sdediff._utils import all_finite
+
+    x = torch.randn(4, 3, 5, generator=gen(0), dtype=dtype)
+    assert all_finite(x) and all_finite(x[:0])
+    for bad in (math.nan, math.inf, -math.inf):
+        for index in ((0, 0, 0), (3, 2, 4), (1, 1, 2)):
+            y = x.clone()
+            y[index] = bad
+            assert not all_finite(y) and not all_finite(y.transpose(0, 2)), (bad, index)

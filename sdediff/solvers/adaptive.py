@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._utils import expand_as, randn_like
+from .._utils import all_finite, expand_as, randn_like
 from ..sdes.linear import LinearSDE
 from .base import Callback, Context, Solver, register_solver
 from .ode import pf_drift
@@ -280,7 +280,7 @@ class PerSampleAdaptiveSolver(Solver):
                 f"solver {self.name!r}: the step size underflowed for {int(stuck.sum())} of {n} samples (at t in "
                 f"[{float(where.min()):.6g}, {float(where.max()):.6g}]); the drift is non-finite or too stiff there "
                 "(check the score function and eps)")
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise FloatingPointError(f"solver {self.name!r} produced non-finite values; check the score function and eps")
         return x, trajectory
 

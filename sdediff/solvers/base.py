@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._utils import randn_like
+from .._utils import all_finite, randn_like
 from ..processes import CountedScore
 from ..sdes.base import SDE
 
@@ -172,7 +172,7 @@ def integrate(solver: FixedStepSolver, ctx: Context, x: Tensor, ts: Tensor, *,
         raise FloatingPointError(
             f"solver {solver.name!r} produced non-finite values at step {k} of {n} (t = {float(ts[k]):.6g} -> "
             f"{float(ts[k + 1]):.6g}); check the score function and the time grid (eps)")
-    if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):  # NaN and ±Inf reach min or max
+    if not all_finite(x):
         raise FloatingPointError(
             f"solver {solver.name!r} produced non-finite values by the end of the run (t = {float(ts[-1]):.6g}) in "
             "elements the per-step record does not hold, so the step is not known; check the score function and "

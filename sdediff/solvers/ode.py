@@ -13,7 +13,7 @@ from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver
 from tqdm.auto import tqdm
 
-from .._utils import batch_time, expand_as
+from .._utils import all_finite, batch_time, expand_as
 from ..sdes.base import SDE
 from ..sdes.linear import LinearSDE
 from .base import Callback, Context, FixedStepSolver, Solver, register_solver
@@ -203,6 +203,6 @@ def odeint(field: Callable[[Tensor, State], State], state: State, times: Tensor,
     finally:
         bar.close()
     final = out if isinstance(out, tuple) else (out,)
-    if not all(bool(torch.isfinite(o[-1]).all()) for o in final):
+    if not all(all_finite(o[-1]) for o in final):
         raise FloatingPointError(f"{what} produced non-finite values; check the score function and eps")
     return out

@@ -19,6 +19,7 @@ from torchsde._core.methods import select as _torchsde_select
 from torchsde.settings import LEVY_AREA_APPROXIMATIONS, METHODS
 from tqdm.auto import tqdm
 
+from .._utils import all_finite
 from ..processes import ReverseProcess
 from ..sdes.linear import require_linear
 from .base import Callback, Context, FixedStepSolver, Solver, register_solver
@@ -258,7 +259,7 @@ class TorchSDE(Solver):
         finally:
             bar.close()
         out = ys.reshape(len(u_out), *x.shape)
-        if not bool(torch.isfinite(out[-1]).all()):
+        if not all_finite(out[-1]):
             raise FloatingPointError(f"solver 'torchsde:{self.method}' produced non-finite values; check the score "
                                      "function and the time grid (eps)")
         if callback is not None:
