@@ -79,9 +79,8 @@ def train(args: argparse.Namespace, kind: str, train_k: Tensor, steps: int, devi
 def evaluate(args: argparse.Namespace, trainer: Trainer, x_test: Tensor, test_k: Tensor,
              device: torch.device) -> dict[str, Any]:
     """ODE likelihood, Gaussian-decoder bound and discrete-decoder bound of the EMA model, in bits/dim."""
-    sde, score = trainer.sde, trainer.score_fn(ema=True)
-    if isinstance(sde, torch.nn.Module):
-        sde.requires_grad_(False)
+    score = trainer.score_fn(ema=True)
+    sde = score.sde  # for the learned schedule, its EMA: the schedule the EMA weights go with (no gradients)
     ge = torch.Generator(device).manual_seed(args.seed + 2)
     log_probs, nfes, ode_seconds = common.ode_log_probs(sde, score, x_test, args, ge)
     ode = mean_se(digits_bits_per_dim(log_probs))

@@ -200,8 +200,10 @@ def _make_sde(name: str, args: argparse.Namespace):
     return SDES[name](beta_min=args.beta_min, beta_max=args.beta_max)
 
 
-def _sde_from_meta(path: Path, desc: dict[str, Any], tensors: dict[str, Tensor], device: torch.device):
-    """The checkpoint's SDE; a learned schedule (an ``nn.Module``) gets its trained state (``sde.*`` tensors)."""
+def _sde_from_meta(path: Path, desc: dict[str, Any], tensors: dict[str, Tensor], device: torch.device,
+                   ema: bool = False):
+    """The checkpoint's SDE; a learned schedule (an ``nn.Module``) gets its trained state (``sde.*`` tensors),
+    or with ``ema`` its EMA state (``ema_sde.*``, the schedule the EMA weights go with) where the checkpoint has one."""
     from .training import CheckpointError
 
     cls = _SDE_CLASSES.get(desc.get("class", ""))
@@ -210,7 +212,8 @@ def _sde_from_meta(path: Path, desc: dict[str, Any], tensors: dict[str, Tensor],
                        f"({', '.join(_SDE_CLASSES)}); use the Python API")
     sde = cls(**desc.get("params", {}))
     if isinstance(sde, torch.nn.Module):
-        state = {k[len("sde."):]: v for k, v in tensors.items() if k.startswith("sde.")}
+        prefix = "ema_sde." if ema and any(k.startswith("ema_sde.") for k in tensors) else "sde."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             sde.load_state_dict(state)
         except RuntimeError as err:
@@ -453,7 +456,7 @@ def _open_run(run: str | None, checkpoint: str | None, device: torch.device, ema
         record = json.loads((run_dir / "run.json").read_text())
         if record.get("format") != _RUN_FORMAT:
             record = None
-    sde = _sde_from_meta(ckpt, meta.get("sde", {}), tensors, device)
+    sde = _sde_from_meta(ckpt, meta.get("sde", {}), tensors, device, ema)
     net = _load_net(ckpt, tensors, meta, ema, device)
     if record is not None:
         shape = tuple(record["shape"])

@@ -269,10 +269,15 @@ def test_learned_schedule_run_loads_back_with_its_schedule(tmp_path, capsys):
     t = torch.tensor([0.0, 0.3, 1.0])
     assert isinstance(loaded.sde, LearnedScheduleSDE) and loaded.meta["time_input"] == "sde.noise_level"
     assert not torch.equal(sde.gamma(t), LearnedScheduleSDE(num_features=4).gamma(t))  # training moved the schedule
-    torch.testing.assert_close(loaded.sde.gamma(t), sde.gamma(t).detach(), rtol=0, atol=0)
+    # the EMA weights come with the EMA schedule, the raw weights with the trained schedule itself
+    torch.testing.assert_close(loaded.sde.gamma(t), trainer.ema_sde.gamma(t), rtol=0, atol=0)
+    assert not torch.equal(trainer.ema_sde.gamma(t), sde.gamma(t))
+    raw = cli._open_run(str(out), None, torch.device("cpu"), ema=False)
+    torch.testing.assert_close(raw.sde.gamma(t), sde.gamma(t).detach(), rtol=0, atol=0)
     x = data[:8]
     with torch.no_grad():
         torch.testing.assert_close(loaded.score(x, t[1]), trainer.score_fn(ema=True)(x, t[1]))
+        torch.testing.assert_close(raw.score(x, t[1]), trainer.score_fn(ema=False)(x, t[1]))
     assert run("sample", "--run", out, "--steps", "3", "--n", "16", "--no-plot", "--out", tmp_path / "s.npy") == 0
     assert bool(np.isfinite(np.load(tmp_path / "s.npy")).all())
     assert run("likelihood", "--run", out, "--data", "moons", "--n", "4", "--rtol", "1e-2", "--atol", "1e-2",

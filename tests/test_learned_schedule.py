@@ -138,16 +138,41 @@ def test_joint_training_updates_the_schedule_by_bound_and_variance():
     assert all(p.requires_grad for p in sde.parameters())
 
 
+def test_schedule_is_averaged_with_the_weights():
+    """The EMA schedule follows the trained one with the weights' decay (and warm-up), and the EMA score function
+    uses it, time input included; the raw score function keeps the raw schedule."""
+    trainer = _trainer(steps=12, ema_decay=0.8)
+    sde, ema_sde = trainer.sde, trainer.ema_sde
+    assert ema_sde is not sde and not any(p.requires_grad for p in ema_sde.parameters())
+    expected = [p.detach().clone() for p in sde.parameters()]
+    for k in range(12):
+        trainer.train_step()
+        decay = min(0.8, (k + 1) / (k + 10))
+        expected = [e + (1 - decay) * (p.detach() - e) for e, p in zip(expected, sde.parameters(), strict=True)]
+    for e, p in zip(expected, ema_sde.parameters(), strict=True):
+        torch.testing.assert_close(p, e, rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(p, q) for p, q in zip(ema_sde.parameters(), sde.parameters(), strict=True))
+    ema, raw = trainer.score_fn(ema=True), trainer.score_fn(ema=False)
+    assert ema.sde is ema_sde and ema.time_input.__self__ is ema_sde
+    assert raw.sde is sde and raw.time_input.__self__ is sde
+    fixed = Trainer(MLP(2, hidden=32, depth=2), sdediff.VPSDE(), MIXTURE.sample(64, generator=gen(3)),
+                    config=TrainConfig(steps=1, progress=False))
+    assert fixed.ema_sde is fixed.sde  # nothing to average
+
+
 def test_schedule_is_checkpointed_and_resumed(tmp_path):
     a = _trainer(steps=20, out_dir=str(tmp_path))
     a.fit(stop_at=10)
     b = _trainer(steps=20, out_dir=str(tmp_path))
     b.fit(resume=True, stop_at=10)
-    for k, v in a.sde.state_dict().items():
-        assert torch.equal(v, b.sde.state_dict()[k]), k
+    for mine, theirs in ((a.sde, b.sde), (a.ema_sde, b.ema_sde)):
+        for k, v in mine.state_dict().items():
+            assert torch.equal(v, theirs.state_dict()[k]), k
     a.fit()
     b.fit()
     assert a.history == b.history
+    for k, v in a.ema_sde.state_dict().items():
+        assert torch.equal(v, b.ema_sde.state_dict()[k]), k
 
 
 def test_trainer_losses_and_errors():

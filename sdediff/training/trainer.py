@@ -329,7 +329,9 @@ class Trainer:
         The network ``model(x, t)`` (``model(x, t, y)`` with labels) predicting ``config.prediction``.
         A :class:`~sdediff.score.ScoreModel` is unwrapped (its prediction must equal the config's).
     sde : LinearSDE
-        The forward SDE.
+        The forward SDE. A learned schedule (an ``nn.Module`` SDE such as :class:`~sdediff.LearnedScheduleSDE`)
+        trains with the network, and its parameters are averaged with the weights: :attr:`ema_sde` is the
+        schedule that goes with the EMA weights (``score_fn().sde``); for a fixed SDE it is ``sde`` itself.
     data : Tensor
         The training set ``(N, ...)``, moved to the training device. Integer data (e.g. quantised
         levels) need a ``transform`` to floating point.
@@ -354,7 +356,8 @@ class Trainer:
         net = MLP(dim=2)
         trainer = Trainer(net, sdediff.VPSDE(), make_toy("moons", 10_000), config=TrainConfig(steps=2000))
         losses = trainer.fit()
-        x = sdediff.sample(trainer.sde, trainer.score_fn(), (1000, 2), solver="heun", steps=50)
+        score = trainer.score_fn()  # the EMA weights, with the SDE they go with (score.sde)
+        x = sdediff.sample(score.sde, score, (1000, 2), solver="heun", steps=50)
     """
 
     def __init__(self, model: nn.Module, sde, data: Tensor, labels: Tensor | None = None,
@@ -407,6 +410,8 @@ class Trainer:
         if cfg.loss == "ssm" and labels is not None:
             raise ValueError("loss='ssm' takes no labels")
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
+        # a learned schedule is averaged with the network (as in VDM): the EMA network is matched to the EMA schedule
+        self.ema_sde = copy.deepcopy(sde).requires_grad_(False) if self.sde_params else sde
         self.param_dtype = next(self.net.parameters()).dtype
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -570,6 +575,11 @@ class Trainer:
             e.lerp_(p, 1 - decay)
         for e, b in zip(self.ema.buffers(), self.net.buffers(), strict=True):
             e.copy_(b)
+        if self.ema_sde is not self.sde:
+            for e, p in zip(self.ema_sde.parameters(), self.sde.parameters(), strict=True):
+                e.lerp_(p, 1 - decay)
+            for e, b in zip(self.ema_sde.buffers(), self.sde.buffers(), strict=True):
+                e.copy_(b)
 
     def fit(self, resume: bool | str | os.PathLike = False, stop_at: int | None = None) -> list[float]:
         """Train up to ``config.steps``; returns the loss history of every step so far (resumed ones included).
@@ -635,15 +645,20 @@ class Trainer:
         :func:`sdediff.log_likelihood`; ``cond`` fixes the network's third argument (e.g. class labels,
         one per sample of the batch that will be evaluated). A non-zero ``guidance_scale`` :math:`w` gives
         classifier-free guidance, ``(1 + w) s(x, t, y) - w s(x, t, null)``, both branches in one
-        batched call (:class:`sdediff.guidance.ClassifierFreeNet`; needs ``cond`` and a null-class token)."""
+        batched call (:class:`sdediff.guidance.ClassifierFreeNet`; needs ``cond`` and a null-class token).
+        With a learned schedule the EMA network comes with the EMA schedule (:attr:`ema_sde`), the raw one with
+        the raw schedule, and a time input that is a method of the schedule (``sde.noise_level``) follows it."""
         net: nn.Module = self.ema if ema else self.net
+        sde, time_input = (self.ema_sde if ema else self.sde), self.time_input
+        if sde is not self.sde and getattr(time_input, "__self__", None) is self.sde:
+            time_input = getattr(sde, time_input.__name__)
         if guidance_scale != 0:
             if cond is None:
                 raise ValueError("guidance_scale needs cond, the class labels to guide towards")
             net = ClassifierFreeNet(net, cond.to(self.device), guidance_scale, self.null_class)
         elif cond is not None:
             net = _Conditioned(net, cond.to(self.device))
-        return ScoreModel(net, self.sde, self.config.prediction, self.time_input)
+        return ScoreModel(net, sde, self.config.prediction, time_input)
 
     def ema_score_fn(self) -> ScoreModel:
         """Same as ``score_fn(ema=True)``."""
@@ -668,6 +683,7 @@ class Trainer:
         cfg = self.config
         g = torch.Generator(self.device).manual_seed(cfg.seed + 1_000_003 + self.step)
         score = self.score_fn(ema=True)
+        sde = score.sde  # the EMA schedule of a learned one
         result: dict[str, Any] = {"step": self.step}
         samples = None
         ref = self.eval_data if self.eval_data is not None else self.data
@@ -677,7 +693,7 @@ class Trainer:
         points = points.to(self.param_dtype)
         if cfg.eval_samples:
             with torch.no_grad():
-                samples = sample(self.sde, score, (cfg.eval_samples, *points.shape[1:]), solver=cfg.eval_solver,
+                samples = sample(sde, score, (cfg.eval_samples, *points.shape[1:]), solver=cfg.eval_solver,
                                  steps=cfg.eval_sample_steps, generator=g, device=self.device, dtype=self.param_dtype,
                                  denoise=True)
             result["sample_mean"] = float(samples.mean())
@@ -691,11 +707,11 @@ class Trainer:
                                   lambda tmp: save_file({"samples": cpu}, str(tmp)))
         if cfg.eval_nll_points:
             d = flat_dim(points)
-            res = log_likelihood(self.sde, score, points, eps=cfg.t_eps, rtol=1e-4, atol=1e-4,
+            res = log_likelihood(sde, score, points, eps=cfg.t_eps, rtol=1e-4, atol=1e-4,
                                  trace="exact" if d <= 16 else "hutchinson", generator=g)
             nll = float(-res.log_prob.mean())
             with torch.no_grad():
-                bound = float(nll_bound(self.sde, score, points, t_eps=cfg.t_eps, generator=g).mean())
+                bound = float(nll_bound(sde, score, points, t_eps=cfg.t_eps, generator=g).mean())
             result.update({"nll": nll, "nll_per_dim": nll / d, "nll_nfe": res.nfe, "nll_bound": bound,
                            "nll_bound_per_dim": bound / d})
         if self.eval_fn is not None:
@@ -727,6 +743,9 @@ class Trainer:
         if isinstance(self.sde, nn.Module):  # a learned schedule, trained or frozen: a run holds its state
             for k, v in self.sde.state_dict().items():
                 tensors[f"sde.{k}"] = v
+        if self.ema_sde is not self.sde:
+            for k, v in self.ema_sde.state_dict().items():
+                tensors[f"ema_sde.{k}"] = v
         opt = self.optimizer.state_dict()
         scalars: dict[str, dict[str, Any]] = {}
         for idx, st in opt["state"].items():
@@ -777,6 +796,9 @@ class Trainer:
             sde_state = {k[4:]: v for k, v in tensors.items() if k.startswith("sde.")}
             if self.sde_params or sde_state:
                 self.sde.load_state_dict(sde_state)
+            if self.ema_sde is not self.sde:  # checkpoints from before the schedule had an EMA: start it at the schedule
+                ema_sde_state = {k[8:]: v for k, v in tensors.items() if k.startswith("ema_sde.")}
+                self.ema_sde.load_state_dict(ema_sde_state or sde_state)
             state: dict[int, dict[str, Any]] = {}
             for key, val in tensors.items():
                 if key.startswith("optim."):
