@@ -50,6 +50,8 @@ class CountedScore:
         if not isinstance(out, Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"score_fn must return a tensor shaped like x {tuple(x.shape)}, got {got}")
+        if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            out = out.clone()  # the input itself (or a view of it): solvers may overwrite x once they have the score
         return out
 
 

@@ -165,6 +165,18 @@ def test_inplace_buffer_is_the_input_only_when_the_loop_owns_it():
         sdediff.solvers.base._REGISTRY.pop("test_inplace_probe")
 
 
+@pytest.mark.parametrize("name,options", LOOP_SOLVERS, ids=[f"{n}{o}" for n, o in LOOP_SOLVERS])
+def test_a_score_that_returns_its_input_is_not_overwritten(name, options):
+    """Steps update the state in place once they have the score; a score function that returns x itself (or a view
+    of it) gets a copy, so the in-place runs equal the runs with a callback (which never update in place)."""
+    x = torch.randn(4, 2, dtype=torch.float64, generator=gen(2))
+    runs = [sdediff.sample(sdediff.VPSDE(), score, x.shape, solver=name, steps=6, x_init=x, generator=gen(3),
+                           callback=callback, **options)
+            for score in (lambda y, t: y, lambda y, t: y[:, :]) for callback in (None, lambda i, t, y: None)]
+    for other in runs[1:]:
+        torch.testing.assert_close(other, runs[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["euler", "euler_maruyama", "ancestral", "dpm_solver", "sde_dpm_solver"])
 def test_first_non_finite_step_is_named(name):
     def score(x, t):
