@@ -377,7 +377,8 @@ class DDIM(FixedStepSolver):
         keep = (s[1:] ** 2 - sigma**2).clamp_min(0).sqrt()  # sqrt(s_t^2 - sigma^2), the share of eps_hat kept
         # x_t = m_t x0 + keep eps + sigma z with x0 = (x + s^2 score)/m, eps = -s score, multiplied out
         a, b = m[1:] / m[:-1], m[1:] / m[:-1] * s[:-1] ** 2 - keep * s[:-1]
-        ctx.state.update({"i": 0, **{k: v.to(x.dtype) for k, v in dict(a=a, b=b, sigma=sigma).items()}})
+        # per step as 0-d tensors in Python tuples: a step indexes a tuple, not a tensor
+        ctx.state.update({"i": 0, **{k: v.to(x.dtype).unbind() for k, v in dict(a=a, b=b, sigma=sigma).items()}})
 
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
         r""":math:`x_t = \frac{m_t}{m_s}x + \big(\frac{m_t}{m_s}s_s^2 - \sqrt{s_t^2 - \sigma^2}\,s_s\big)\nabla\log p_s(x)
@@ -454,17 +455,17 @@ class LMS(FixedStepSolver):
         m, s, _ = _kernel(sde, ts.to(_work_dtype(ts.device)))
         b = adams_bashforth_weights(s / m, self.order)
         # x_{i+1} = m_{i+1} y_{i+1} = (m_{i+1}/m_i) x_i + sum_j m_{i+1} b_ij d_{i-j}
-        ctx.state.update({"i": 0, "history": [], "s": s.to(x.dtype), "a": (m[1:] / m[:-1]).to(x.dtype),
-                          "w": (m[1:, None] * b).to(x.dtype)})
+        ctx.state.update({"i": 0, "history": [], "neg_s": (-s).to(x.dtype).unbind(), "a": (m[1:] / m[:-1]).to(x.dtype).unbind(),
+                          "w": [row.unbind() for row in (m[1:, None] * b).to(x.dtype)]})  # 0-d tensors in lists
 
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
         st, i = ctx.state, _tick(ctx)
         hist = st["history"]  # d_i = dy/dsigma = eps_hat, newest first, in buffers reused as they age out
         d = hist.pop() if len(hist) == self.order else torch.empty_like(x)
-        hist.insert(0, torch.mul(ctx.score(x, t), -st["s"][i], out=d))
+        hist.insert(0, torch.mul(ctx.score(x, t), st["neg_s"][i], out=d))
         out = torch.mul(x, st["a"][i], out=ctx.buffer(x, inplace=True))
-        for j, d in enumerate(hist):
-            out.addcmul_(st["w"][i, j], d)
+        for w, d in zip(st["w"][i], hist, strict=False):
+            out.addcmul_(w, d)
         return out
 
 
@@ -540,24 +541,22 @@ class EDMHeun(FixedStepSolver):
         else:
             # with d = -s score: x_euler = A x + B score(x, t), x_{i+1} = A/2 x + x_euler/2 + C score(x_euler, t_next)
             m_next, dsigma = m[1:], st["sigma"][1:] - st["sigma"][:-1]
-            st["heun"] = torch.stack([m_next / m[:-1], -m_next * dsigma * s[:-1], -0.5 * m_next * dsigma * s[1:]], dim=1)
+            a = m_next / m[:-1]
+            heun = torch.stack([a, -m_next * dsigma * s[:-1], -0.5 * m_next * dsigma * s[1:], 0.5 * a], dim=1)
         ctx.state.update({"i": 0, **{k: v.to(x.dtype) for k, v in st.items()}})
-        if self.churn == 0:
-            ctx.state["x_euler"] = torch.empty_like(x)
+        if self.churn == 0:  # per step (A, B, C, A/2) as 0-d tensors: a step indexes a list, not a tensor
+            ctx.state.update(heun=[row.unbind() for row in heun.to(x.dtype)], x_euler=torch.empty_like(x))
 
     def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
         st, i = ctx.state, _tick(ctx)
         if self.churn == 0:  # the step below, multiplied out in x (coefficients from start)
-            a, b, c = st["heun"][i]
+            a, b, c, half_a = st["heun"][i]
             x_euler = torch.mul(x, a, out=st["x_euler"]).addcmul_(b, ctx.score(x, t))
             score = ctx.score(x_euler, t_next)
-            return torch.mul(x, 0.5 * a, out=ctx.buffer(x, inplace=True)).add_(x_euler, alpha=0.5).addcmul_(c, score)
-        y = x / st["m"][i]
-        if self.churn > 0:  # raise the noise level to sigma_hat (a Python option, not a tensor value)
-            y = y + st["noise"][i] * randn_like(y, ctx.generator)
-            t, m, s, sigma = st["t_hat"][i], st["m_hat"][i], st["s_hat"][i], st["sigma_hat"][i]
-        else:
-            m, s, sigma = st["m"][i], st["s"][i], st["sigma"][i]
+            return torch.mul(x, half_a, out=ctx.buffer(x, inplace=True)).add_(x_euler, alpha=0.5).addcmul_(c, score)
+        # churn: raise the noise level to sigma_hat, then the Heun step in (sigma, y) from there
+        y = x / st["m"][i] + st["noise"][i] * randn_like(x, ctx.generator)
+        t, m, s, sigma = st["t_hat"][i], st["m_hat"][i], st["s_hat"][i], st["sigma_hat"][i]
         dsigma = st["sigma"][i + 1] - sigma
         d = _noise_pred(ctx, m * y, t, s)
         y_euler = y + dsigma * d
