@@ -45,7 +45,7 @@ from . import __version__
 from ._io import atomic_write, atomic_write_file
 from .config import ConfigError, config_defaults, dump_toml, load_toml
 from .data import GaussianMixture
-from .data.toy import TOY_DATASETS, make_toy, toy_mixture
+from .data.toy import TOY_CLASSES, TOY_DATASETS, make_toy, toy_mixture
 from .distributed import DistributedError, DistributedEval, chunk_generator, chunk_slices, local_device, process_rank
 from .distributed import world_size as _world_size
 from .elbo import nll_bound
@@ -63,6 +63,11 @@ SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
 _SDE_CLASSES = {"VPSDE": VPSDE, "SubVPSDE": SubVPSDE, "VESDE": VESDE, "LearnedScheduleSDE": LearnedScheduleSDE}
 DATASETS = (*TOY_DATASETS, "digits")
 DIGITS_CLASSES = 10  # labels 0-9 of the digits; a class-conditional model adds a null token (classifier-free guidance)
+
+
+def _num_classes(data: str) -> int | None:
+    """Number of classes of a data set name (digits and the labelled toy sets), else ``None``."""
+    return DIGITS_CLASSES if data == "digits" else TOY_CLASSES.get(data)
 TARGET_RATIO = 2.0  # the demo's criterion: mean sliced-W2 <= TARGET_RATIO x the noise floor
 DEMO_SOLVERS: list[tuple[str, str, int, dict[str, Any]]] = [  # (label, solver, steps, options)
     ("SDE", "euler_maruyama", 300, {}),
@@ -185,9 +190,9 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device).manual_seed(seed)
 
 
-def _toy_train(name: str, n: int, seed: int) -> Tensor:
-    """The training set of a toy run: ``n`` points drawn with ``seed``."""
-    return make_toy(name, n, torch.Generator().manual_seed(seed))
+def _toy_train(name: str, n: int, seed: int, labels: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """The training set of a toy run: ``n`` points drawn with ``seed`` (and their classes: the same points)."""
+    return make_toy(name, n, torch.Generator().manual_seed(seed), return_labels=labels)
 
 
 def _held_out_generator(seed: int) -> torch.Generator:
@@ -311,9 +316,10 @@ def _save_figure(plt, fig, path: Path) -> Path:
 
 
 def _scatter_png(path: Path, panels: dict[str, Tensor], reference: str | None = None, limit: int = 2000,
-                 title: str | None = None) -> Path | None:
-    """Side-by-side scatter plots of 2-D point sets (the ``reference`` panel in black); ``None`` without
-    matplotlib. Axis limits follow the reference, so a few stray samples do not squash the picture."""
+                 title: str | None = None, classes: dict[str, Tensor] | None = None) -> Path | None:
+    """Side-by-side scatter plots of 2-D point sets (the ``reference`` panel in black, or every panel coloured by
+    class where ``classes`` gives its points' labels); ``None`` without matplotlib. Axis limits follow the
+    reference, so a few stray samples do not squash the picture."""
     plt = _pyplot()
     if plt is None:
         return None
@@ -324,8 +330,12 @@ def _scatter_png(path: Path, panels: dict[str, Tensor], reference: str | None = 
     fig, axes = plt.subplots(1, len(panels), figsize=(3.1 * len(panels), 3.4), squeeze=False)
     for ax, (name, pts) in zip(axes[0], panels.items(), strict=True):
         pts = pts[:limit].detach().cpu()
-        ax.scatter(pts[:, 0], pts[:, 1], s=1.5, alpha=0.5, color="black" if name == reference else "C0",
-                   rasterized=True)
+        if classes is not None and name in classes:
+            ax.scatter(pts[:, 0], pts[:, 1], s=1.5, alpha=0.5, c=classes[name][:limit].cpu().numpy() % 10,
+                       cmap="tab10", vmin=0, vmax=9, rasterized=True)
+        else:
+            ax.scatter(pts[:, 0], pts[:, 1], s=1.5, alpha=0.5, color="black" if name == reference else "C0",
+                       rasterized=True)
         ax.set_title(name, fontsize=9)
         ax.set_xlim(float(centre[0]) - half, float(centre[0]) + half)
         ax.set_ylim(float(centre[1]) - half, float(centre[1]) + half)
@@ -361,12 +371,17 @@ def _digits_png(path: Path, x: Tensor, columns: int = 8, title: str | None = Non
     return _save_figure(plt, fig, path)
 
 
-def _plot_samples(path: Path, samples: Tensor, data: str | None, reference: Tensor | None, title: str) -> Path | None:
+def _plot_samples(path: Path, samples: Tensor, data: str | None, reference: Tensor | None, title: str,
+                  classes: tuple[Tensor, Tensor] | None = None) -> Path | None:
+    """Digits as a grid, 2-D points next to held-out data; ``classes`` = (labels of ``samples``, of ``reference``)
+    colours both by class."""
     if samples.dim() == 4 or data == "digits":
         return _digits_png(path, samples[:64], title=title)
     if samples.dim() == 2 and samples.shape[1] == 2:
         panels = {"held-out data": reference, "samples": samples} if reference is not None else {"samples": samples}
-        return _scatter_png(path, panels, reference="held-out data" if reference is not None else None, title=title)
+        colours = None if classes is None else {"samples": classes[0], "held-out data": classes[1]}
+        return _scatter_png(path, panels, reference="held-out data" if reference is not None else None, title=title,
+                            classes=colours)
     return None
 
 
@@ -492,7 +507,7 @@ def _build_model(args: argparse.Namespace, shape: tuple[int, ...]):
     kind = args.model if args.model != "auto" else ("unet" if len(shape) == 3 else "mlp")
     embed = {} if args.time_embed is None else {"time_embed": args.time_embed}
     if args.class_cond:
-        embed["num_classes"] = DIGITS_CLASSES
+        embed["num_classes"] = _num_classes(args.data)
     if kind == "unet":
         if len(shape) != 3:
             raise CLIError(f"--model unet needs image data (C, H, W); {args.data} has shape {shape}")
@@ -500,6 +515,17 @@ def _build_model(args: argparse.Namespace, shape: tuple[int, ...]):
                     num_res_blocks=args.num_res_blocks, **embed)
     dim = math.prod(shape)
     return MLP(dim, hidden=args.hidden, depth=args.depth, **embed)
+
+
+def _toy_class_metrics(samples: Tensor, labels: Tensor, data: str, generator: torch.Generator) -> dict[str, Any]:
+    """Class-conditional samples of a labelled toy set: the share whose nearest held-out point (5000, labelled)
+    has the class asked for, overall and per class."""
+    ref, ref_labels = make_toy(data, 5000, generator, dtype=samples.dtype, return_labels=True)
+    ref, ref_labels, labels = ref.to(samples.device), ref_labels.to(samples.device), labels.to(samples.device)
+    nearest = torch.cat([torch.cdist(chunk, ref).argmin(1) for chunk in samples.split(512)])
+    hit = (ref_labels[nearest] == labels).double()
+    per_class = {int(k): float(hit[labels == k].mean()) for k in labels.unique()}
+    return {"class_accuracy": float(hit.mean()), "class_accuracy_per_class": per_class}
 
 
 def _toy_metrics(samples: Tensor, data: str, generator: torch.Generator) -> dict[str, float]:
@@ -527,11 +553,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     train, transform, held, shape = _train_data(args.data, args.n_train, args.seed)
     labels = None
     if args.class_cond:
-        if not image:
-            raise CLIError(f"--class-cond needs labelled data (--data digits); {args.data} has no labels")
-        from .data.digits import load_digits
+        if _num_classes(args.data) is None:
+            raise CLIError(f"--class-cond needs labelled data (digits, {', '.join(TOY_CLASSES)}); {args.data} has "
+                           "no labels")
+        if image:
+            from .data.digits import load_digits
 
-        labels = load_digits("train")[1]
+            labels = load_digits("train")[1]
+        else:
+            labels = _toy_train(args.data, args.n_train, args.seed, labels=True)[1]
     seed_everything(args.seed)
     net = _build_model(args, shape)
     options = {k: v for k, v in vars(args).items() if k not in ("func", "config", "command")}
@@ -741,14 +771,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if calibration is not None:
         doc["calibration"] = calibration
     line = f"{n} samples in {seconds:.2f} s, {nfe_per_sample:.4g} NFE"
-    if run.data in TOY_DATASETS and x.dim() == 2:
+    toy = run.data in TOY_DATASETS and x.dim() == 2
+    if toy and labels is not None:  # class-conditional: is each sample in the class asked for?
+        doc.update(_toy_class_metrics(x, labels, run.data, _held_out_generator(run.seed + 1)))
+        line += f"; {100 * doc['class_accuracy']:.1f}% in the class asked for (nearest held-out point)"
+    elif toy:
         doc.update(_toy_metrics(x, run.data, _held_out_generator(run.seed + 1)))
         line += f"; sliced W2 to held-out data {doc['sliced_w2']:.4f} (noise floor {doc['noise_floor']:.4f})"
     print(line)
     if args.plot:
-        ref = make_toy(run.data, min(n, 2000), _held_out_generator(run.seed)) if run.data in TOY_DATASETS else None
+        ref, classes = None, None
+        if toy and labels is not None:
+            ref, ref_labels = make_toy(run.data, 2000, _held_out_generator(run.seed), return_labels=True)
+            classes = (labels, ref_labels)
+        elif run.data in TOY_DATASETS:
+            ref = make_toy(run.data, min(n, 2000), _held_out_generator(run.seed))
         png = _plot_samples(out.with_suffix(".png"), x, run.data, ref, f"{args.solver}, {args.steps} steps, "
-                                                                           f"NFE {nfe_per_sample:.4g}")
+                                                                           f"NFE {nfe_per_sample:.4g}", classes)
         written.append(png) if png is not None else print(_NO_MPL)
     written.append(_write_json(out.with_suffix(".json"), doc))
     print("wrote " + ", ".join(str(p) for p in written))
@@ -1218,8 +1257,9 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     g.add_argument("--base-channels", type=_positive_int, default=32, help="UNet channels at the first level")
     g.add_argument("--channel-mults", type=_positive_int, nargs="+", default=[1, 2], help="UNet channel multipliers")
     g.add_argument("--num-res-blocks", type=_positive_int, default=1, help="UNet residual blocks per level")
-    g.add_argument("--class-cond", action="store_true", help="class-conditional model on the digit labels, trained "
-                   "with condition dropout for classifier-free guidance (sample with --classes, --guidance-scale)")
+    g.add_argument("--class-cond", action="store_true", help="class-conditional model on the data's labels (digits "
+                   "0-9; moons 0-1, checkerboard 0-7, rings 0-3, gaussian_mixture 0-7), trained with condition dropout "
+                   "for classifier-free guidance (sample with --classes, --guidance-scale)")
     g.add_argument("--cond-drop-prob", type=_unit_float, default=0.1,
                    help="with --class-cond: probability of replacing a label by the null token")
     g.add_argument("--time-embed", choices=("fourier", "sinusoidal"), help="time embedding (default: fourier for "

@@ -108,3 +108,26 @@ def test_levels_generalise_the_library_bit_depth_versions():
     torch.testing.assert_close(dg.digits_bits_per_dim(uniform), torch.tensor([math.log2(17)]))
     with pytest.raises(ValueError, match="levels"):
         dg.dequantize_levels(k, 1)
+
+
+def test_toy_labels_come_from_the_same_draws():
+    """make_toy(..., return_labels=True) gives the same points as without labels, and the labels mean what the
+    module says: the lower moon, the ring index, the dark square, the mixture component."""
+    from sdediff.data import TOY_CLASSES, make_toy, toy_mixture
+
+    for name, k in TOY_CLASSES.items():
+        x = make_toy(name, 3000, torch.Generator().manual_seed(3), dtype=torch.float64)
+        y_pts, y = make_toy(name, 3000, torch.Generator().manual_seed(3), dtype=torch.float64, return_labels=True)
+        assert torch.equal(x, y_pts) and y.dtype == torch.int64 and set(y.unique().tolist()) == set(range(k)), name
+    x, y = make_toy("moons", 3000, torch.Generator().manual_seed(4), return_labels=True)
+    assert x[y == 1, 1].mean() < x[y == 0, 1].mean() - 0.5  # the lower half circle
+    x, y = make_toy("rings", 3000, torch.Generator().manual_seed(4), dtype=torch.float64, return_labels=True)
+    assert ((x.norm(dim=1) * 1.95 - (1 + y)).abs() < 0.5).all()
+    x, y = make_toy("checkerboard", 3000, torch.Generator().manual_seed(4), dtype=torch.float64, return_labels=True)
+    col, row = (x * 1.15 + 2).floor().long().unbind(1)
+    assert torch.equal(y, 2 * row + col // 2)
+    x, y = make_toy("gaussian_mixture", 3000, torch.Generator().manual_seed(4), dtype=torch.float64, return_labels=True)
+    nearest = torch.cdist(x, toy_mixture().means.to(x)).argmin(1)
+    assert (nearest == y).double().mean() > 0.99
+    with pytest.raises(ValueError, match="no class labels"):
+        make_toy("swiss_roll", 10, return_labels=True)

@@ -10,10 +10,10 @@ from .digits import (
     model_to_digits,
 )
 from .mixture import GaussianMixture
-from .toy import TOY_DATASETS, make_toy, sample_toy, skewed_mixture, toy_mixture
+from .toy import TOY_CLASSES, TOY_DATASETS, make_toy, sample_toy, skewed_mixture, toy_mixture
 
 __all__ = [
-    "GaussianMixture", "TOY_DATASETS", "make_toy", "sample_toy", "toy_mixture", "DIGITS_LEVELS", "load_digits",
+    "GaussianMixture", "TOY_CLASSES", "TOY_DATASETS", "make_toy", "sample_toy", "toy_mixture", "DIGITS_LEVELS", "load_digits",
     "digits_to_model", "model_to_digits", "dequantize_levels", "bits_per_dim_levels", "digits_bits_per_dim",
     "skewed_mixture",
 ]
