@@ -571,14 +571,11 @@ class Trainer:
         decay = self.config.ema_decay
         if self.config.ema_warmup:
             decay = min(decay, self.step / (self.step + 9))  # (1 + k) / (10 + k) for the k-th update (0-based)
-        for e, p in zip(self.ema.parameters(), self.net.parameters(), strict=True):
-            e.lerp_(p, 1 - decay)
-        for e, b in zip(self.ema.buffers(), self.net.buffers(), strict=True):
-            e.copy_(b)
-        if self.ema_sde is not self.sde:
-            for e, p in zip(self.ema_sde.parameters(), self.sde.parameters(), strict=True):
+        pairs = [(self.ema, self.net)] + ([(self.ema_sde, self.sde)] if self.ema_sde is not self.sde else [])
+        for ema, live in pairs:  # the network and, with a learned schedule, the schedule: the same average
+            for e, p in zip(ema.parameters(), live.parameters(), strict=True):
                 e.lerp_(p, 1 - decay)
-            for e, b in zip(self.ema_sde.buffers(), self.sde.buffers(), strict=True):
+            for e, b in zip(ema.buffers(), live.buffers(), strict=True):
                 e.copy_(b)
 
     def fit(self, resume: bool | str | os.PathLike = False, stop_at: int | None = None) -> list[float]:
