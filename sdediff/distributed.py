@@ -6,8 +6,8 @@ draws its random numbers from its own generator seeded with :func:`~sdediff.dist
 ``(seed, k)``, and is computed by rank :math:`k \bmod W` of the :math:`W` processes; rank 0 gathers the
 chunks and puts them back in the order of :math:`k`. Neither the chunks nor their random streams depend on
 :math:`W`, so a run under ``torchrun --nproc_per_node=W`` returns exactly (bit for bit, on the same
-hardware) what one process returns. The process group is the one the trainer joins (``torchrun``'s
-``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; NCCL on CUDA, gloo on the CPU)::
+hardware) what one process returns. The process group is the one :func:`setup_distributed` joins for the
+trainer too (``torchrun``'s ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; NCCL on CUDA, gloo on the CPU)::
 
     with DistributedEval(device="cpu") as group:
         chunks = chunk_slices(n, 1000)
@@ -21,14 +21,18 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
 import torch
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-__all__ = ["DistributedEval", "DistributedError", "chunk_slices", "chunk_seed", "chunk_generator", "local_device",
-           "process_rank", "world_size"]
+from ._validate import check_int
+
+__all__ = ["DistributedContext", "DistributedEval", "DistributedError", "chunk_slices", "chunk_seed", "chunk_generator",
+           "local_device", "process_rank", "setup_distributed", "world_size"]
 
 T = TypeVar("T")
 
@@ -51,9 +55,8 @@ def chunk_slices(n: int, chunk_size: int) -> list[slice]:
     -------
     list of slice
     """
-    for name, value, low in (("n", n, 0), ("chunk_size", chunk_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    check_int("n", n, 0)
+    check_int("chunk_size", chunk_size, 1)
     return [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
 
 
@@ -73,9 +76,8 @@ def chunk_seed(seed: int, index: int) -> int:
     int
         A seed in ``[0, 2**63)`` for :meth:`torch.Generator.manual_seed`.
     """
-    for name, value in (("seed", seed), ("index", index)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    check_int("seed", seed, 0)
+    check_int("index", index, 0)
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
@@ -103,6 +105,105 @@ def local_device(device: torch.device | str) -> torch.device:
     return device
 
 
+@dataclass
+class DistributedContext:
+    """This process's place in a ``torchrun`` job (one process of rank 0 outside ``torchrun``).
+
+    Attributes
+    ----------
+    world_size, rank, local_rank : int
+        The number of processes, this one's rank and its rank on its machine (its GPU index).
+    created : bool
+        Whether :func:`setup_distributed` created the process group (so :meth:`close` destroys it).
+    """
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    created: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is rank 0."""
+        return self.rank == 0
+
+    def device(self, preference: str | None) -> torch.device:
+        """The device of this process: ``preference`` (an index-less ``cuda`` becomes ``cuda:local_rank`` in a job of
+        several processes); without one, ``cuda:local_rank`` when CUDA is available, else the CPU."""
+        if preference is not None:
+            device = torch.device(preference)
+            if device.type == "cuda" and device.index is None and self.world_size > 1:
+                device = torch.device("cuda", self.local_rank)
+            return device
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
+        """``module`` in :class:`~torch.nn.parallel.DistributedDataParallel` in a job of several processes (its
+        gradients are then averaged over the ranks during ``backward``); ``module`` itself otherwise."""
+        if self.world_size <= 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def all_reduce_mean_(self, tensor: Tensor) -> Tensor:
+        r"""Replace ``tensor`` in place by its mean over the ranks, :math:`\frac1W \sum_r x_r`, and return it
+        (nothing to do in a single process)."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor)
+            tensor /= self.world_size
+        return tensor
+
+    def close(self) -> None:
+        """Leave the process group if :func:`setup_distributed` created it; all ranks meet at a barrier first,
+        so no rank tears gloo down while a peer is still working (which can abort at interpreter exit)."""
+        if self.created:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
+            self.created = False
+
+
+def setup_distributed(device_preference: str | None = None) -> DistributedContext:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), if any.
+
+    A group that already exists is used as is; otherwise one is created, with NCCL (after selecting the GPU
+    ``LOCAL_RANK``) when CUDA is available and ``device_preference`` is ``None`` or a CUDA device, gloo otherwise.
+
+    Parameters
+    ----------
+    device_preference : str, optional
+        The device the caller will compute on (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
+
+    Returns
+    -------
+    DistributedContext
+        World size 1 and rank 0 outside ``torchrun`` (``WORLD_SIZE`` unset or 1), with nothing initialised.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistributedContext()
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        raise RuntimeError(f"WORLD_SIZE={world} is set but RANK is not; launch with torchrun")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    created = False
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and (device_preference is None or device_preference.startswith("cuda"))
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        created = True
+    return DistributedContext(dist.get_world_size(), dist.get_rank(), local_rank, created)
+
+
 class DistributedEval:
     """The process group of a ``torchrun`` job, used to share chunks of evaluation work out and gather them.
 
@@ -128,9 +229,7 @@ class DistributedEval:
     """
 
     def __init__(self, device: torch.device | str | None = None) -> None:
-        from .training.trainer import _setup_distributed  # the trainer's setup, shared
-
-        self._dist = _setup_distributed(None if device is None else str(device))
+        self._dist = setup_distributed(None if device is None else str(device))
         self.rank, self.world_size = self._dist.rank, self._dist.world_size
 
     @property
@@ -159,8 +258,7 @@ class DistributedEval:
         DistributedError
             On every rank, when ``fn`` raised on some rank (with that rank's message).
         """
-        if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 0:
-            raise ValueError(f"num_chunks must be an integer >= 0, got {num_chunks!r}")
+        check_int("num_chunks", num_chunks, 0)
         mine = range(self.rank, num_chunks, self.world_size)
         chunks = tqdm(mine, desc="chunks", leave=False, disable=not (progress and self.is_main and len(mine) > 1))
         if self.world_size == 1:

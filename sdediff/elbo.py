@@ -36,10 +36,11 @@ import torch
 from torch import Tensor
 
 from ._utils import flat_dim, randn
+from ._validate import check_choice, check_int
 from .data.digits import bits_per_dim_levels
 from .score import ScoreModel
 from .sdes.linear import require_linear
-from .training.losses import T_SAMPLINGS, _check_choice, _check_t_eps, dsm_loss, sample_time
+from .training.losses import T_SAMPLINGS, check_t_eps, dsm_loss, sample_time
 
 DECODERS = ("gaussian", "discrete")
 
@@ -193,13 +194,11 @@ def elbo(sde, score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, *, t_eps:
         ``nats``, ``bits_per_dim``, ``std_error``, ``prior``, ``diffusion``, ``reconstruction``, ``num_dims``.
     """
     require_linear(sde, "the evidence bound")
-    t_eps = _check_t_eps(t_eps, sde)
-    _check_choice(t_sampling, "t_sampling", T_SAMPLINGS)
-    _check_choice(decoder, "decoder", DECODERS)
-    if isinstance(num_t, bool) or not isinstance(num_t, int) or num_t < 2:
-        raise ValueError(f"num_t must be an integer >= 2 (the standard error needs two draws), got {num_t!r}")
-    if levels is not None and (isinstance(levels, bool) or not isinstance(levels, int) or levels < 2):
-        raise ValueError(f"levels must be an integer >= 2 or None, got {levels!r}")
+    t_eps = check_t_eps(t_eps, sde)
+    check_choice("t_sampling", t_sampling, T_SAMPLINGS)
+    check_choice("decoder", decoder, DECODERS)
+    check_int("num_t", num_t, 2)  # the standard error needs two draws
+    check_int("levels", levels, 2, optional=True)
     lo, hi = data_range
     if not hi > lo:
         raise ValueError(f"data_range must be (lo, hi) with hi > lo, got {data_range!r}")
@@ -278,9 +277,8 @@ def nll_bound(sde, model: Callable[..., Tensor], x0: Tensor, *, prediction: str 
         ``(batch,)`` bounds in nats (Monte Carlo estimates: unbiased for the bound itself).
     """
     require_linear(sde, "the evidence bound")
-    t_eps = _check_t_eps(t_eps, sde)
-    if isinstance(num_t, bool) or not isinstance(num_t, int) or num_t < 1:
-        raise ValueError(f"num_t must be a positive integer, got {num_t!r}")
+    t_eps = check_t_eps(t_eps, sde)
+    check_int("num_t", num_t, 1)
     if not isinstance(x0, Tensor) or not x0.is_floating_point() or x0.dim() < 1:
         raise TypeError("x0 must be a floating-point tensor of shape (batch, ...)")
     diffusion = diffusion_draws(sde, model, x0, num_t, prediction=prediction, t_eps=t_eps, generator=generator,

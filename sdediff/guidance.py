@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ._utils import batch_time
 from .processes import ScoreFn
 from .sampling import SampleResult, sample
-from .score import _coeffs
+from .score import kernel_coefficients
 from .sdes.linear import LinearSDE, require_linear
 
 LogProbFn = Callable[[Tensor, Tensor], Tensor]
@@ -66,7 +66,7 @@ def _tweedie_guided(sde: LinearSDE, score_fn: ScoreFn, x: Tensor, t: Tensor, sca
     r"""``score + scale * gradient(x, x0, m, s, keep)`` at ``x`` with Tweedie's denoiser
     :math:`\hat x_0 = (x + s^2 s_\theta(x, t))/m` computed under grad mode, so that ``gradient`` can differentiate
     through it with respect to ``x``; the graph is kept (``keep``) only when the caller differentiates the result."""
-    m, s = _coeffs(sde, x, t)
+    m, s = kernel_coefficients(sde, x, t)
     keep = _keep_graph(x)
     with torch.enable_grad():
         xg = x if keep else x.detach().requires_grad_(True)
@@ -371,7 +371,7 @@ def inpainting_score(sde: LinearSDE, score_fn: ScoreFn, mask: Tensor, observed: 
         def replaced(x: Tensor, t: Tensor) -> Tensor:
             t = batch_time(t, x)
             known, y = _check_observation(mask, observed, x)
-            m, s = _coeffs(sde, x, t)
+            m, s = kernel_coefficients(sde, x, t)
             return torch.where(known, (m * y - x) / s**2, score_fn(x, t))
 
         return replaced

@@ -37,7 +37,8 @@ def _check(prediction: str) -> None:
         raise ValueError(f"unknown prediction {prediction!r}; known: {', '.join(PREDICTIONS)}")
 
 
-def _coeffs(sde, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+def kernel_coefficients(sde, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``(m(t), s(t))`` of the kernel :math:`x_t = m(t)\,x_0 + s(t)\,\varepsilon`, shaped to broadcast against ``x``."""
     require_linear(sde, "converting predictions")
     t = batch_time(t, x)
     return expand_as(sde.mean_coeff(t), x), expand_as(sde.marginal_std(t), x)
@@ -53,7 +54,7 @@ def _derivatives(sde, x: Tensor, t: Tensor, m: Tensor, s: Tensor) -> tuple[Tenso
 def to_data_and_noise(pred: Tensor, x: Tensor, t: Tensor, sde, prediction: str) -> tuple[Tensor, Tensor]:
     r"""``(x̂₀, ε̂)`` implied by a prediction of the given kind at ``(x, t)``, with :math:`x = m\hat x_0 + s\hat\varepsilon`."""
     _check(prediction)
-    m, s = _coeffs(sde, x, t)
+    m, s = kernel_coefficients(sde, x, t)
     if prediction == "score":
         eps = -s * pred
         return (x - s * eps) / m, eps
@@ -72,7 +73,7 @@ def to_data_and_noise(pred: Tensor, x: Tensor, t: Tensor, sde, prediction: str) 
 def from_data_and_noise(x0: Tensor, eps: Tensor, x: Tensor, t: Tensor, sde, prediction: str) -> Tensor:
     """The prediction of the given kind that corresponds to ``(x̂₀, ε̂)`` at ``(x, t)``."""
     _check(prediction)
-    m, s = _coeffs(sde, x, t)
+    m, s = kernel_coefficients(sde, x, t)
     if prediction == "score":
         return -eps / s
     if prediction == "eps":
@@ -91,7 +92,7 @@ def to_score(pred: Tensor, x: Tensor, t: Tensor, sde, prediction: str) -> Tensor
     if prediction == "score":
         return pred
     _, eps = to_data_and_noise(pred, x, t, sde, prediction)
-    return -eps / _coeffs(sde, x, t)[1]
+    return -eps / kernel_coefficients(sde, x, t)[1]
 
 
 def convert(pred: Tensor, x: Tensor, t: Tensor, sde, source: str, target: str) -> Tensor:

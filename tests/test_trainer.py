@@ -335,6 +335,25 @@ def test_config_and_argument_errors():
         tr.fit()
     with pytest.warns(RuntimeWarning, match="amp"):
         Trainer(MLP(2), sde, data, config=TrainConfig(amp=True, device="cpu"))
+    with pytest.raises(ValueError, match="stop_at"):
+        Trainer(MLP(2), sde, data, config=TrainConfig(steps=3, progress=False)).fit(stop_at=4)
+
+
+@pytest.mark.parametrize("name", ["bogus", "torchsde:bogus", "heun:2"])
+def test_an_unknown_eval_solver_fails_when_the_config_is_built(name):
+    with pytest.raises(ValueError, match=r"^TrainConfig\.eval_solver: unknown (solver|torchsde method) '(heun:2|bogus)'"):
+        TrainConfig(eval_solver=name)
+    for known in ("heun", "euler_maruyama", "dpm_solver", "torchsde:srk"):
+        assert TrainConfig(eval_solver=known).eval_solver == known
+
+
+def test_config_scalar_checks_name_the_field():
+    for field, value in [("lr", 0.0), ("lr", True), ("weight_decay", -1.0), ("betas", (0.9, 1.0)), ("betas", (0.9,)),
+                         ("grad_clip", -1.0), ("cond_drop_prob", 1.0), ("t_eps", 0.0), ("batch_size", True),
+                         ("seed", -1), ("amp", 1), ("loss", "mse")]:
+        with pytest.raises(ValueError, match=f"TrainConfig\\.{field}"):
+            TrainConfig(**{field: value})
+    assert TrainConfig(betas=[0, 0.5]).betas == (0.0, 0.5) and TrainConfig(grad_clip=None).grad_clip is None
 
 
 @pytest.mark.slow

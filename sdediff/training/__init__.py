@@ -11,10 +11,11 @@ from .checkpoint import (
     load_weights,
     save_checkpoint,
 )
+from .config import TrainConfig
 from .losses import dsm_loss, sample_time
 from .models import MLP, FourierEmbedding, SinusoidalEmbedding, UNet
 from .ssm import ssm_loss
-from .trainer import NonFiniteLossError, TrainConfig, Trainer, seed_everything
+from .trainer import NonFiniteLossError, Trainer, seed_everything
 
 __all__ = [
     "dsm_loss", "nll_bound", "sample_time", "MLP", "UNet", "SinusoidalEmbedding", "FourierEmbedding", "Trainer",

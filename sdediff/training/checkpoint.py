@@ -40,6 +40,43 @@ def checkpoint_name(step: int) -> str:
     return f"ckpt_{step:08d}.safetensors"
 
 
+def with_prefix(prefix: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` (e.g. a module's state dict) with every key written ``"{prefix}.{key}"``, as a checkpoint stores it."""
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def without_prefix(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The entries ``"{prefix}.{key}"`` of ``tensors`` as ``{key: tensor}`` (the inverse of :func:`with_prefix`)."""
+    start = len(prefix) + 1
+    return {k[start:]: v for k, v in tensors.items() if k.startswith(f"{prefix}.")}
+
+
+def split_optimizer_state(state: dict[Any, dict[str, Any]]) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
+    """An optimizer's per-parameter ``state_dict()["state"]`` as checkpoint tensors ``"optim.{index}.{key}"`` and
+    the JSON-serialisable rest ``{"index": {key: value}}`` (e.g. a step count kept as a number)."""
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in state.items():
+        for key, val in st.items():
+            if isinstance(val, Tensor):
+                tensors[f"optim.{idx}.{key}"] = val
+            else:
+                scalars.setdefault(str(idx), {})[key] = val
+    return tensors, scalars
+
+
+def join_optimizer_state(tensors: dict[str, Tensor], scalars: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The per-parameter optimizer state that :func:`split_optimizer_state` split (``tensors`` may hold other keys)."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, val in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = val
+    for idx, extra in scalars.items():
+        state.setdefault(int(idx), {}).update(extra)
+    return state
+
+
 def _digest(tensors: dict[str, Tensor]) -> str:
     h = hashlib.sha256()
     for key in sorted(tensors):
@@ -153,8 +190,7 @@ def load_state_dict_file(path: str | os.PathLike, device: torch.device | str = "
         from safetensors.torch import load_file
 
         return load_file(str(path), device=str(device))
-    prefix = "ema." if ema else "model."
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    state = without_prefix("ema" if ema else "model", tensors)
     if not state:
         raise CheckpointError(f"checkpoint {path} has no {'EMA' if ema else 'model'} weights")
     return state

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .._utils import batch_time, expand_as, randn
+from .._validate import check_choice, check_float, check_int
 from ..score import PREDICTIONS, ScoreModel, to_data_and_noise
 from ..sdes.linear import require_linear
 
@@ -47,15 +48,9 @@ _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _GRID = 4096
 
 
-def _check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; known: {', '.join(choices)}")
-
-
-def _check_t_eps(t_eps: float, sde) -> float:
-    if isinstance(t_eps, bool) or not isinstance(t_eps, (int, float)) or not 0 < t_eps < sde.T:
-        raise ValueError(f"t_eps must be a float in (0, T={sde.T}), got {t_eps!r}")
-    return float(t_eps)
+def check_t_eps(t_eps: float, sde) -> float:
+    """``t_eps`` as a float if it lies in the open interval ``(0, sde.T)`` (the smallest time of a loss or bound)."""
+    return check_float("t_eps", t_eps, 0, sde.T, low_open=True, high_open=True)
 
 
 def _importance_table(sde, t_eps: float, device: torch.device | None = None) -> tuple[Tensor, Tensor, float]:
@@ -112,10 +107,9 @@ def sample_time(sde, n: int, *, t_sampling: str = "uniform", t_eps: float = 1e-5
     (t, weight) : two ``(n,)`` tensors.
     """
     require_linear(sde, "the denoising loss")
-    _check_choice(t_sampling, "t_sampling", T_SAMPLINGS)
-    t_eps = _check_t_eps(t_eps, sde)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
+    check_choice("t_sampling", t_sampling, T_SAMPLINGS)
+    t_eps = check_t_eps(t_eps, sde)
+    check_int("n", n, 1)
     dtype = dtype or torch.get_default_dtype()
     draw_device = generator.device if generator is not None else torch.device(device or "cpu")
     u = torch.rand(n, generator=generator, device=draw_device, dtype=torch.float64)
@@ -140,7 +134,7 @@ def _resolve_model(model, prediction: str | None, time_input):
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t) (an nn.Module), got {type(model).__name__}")
     prediction = "eps" if prediction is None else prediction
-    _check_choice(prediction, "prediction", PREDICTIONS)
+    check_choice("prediction", prediction, PREDICTIONS)
     return model, prediction, time_input
 
 
@@ -203,8 +197,8 @@ def dsm_loss(sde, model: Callable[..., Tensor], x0: Tensor, *, prediction: str |
         A scalar, or ``(batch,)`` with ``reduction="none"``.
     """
     require_linear(sde, "the denoising loss")
-    _check_choice(weighting, "weighting", WEIGHTINGS)
-    _check_choice(reduction, "reduction", REDUCTIONS)
+    check_choice("weighting", weighting, WEIGHTINGS)
+    check_choice("reduction", reduction, REDUCTIONS)
     net, prediction, time_input = _resolve_model(model, prediction, time_input)
     if not isinstance(x0, Tensor) or not x0.is_floating_point() or x0.dim() < 1:
         raise TypeError("x0 must be a floating-point tensor of shape (batch, ...)")

@@ -7,8 +7,9 @@ One optimisation step:
    importance weights) and noise ``ε``;
 2. under ``torchrun`` each of the ``W`` ranks takes its slice ``[r B/W, (r+1) B/W)`` of those draws, so
    the averaged DDP gradient is the single-process gradient of the same global batch;
-3. :func:`~sdediff.training.losses.dsm_loss`, backward, global mean loss (all-reduced), gradient-norm
-   clipping, a learning rate from the step (linear warmup, then constant or cosine), AdamW, and the EMA
+3. the loss of ``config.loss`` (:func:`~sdediff.training.objective.training_loss`), backward, global mean
+   loss (all-reduced), gradient-norm clipping, a learning rate from the step (linear warmup, then constant or
+   cosine, :meth:`TrainConfig.lr_at <sdediff.training.config.TrainConfig.lr_at>`), AdamW, and the EMA
    :math:`\bar\theta \leftarrow d\,\bar\theta + (1-d)\,\theta` with
    :math:`d = \min(d_{max}, (1+k)/(10+k))` during the EMA warm-up.
 
@@ -17,6 +18,10 @@ or stops with :class:`NonFiniteLossError`. Everything that decides the next step
 AdamW moments, the generator state, the global torch RNG states, the step and the loss history — goes
 into the checkpoint (safetensors, written atomically; see :mod:`sdediff.training.checkpoint`), so a
 resumed run repeats the uninterrupted run's losses bit for bit on the same hardware.
+
+The pieces live apart: the hyper-parameters in :mod:`sdediff.training.config`, the loss of each step in
+:mod:`sdediff.training.objective`, the periodic evaluation in :mod:`sdediff.training.evaluation` and the process
+group in :mod:`sdediff.distributed`.
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ import random
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,194 +42,37 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._io import atomic_write, atomic_write_file
-from .._utils import flat_dim, randn
-from ..elbo import gaussian_reconstruction, nll_bound, prior_kl
+from .._io import atomic_write
+from .._utils import randn
+from .._validate import check_int
+from ..distributed import setup_distributed
 from ..guidance import ClassifierFreeNet
-from ..likelihood import log_likelihood
-from ..sampling import sample
-from ..score import PREDICTIONS, ScoreModel
+from ..score import ScoreModel
 from ..sdes.linear import require_linear
 from .checkpoint import (
     CheckpointError,
     checkpoint_name,
+    join_optimizer_state,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
+    split_optimizer_state,
+    with_prefix,
+    without_prefix,
 )
-from .losses import T_SAMPLINGS, WEIGHTINGS, dsm_loss, sample_time
-from .ssm import ssm_loss
+from .config import TrainConfig
+from .evaluation import evaluate_model, requires_grad_off
+from .losses import sample_time
+from .objective import TrainingBatch, training_loss
+
+__all__ = ["NonFiniteLossError", "TrainConfig", "Trainer", "Transform", "seed_everything"]
 
 Transform = Callable[[Tensor, torch.Generator], Tensor]
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a non-finite loss or gradient (``nonfinite="stop"``, or too many skips)."""
-
-
-@dataclass
-class TrainConfig:
-    """Training hyper-parameters; every field is stored in checkpoints and ``metrics.json``.
-
-    Attributes
-    ----------
-    steps : int
-        Total optimisation steps (a resumed run continues up to this number).
-    batch_size : int
-        Global batch size (split evenly over data-parallel ranks; must be divisible by their number).
-    lr, weight_decay, betas : float, float, (float, float)
-        AdamW hyper-parameters.
-    warmup_steps : int
-        Linear learning-rate warm-up: ``lr * min(1, (k + 1) / warmup_steps)`` at step ``k``.
-    lr_schedule : {"constant", "cosine"}
-        After warm-up: constant, or cosine decay to 0 at ``steps``.
-    grad_clip : float or None
-        Clip the global gradient norm to this value (``None`` or 0: no clipping).
-    ema_decay : float
-        EMA decay ``d`` in ``[0, 1)`` (0: the EMA equals the weights).
-    ema_warmup : bool
-        Use ``min(d, (1 + k) / (10 + k))`` at step ``k``, so early EMA weights are not stuck at the init.
-    amp : bool
-        Mixed precision (autocast) on CUDA; ignored with a warning on other devices.
-    amp_dtype : {"bfloat16", "float16"}
-        Autocast dtype; float16 adds a gradient scaler.
-    seed : int
-        Seeds the trainer's generator (batches, times, noise, label dropout, transforms).
-    loss : {"dsm", "ssm", "elbo"}
-        ``"dsm"``: denoising score matching (:func:`~sdediff.training.dsm_loss`). ``"ssm"``: sliced score
-        matching on the noised batch, which never uses the noise (:func:`~sdediff.training.ssm.ssm_loss`, weighted
-        by ``weighting``; no labels). ``"elbo"``: the whole evidence bound per sample (prior + likelihood-weighted
-        diffusion term + Gaussian reconstruction, :mod:`sdediff.elbo`), divided by the dimension with
-        ``reduce_mean``; the only loss that trains a :class:`~sdediff.LearnedScheduleSDE`: its endpoints on the
-        bound, its shape on the variance of the diffusion term's estimate (VDM).
-    prediction : {"eps", "score", "x0", "v", "flow"}
-        What the network predicts.
-    weighting : {"simple", "likelihood"}
-        Loss weighting :math:`\\lambda(t)` (see :func:`~sdediff.training.losses.dsm_loss`).
-    t_sampling : {"uniform", "importance"}
-        How training times are drawn.
-    t_eps : float
-        Smallest training time.
-    reduce_mean : bool
-        Mean (else sum) of the squared error over the non-batch dimensions.
-    cond_drop_prob : float
-        With labels, the probability of replacing a label by the model's null token (classifier-free
-        guidance training).
-    nonfinite : {"skip", "stop"}
-        What a non-finite loss or gradient norm does.
-    max_nonfinite : int
-        With ``"skip"``, stop after this many skipped steps.
-    log_every, eval_every, ckpt_every : int
-        Periods in steps (0 disables evaluation / periodic checkpoints; a final checkpoint is written
-        whenever ``out_dir`` is set).
-    eval_samples, eval_solver, eval_sample_steps : int, str, int
-        Samples drawn from the EMA model at each evaluation, and how.
-    eval_nll_points : int
-        Points whose exact NLL (probability-flow ODE) and NLL bound are computed at each evaluation.
-    keep_checkpoints : int
-        How many periodic checkpoints to keep (0: all).
-    out_dir : str or None
-        Where checkpoints, samples and ``metrics.json`` go (``None``: nothing is written).
-    progress : bool
-        Show a tqdm bar with the running loss (rank 0).
-    device : str or None
-        Training device; default ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``.
-    """
-
-    steps: int = 10_000
-    batch_size: int = 128
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"
-    grad_clip: float | None = 1.0
-    ema_decay: float = 0.999
-    ema_warmup: bool = True
-    amp: bool = False
-    amp_dtype: str = "bfloat16"
-    seed: int = 0
-    prediction: str = "eps"
-    loss: str = "dsm"
-    weighting: str = "simple"
-    t_sampling: str = "uniform"
-    t_eps: float = 1e-5
-    reduce_mean: bool = True
-    cond_drop_prob: float = 0.0
-    nonfinite: str = "skip"
-    max_nonfinite: int = 100
-    log_every: int = 100
-    eval_every: int = 0
-    eval_samples: int = 256
-    eval_solver: str = "heun"
-    eval_sample_steps: int = 50
-    eval_nll_points: int = 64
-    ckpt_every: int = 0
-    keep_checkpoints: int = 3
-    out_dir: str | None = None
-    progress: bool = True
-    device: str | None = None
-
-    def __post_init__(self) -> None:
-        def integer(name: str, low: int) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"TrainConfig.{name} must be an integer >= {low}, got {v!r}")
-
-        def choice(name: str, options: tuple[str, ...]) -> None:
-            if getattr(self, name) not in options:
-                raise ValueError(f"TrainConfig.{name} must be one of {', '.join(options)}; got {getattr(self, name)!r}")
-
-        for name in ("steps", "batch_size", "log_every", "max_nonfinite"):
-            integer(name, 1)
-        for name in ("warmup_steps", "eval_every", "ckpt_every", "eval_samples", "eval_sample_steps",
-                     "eval_nll_points", "keep_checkpoints", "seed"):
-            integer(name, 0)
-        choice("prediction", PREDICTIONS)
-        choice("loss", ("dsm", "ssm", "elbo"))
-        choice("weighting", WEIGHTINGS)
-        choice("t_sampling", T_SAMPLINGS)
-        choice("nonfinite", ("skip", "stop"))
-        choice("lr_schedule", ("constant", "cosine"))
-        choice("amp_dtype", ("bfloat16", "float16"))
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"TrainConfig.lr must be a positive float, got {self.lr!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ValueError(f"TrainConfig.weight_decay must be a float >= 0, got {self.weight_decay!r}")
-        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"TrainConfig.betas must be two floats in [0, 1), got {self.betas!r}")
-        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip >= 0):
-            raise ValueError(f"TrainConfig.grad_clip must be None or a float >= 0, got {self.grad_clip!r}")
-        if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
-            raise ValueError(f"TrainConfig.ema_decay must be a float in [0, 1), got {self.ema_decay!r}")
-        if not (isinstance(self.cond_drop_prob, (int, float)) and 0 <= self.cond_drop_prob < 1):
-            raise ValueError(f"TrainConfig.cond_drop_prob must be a float in [0, 1), got {self.cond_drop_prob!r}")
-        if not (isinstance(self.t_eps, (int, float)) and self.t_eps > 0):
-            raise ValueError(f"TrainConfig.t_eps must be a positive float, got {self.t_eps!r}")
-        if self.out_dir is not None:
-            self.out_dir = str(self.out_dir)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-serialisable dict."""
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Build a config from :meth:`to_dict`'s output (unknown keys are an error)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {', '.join(unknown)}")
-        return cls(**d)
-
-
-# fields that may change between a run and its resumption without breaking the exact continuation
-_RESUME_FREE = {"steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "out_dir", "progress",
-                "device", "eval_samples", "eval_solver", "eval_sample_steps", "eval_nll_points", "max_nonfinite"}
 
 
 def seed_everything(seed: int) -> None:
@@ -238,45 +85,6 @@ def seed_everything(seed: int) -> None:
     except ImportError:  # pragma: no cover
         pass
     torch.manual_seed(seed)
-
-
-@dataclass
-class _Dist:
-    world_size: int = 1
-    rank: int = 0
-    local_rank: int = 0
-    created: bool = False
-
-    def close(self) -> None:
-        """Leave the process group if :func:`_setup_distributed` created it; all ranks meet at a barrier first,
-        so no rank tears gloo down while a peer is still working (which can abort at interpreter exit)."""
-        if self.created:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.barrier()
-                dist.destroy_process_group()
-            self.created = False
-
-
-def _setup_distributed(device_pref: str | None) -> _Dist:
-    """Join the process group ``torchrun`` describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    import torch.distributed as dist
-
-    if "RANK" not in os.environ:
-        raise RuntimeError(f"WORLD_SIZE={world} is set but RANK is not; launch with torchrun")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    created = False
-    if not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and (device_pref is None or device_pref.startswith("cuda"))
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        created = True
-    return _Dist(dist.get_world_size(), dist.get_rank(), local_rank, created)
 
 
 class _Conditioned(nn.Module):
@@ -390,18 +198,10 @@ class Trainer:
             raise ValueError("cond_drop_prob > 0 needs a model with a null class token (build it with num_classes=)")
         self.config, self.sde, self.transform, self.eval_fn, self.time_input = cfg, sde, transform, eval_fn, time_input
 
-        self.dist = _setup_distributed(cfg.device)
+        self.dist = setup_distributed(cfg.device)
         if cfg.batch_size % self.dist.world_size:
             raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the world size {self.dist.world_size}")
-        if cfg.device is not None:
-            device = torch.device(cfg.device)
-            if device.type == "cuda" and device.index is None and self.dist.world_size > 1:
-                device = torch.device("cuda", self.dist.local_rank)
-        elif torch.cuda.is_available():
-            device = torch.device("cuda", self.dist.local_rank)
-        else:
-            device = torch.device("cpu")
-        self.device = device
+        self.device = device = self.dist.device(cfg.device)
         self.net = model.to(device)
         # a learned schedule (an nn.Module SDE) trains with the network; only the bound can train it
         self.sde_params = [p for p in sde.to(device).parameters() if p.requires_grad] if isinstance(sde, nn.Module) else []
@@ -413,13 +213,7 @@ class Trainer:
         # a learned schedule is averaged with the network (as in VDM): the EMA network is matched to the EMA schedule
         self.ema_sde = copy.deepcopy(sde).requires_grad_(False) if self.sde_params else sde
         self.param_dtype = next(self.net.parameters()).dtype
-        if self.dist.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self._train_net: nn.Module = DistributedDataParallel(
-                self.net, device_ids=[device.index] if device.type == "cuda" else None)
-        else:
-            self._train_net = self.net
+        self._train_net = self.dist.wrap(self.net, device)  # DDP under torchrun
         self.optimizer = torch.optim.AdamW([*self.net.parameters(), *self.sde_params], lr=cfg.lr, betas=cfg.betas,
                                            weight_decay=cfg.weight_decay)
         self._amp = cfg.amp and device.type == "cuda"
@@ -445,19 +239,14 @@ class Trainer:
     @property
     def is_main(self) -> bool:
         """Whether this process writes files and evaluates (rank 0)."""
-        return self.dist.rank == 0
+        return self.dist.is_main
 
     def lr_at(self, step: int) -> float:
-        """Learning rate used by the update at ``step`` (0-based): warm-up, then constant or cosine."""
-        cfg = self.config
-        factor = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-        if cfg.lr_schedule == "cosine":
-            progress = min(1.0, max(0, step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-            factor *= 0.5 * (1 + math.cos(math.pi * progress))
-        return cfg.lr * factor
+        """Learning rate used by the update at ``step`` (0-based): :meth:`TrainConfig.lr_at`."""
+        return self.config.lr_at(step)
 
     # --- training ---------------------------------------------------------------------------------------
-    def _draw_batch(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    def _draw_batch(self) -> TrainingBatch:
         """This rank's slice of one globally drawn batch: ``(x0, t, t_weight, noise, cond)``."""
         cfg, g = self.config, self.generator
         batch = cfg.batch_size
@@ -480,29 +269,13 @@ class Trainer:
         noise = randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
         b = batch // self.dist.world_size
         sl = slice(self.dist.rank * b, (self.dist.rank + 1) * b)
-        return x0[sl], t[sl], w[sl], noise[sl], None if cond is None else cond[sl]
+        return TrainingBatch(x0[sl], t[sl], w[sl], noise[sl], None if cond is None else cond[sl])
 
     def _loss(self, x0: Tensor, t: Tensor, w: Tensor, noise: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """The training loss of ``config.loss`` and, for a learned schedule, the mean squared diffusion term
-        (whose gradient in the schedule's shape is that of the variance of the bound's estimate)."""
-        cfg = self.config
-        if cfg.loss == "dsm":
-            return dsm_loss(self.sde, self._train_net, x0, prediction=cfg.prediction, weighting=cfg.weighting,
-                            reduce_mean=cfg.reduce_mean, cond=cond, time_input=self.time_input, t=t, noise=noise,
-                            t_weight=w), None
-        scale = flat_dim(x0) if cfg.reduce_mean else 1
-        if cfg.loss == "ssm":
-            mean, std = self.sde.marginal(x0, t)
-            xt = mean + std.reshape(-1, *[1] * (x0.dim() - 1)) * noise
-            per = ssm_loss(self._train_net, xt, t, sde=self.sde, prediction=cfg.prediction,
-                           weighting=cfg.weighting, generator=self.generator, reduction="none", time_input=self.time_input)
-            return (w * per).mean() / scale, None
-        diffusion = 0.5 * (self.sde.T - cfg.t_eps) * dsm_loss(
-            self.sde, self._train_net, x0, prediction=cfg.prediction, weighting="likelihood", reduce_mean=False,
-            reduction="none", cond=cond, time_input=self.time_input, t=t, noise=noise, t_weight=w)
-        bound = prior_kl(self.sde, x0) + diffusion + gaussian_reconstruction(self.sde, x0, cfg.t_eps)
-        shape = getattr(self.sde, "shape_parameters", None)
-        return bound.mean() / scale, (diffusion / scale).pow(2).mean() if shape is not None and self.sde_params else None
+        """The training loss of ``config.loss`` and, for a learned schedule, its variance term
+        (:func:`~sdediff.training.objective.training_loss`)."""
+        return training_loss(self.config, self.sde, self._train_net, TrainingBatch(x0, t, w, noise, cond),
+                             time_input=self.time_input, generator=self.generator, trains_schedule=bool(self.sde_params))
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self._amp:
@@ -525,19 +298,11 @@ class Trainer:
             rest = [p for p in [*self.net.parameters(), *self.sde_params] if p.requires_grad and all(p is not q for q in shape)]
             torch.autograd.backward(scale(loss), inputs=rest, retain_graph=True)
             torch.autograd.backward(scale(variance), inputs=shape)
-            if self.dist.world_size > 1:
-                import torch.distributed as dist
-
-                for p in self.sde_params:  # not in DDP: average their gradients by hand
-                    dist.all_reduce(p.grad)
-                    p.grad /= self.dist.world_size
+            for p in self.sde_params:  # not in DDP: average their gradients over the ranks here
+                self.dist.all_reduce_mean_(p.grad)
         global_loss = loss.detach().float()
         if self.dist.world_size > 1:
-            import torch.distributed as dist
-
-            global_loss = global_loss.clone()
-            dist.all_reduce(global_loss)
-            global_loss /= self.dist.world_size
+            global_loss = self.dist.all_reduce_mean_(global_loss.clone())
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip or math.inf)
@@ -592,8 +357,7 @@ class Trainer:
         """
         cfg = self.config
         end = cfg.steps if stop_at is None else stop_at
-        if isinstance(end, bool) or not isinstance(end, int) or not 0 <= end <= cfg.steps:
-            raise ValueError(f"stop_at must be an integer in [0, steps={cfg.steps}], got {stop_at!r}")
+        check_int("stop_at", end, 0, cfg.steps)
         if resume is True:
             if self.out_dir is None:
                 raise ValueError("resume=True needs config.out_dir (where the checkpoints are)")
@@ -663,56 +427,21 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         """Sample from the EMA model and compute the exact NLL (probability-flow ODE) and the NLL bound of
-        held-out points; draws from its own generator, so training randomness is unaffected. Rank 0 only
-        (other ranks return ``{}``); results are appended to :attr:`evals` and ``metrics.json``."""
-        frozen = [p for p in self.sde_params if p.requires_grad]  # no graph to a learned schedule while evaluating
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            return self._evaluate()
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
-
-    def _evaluate(self) -> dict[str, Any]:
+        held-out points (:func:`~sdediff.training.evaluation.evaluate_model`); draws from its own generator, so
+        training randomness is unaffected. Rank 0 only (other ranks return ``{}``); results are appended to
+        :attr:`evals` and ``metrics.json``."""
         if not self.is_main:
             return {}
         cfg = self.config
-        g = torch.Generator(self.device).manual_seed(cfg.seed + 1_000_003 + self.step)
-        score = self.score_fn(ema=True)
-        sde = score.sde  # the EMA schedule of a learned one
-        result: dict[str, Any] = {"step": self.step}
-        samples = None
-        ref = self.eval_data if self.eval_data is not None else self.data
-        points = ref[: max(cfg.eval_nll_points, 1)]
-        if self.transform is not None:
-            points = self.transform(points, g)
-        points = points.to(self.param_dtype)
-        if cfg.eval_samples:
-            with torch.no_grad():
-                samples = sample(sde, score, (cfg.eval_samples, *points.shape[1:]), solver=cfg.eval_solver,
-                                 steps=cfg.eval_sample_steps, generator=g, device=self.device, dtype=self.param_dtype,
-                                 denoise=True)
-            result["sample_mean"] = float(samples.mean())
-            result["sample_std"] = float(samples.std())
-            result["samples_finite"] = bool(torch.isfinite(samples).all())
-            if self.out_dir is not None:
-                from safetensors.torch import save_file
-
-                cpu = samples.detach().cpu().contiguous()
-                atomic_write_file(self.out_dir / f"samples_{self.step:08d}.safetensors",
-                                  lambda tmp: save_file({"samples": cpu}, str(tmp)))
-        if cfg.eval_nll_points:
-            d = flat_dim(points)
-            res = log_likelihood(sde, score, points, eps=cfg.t_eps, rtol=1e-4, atol=1e-4,
-                                 trace="exact" if d <= 16 else "hutchinson", generator=g)
-            nll = float(-res.log_prob.mean())
-            with torch.no_grad():
-                bound = float(nll_bound(sde, score, points, t_eps=cfg.t_eps, generator=g).mean())
-            result.update({"nll": nll, "nll_per_dim": nll / d, "nll_nfe": res.nfe, "nll_bound": bound,
-                           "nll_bound_per_dim": bound / d})
-        if self.eval_fn is not None:
-            result.update(self.eval_fn(self, samples))
+        with requires_grad_off(self.sde_params):  # no graph to a learned schedule while evaluating
+            g = torch.Generator(self.device).manual_seed(cfg.seed + 1_000_003 + self.step)
+            samples_path = None if self.out_dir is None else self.out_dir / f"samples_{self.step:08d}.safetensors"
+            reference = self.data if self.eval_data is None else self.eval_data
+            metrics, samples = evaluate_model(self.score_fn(ema=True), reference, cfg, g, device=self.device,
+                                              dtype=self.param_dtype, transform=self.transform, samples_path=samples_path)
+            result: dict[str, Any] = {"step": self.step, **metrics}
+            if self.eval_fn is not None:
+                result.update(self.eval_fn(self, samples))
         self.evals.append(result)
         if self.out_dir is not None:
             self.write_metrics()
@@ -732,25 +461,14 @@ class Trainer:
     # --- checkpoints ------------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Everything needed to continue exactly: ``(tensors, metadata)`` as stored in a checkpoint."""
-        tensors: dict[str, Tensor] = {}
-        for k, v in self.net.state_dict().items():
-            tensors[f"model.{k}"] = v
-        for k, v in self.ema.state_dict().items():
-            tensors[f"ema.{k}"] = v
+        tensors = {**with_prefix("model", self.net.state_dict()), **with_prefix("ema", self.ema.state_dict())}
         if isinstance(self.sde, nn.Module):  # a learned schedule, trained or frozen: a run holds its state
-            for k, v in self.sde.state_dict().items():
-                tensors[f"sde.{k}"] = v
+            tensors.update(with_prefix("sde", self.sde.state_dict()))
         if self.ema_sde is not self.sde:
-            for k, v in self.ema_sde.state_dict().items():
-                tensors[f"ema_sde.{k}"] = v
+            tensors.update(with_prefix("ema_sde", self.ema_sde.state_dict()))
         opt = self.optimizer.state_dict()
-        scalars: dict[str, dict[str, Any]] = {}
-        for idx, st in opt["state"].items():
-            for key, val in st.items():
-                if isinstance(val, Tensor):
-                    tensors[f"optim.{idx}.{key}"] = val
-                else:
-                    scalars.setdefault(str(idx), {})[key] = val
+        optim_tensors, scalars = split_optimizer_state(opt["state"])
+        tensors.update(optim_tensors)
         tensors["rng.generator"] = self.generator.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
         if self.device.type == "cuda":
@@ -788,26 +506,18 @@ class Trainer:
         """Restore weights, EMA, optimizer, RNG states, step and history from a checkpoint."""
         tensors, meta = load_checkpoint(path)
         try:
-            self.net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-            self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-            sde_state = {k[4:]: v for k, v in tensors.items() if k.startswith("sde.")}
+            self.net.load_state_dict(without_prefix("model", tensors))
+            self.ema.load_state_dict(without_prefix("ema", tensors))
+            sde_state = without_prefix("sde", tensors)
             if self.sde_params or sde_state:
                 self.sde.load_state_dict(sde_state)
             if self.ema_sde is not self.sde:  # checkpoints from before the schedule had an EMA: start it at the schedule
-                ema_sde_state = {k[8:]: v for k, v in tensors.items() if k.startswith("ema_sde.")}
-                self.ema_sde.load_state_dict(ema_sde_state or sde_state)
-            state: dict[int, dict[str, Any]] = {}
-            for key, val in tensors.items():
-                if key.startswith("optim."):
-                    _, idx, name = key.split(".", 2)
-                    state.setdefault(int(idx), {})[name] = val
-            for idx, extra in meta["optim_scalars"].items():
-                state.setdefault(int(idx), {}).update(extra)
+                self.ema_sde.load_state_dict(without_prefix("ema_sde", tensors) or sde_state)
+            state = join_optimizer_state(tensors, meta["optim_scalars"])
             self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         except (RuntimeError, KeyError, ValueError) as err:
             raise CheckpointError(f"checkpoint {path} does not match this model or optimizer: {err}") from err
-        saved = TrainConfig.from_dict(meta["config"]).to_dict()
-        changed = sorted(k for k, v in self.config.to_dict().items() if k not in _RESUME_FREE and saved[k] != v)
+        changed = self.config.resume_conflicts(TrainConfig.from_dict(meta["config"]))
         if changed:
             warnings.warn(f"resuming {path} with changed config fields {', '.join(changed)}: the continuation will "
                           "not match the original run", RuntimeWarning, stacklevel=2)
