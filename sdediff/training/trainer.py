@@ -66,8 +66,6 @@ from .evaluation import evaluate_model, requires_grad_off
 from .losses import sample_time
 from .objective import TrainingBatch, training_loss
 
-__all__ = ["NonFiniteLossError", "TrainConfig", "Trainer", "Transform", "seed_everything"]
-
 Transform = Callable[[Tensor, torch.Generator], Tensor]
 
 
