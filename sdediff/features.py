@@ -121,11 +121,12 @@ def train_classifier(x: Tensor, y: Tensor, num_classes: int | None = None, *, st
         torch.manual_seed(seed)
         model = FeatureClassifier(config).to(device=x.device, dtype=x.dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    y = y.to(x.device)
     model.train()
     for _ in range(steps):
         idx = torch.randint(x.shape[0], (batch_size,), generator=generator,
                             device=generator.device if generator is not None else "cpu").to(x.device)
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx].to(x.device))
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -65,9 +65,9 @@ def test_greyscale_flat_folder_and_mixed_modes(tmp_path):
     data = load(tmp_path / "grey", split=0.0)
     assert data.sample_shape == (1, 4, 6) and data.train_labels is None and data.num_classes is None
     assert len(data.held_out) == 0 and torch.equal(data.transform.to_data(data.train), torch.from_numpy(np.stack(grey)).long())
-    png(tmp_path / "grey" / "colour.png", mode="RGB", seed=9)  # one colour image: the whole set becomes RGB
+    png(tmp_path / "grey" / "colour.jpg", mode="RGB", seed=9)  # one colour JPEG: the whole set becomes RGB
     mixed = load(tmp_path / "grey", split=0.0)
-    assert mixed.sample_shape == (3, 4, 6)
+    assert mixed.sample_shape == (3, 4, 6) and len(mixed.train) == 5
     first = mixed.transform.to_data(mixed.train[:1])[0]  # "0.png", greyscale: three equal channels
     assert torch.equal(first[0], first[1]) and torch.equal(first[0], torch.from_numpy(grey[0][0]).long())
 
@@ -241,6 +241,9 @@ def test_mnist():
     pixels = data.transform.to_data(data.train)
     assert pixels.min() == 0 and pixels.max() == 255
     assert 0.1 < float((pixels > 127).double().mean()) < 0.25  # MNIST strokes cover about a fifth of the pixels
+    padded = load("mnist", image_size=32, labels=False)  # each 28x28 digit resized to 32x32
+    assert padded.sample_shape == (1, 32, 32) and padded.train_labels is None
+    assert torch.equal(padded.train_indices, data.train_indices)
 
 
 # --- torchvision ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from .digits import (
     load_digits,
     model_to_digits,
 )
-from .load import LoadedData, load
+from .loader import LoadedData, load
 from .mixture import GaussianMixture
 from .mnist import load_mnist
 from .toy import TOY_CLASSES, TOY_DATASETS, make_toy, sample_toy, skewed_mixture, toy_mixture

