@@ -12,20 +12,38 @@ run from ``t = T`` down to ``0`` has the same marginals :math:`p_t` for every :m
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from ._utils import batch_time, expand_as
-from .sdes.base import SDE
+from ._utils import batch_time, expand_as, randn_like
+from ._validate import check_float
+
+if TYPE_CHECKING:
+    from .sdes.base import SDE
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 
+def score_weight(sde: SDE, t: Tensor, noise_scale: float) -> Tensor:
+    r"""The weight :math:`b(t) = -\tfrac12(1+\lambda^2)\,g(t)^2` of the score in the reverse-time drift
+    :math:`f(x,t) + b(t)\,\nabla\log p_t(x)` of noise scale :math:`\lambda`, shape like ``t``."""
+    return -0.5 * (1 + noise_scale**2) * sde.diffusion(t) ** 2
+
+
+def linear_drift_coef(sde: SDE, t: Tensor) -> Tensor:
+    r""":math:`a(t)` of a linear SDE's drift :math:`f(x, t) = a(t)\,x`, read off the drift itself as :math:`f(1, t)`
+    (so an SDE that overrides ``drift`` is read correctly), shape like the 1-d ``t``."""
+    return sde.drift(torch.ones_like(t)[:, None], t)[:, 0]
+
+
 class CountedScore:
-    """A score function wrapper that counts evaluations and checks the output shape.
+    """A score function wrapper that counts evaluations and checks what the function returns.
+
+    Wrapping a :class:`CountedScore` again counts at both levels: every call through the outer counter
+    is also a call of the inner one, so the number of evaluations is right however the score is wrapped.
 
     Parameters
     ----------
@@ -41,7 +59,7 @@ class CountedScore:
     def __init__(self, score_fn: ScoreFn) -> None:
         if not callable(score_fn):
             raise TypeError(f"score_fn must be callable as score_fn(x, t), got {type(score_fn).__name__}")
-        self.score_fn = score_fn.score_fn if isinstance(score_fn, CountedScore) else score_fn
+        self.score_fn = score_fn
         self.nfe = 0
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
@@ -50,8 +68,9 @@ class CountedScore:
         if not isinstance(out, Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"score_fn must return a tensor shaped like x {tuple(x.shape)}, got {got}")
-        if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-            out = out.clone()  # the input itself (or a view of it): solvers may overwrite x once they have the score
+        if out.dtype != x.dtype:
+            raise TypeError(f"score_fn must return a tensor of the state's dtype {x.dtype}, got {out.dtype}; "
+                            "cast the network's output (or sample in the network's dtype with dtype=)")
         return out
 
 
@@ -78,28 +97,39 @@ class ReverseProcess:
     torchsde-compatible object for the stochastic members.
     """
 
-    def __init__(self, sde: SDE, score_fn: ScoreFn, noise_scale: float = 1.0) -> None:
-        if not isinstance(sde, SDE):
+    def __init__(self, sde: SDE, score_fn: ScoreFn, noise_scale: float = 1.0,
+                 generator: torch.Generator | None = None) -> None:
+        if not all(callable(getattr(sde, name, None)) for name in ("drift", "diffusion", "prior_sample")):
             raise TypeError(f"sde must be an sdediff.SDE, got {type(sde).__name__}")
-        if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) \
-                or not math.isfinite(noise_scale) or noise_scale < 0:
-            raise ValueError(f"noise_scale must be a finite float >= 0, got {noise_scale!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.sde = sde
         self.score = CountedScore(score_fn)
-        self.noise_scale = float(noise_scale)
+        self.noise_scale = check_float("noise_scale", noise_scale, 0.0)
+        self.generator = generator
 
     @property
     def nfe(self) -> int:
         """Score evaluations made through this process."""
         return self.score.nfe
 
+    def score_weight(self, t: Tensor) -> Tensor:
+        r""":math:`b(t) = -\tfrac12(1+\lambda^2)\,g(t)^2`, the weight of the score in the drift (:func:`score_weight`)."""
+        return score_weight(self.sde, t, self.noise_scale)
+
     def drift(self, x: Tensor, t: Tensor, score: Tensor | None = None) -> Tensor:
-        r""":math:`f(x,t) - \tfrac12(1+\lambda^2)g(t)^2 s(x,t)`; pass ``score`` to reuse an evaluation."""
+        r""":math:`f(x,t) + b(t)\,s_\theta(x,t)` with :math:`b = -\tfrac12(1+\lambda^2)g(t)^2`; pass ``score`` to
+        reuse an evaluation. The one formula of the reverse-time drift: every solver that evaluates the drift
+        calls this, and the coefficient tables of linear SDEs use :meth:`score_weight`."""
         t = batch_time(t, x)
         if score is None:
             score = self.score(x, t)
-        g2 = expand_as(self.sde.diffusion(t) ** 2, x)
-        return self.sde.drift(x, t) - (0.5 * (1 + self.noise_scale**2)) * g2 * score
+        return torch.addcmul(self.sde.drift(x, t), expand_as(self.score_weight(t), x), score)
+
+    def noise(self, like: Tensor) -> Tensor:
+        """Standard normal draws shaped like ``like``, from :attr:`generator` (the Brownian increments are
+        ``diffusion(t) * sqrt(|h|) * noise(x)``)."""
+        return randn_like(like, self.generator)
 
     def diffusion(self, t: Tensor) -> Tensor:
         r""":math:`\lambda\,g(t)`, shape ``(batch,)``."""

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .processes import CountedScore, ScoreFn
 from .sdes.base import SDE
-from .solvers.base import Callback, Context, Solver, get_solver
+from .solvers.base import Callback, Solver, get_solver
 from .solvers.grids import GridFn, make_grid
 
 
@@ -150,7 +150,10 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solver: str | Solv
         raise ValueError("keep_trajectory needs the whole batch at once; drop batch_size or sample fewer points")
     if x_init is not None:
         x_init = _check_x_init(x_init, shape)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     score = CountedScore(score_fn)
+    process = sde.reverse(score, the_solver.noise_scale, generator=generator)
     pieces, stats, trajectory, ts = [], {}, None, None
     starts = range(0, n, chunk)
     for start in tqdm(starts, desc="chunks", leave=False) if progress and chunk < n else starts:
@@ -163,13 +166,13 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solver: str | Solv
             x = x.to(device=device or x.device, dtype=dtype or x.dtype)
         if ts is None:
             ts = make_grid(sde, steps, eps, time_grid, device=x.device, dtype=x.dtype)
-        ctx = Context(sde=sde, score=score, generator=generator)
-        x, trajectory = the_solver.solve(ctx, x, ts, callback=callback, progress=progress,
-                                         keep_trajectory=keep_trajectory)
+        solution = the_solver.solve(process, x, ts, callback=callback, progress=progress,
+                                    keep_trajectory=keep_trajectory)
+        x, trajectory = solution.x, solution.trajectory
         if denoise:
             x = sde.denoise(x, ts[-1], score(x, ts[-1]))
         pieces.append(x)
-        for key, value in ctx.stats.items():
+        for key, value in solution.stats.items():
             stats.setdefault(key, []).append(value)
     x = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     if return_info or keep_trajectory:

@@ -16,7 +16,7 @@ from test_adaptive_solvers import NARROW
 from test_sampling import EPS, MIXTURE
 
 import sdediff
-from sdediff.solvers.exponential import _kernel
+from sdediff.solvers.tables import kernel as _kernel
 from sdediff.solvers.grids import make_grid
 from sdediff.solvers.unipc import unipc_coefficients
 

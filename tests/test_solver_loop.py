@@ -1,20 +1,20 @@
-"""The fixed-step loop's buffers and the solvers' precomputed linear-SDE steps.
+"""The fixed-step loop, the shared update's buffers and the solvers' coefficient tables.
 
-For a linear SDE, Euler, Heun, Euler–Maruyama and reverse diffusion take their step from coefficients
-precomputed once per grid; for any other SDE they evaluate drift and diffusion every step. Wrapping a
+For a linear SDE, Euler, Heun, Euler–Maruyama and reverse diffusion run their coefficient tables
+(:meth:`~sdediff.solvers.FixedStepSolver.coefficients`); for any other SDE their steps evaluate drift and
+diffusion. Wrapping a
 linear SDE so that it no longer *is* a :class:`~sdediff.LinearSDE` runs the general path on the same
 process, so the two must agree to rounding (same noise draws, in float64). Ancestral sampling, which
 has no general path, is checked against its textbook formula.
 """
 
-import functools
 import math
 
 import pytest
 import torch
 
 import sdediff
-from sdediff.solvers import FixedStepSolver, register_solver
+from sdediff.solvers import FixedStepSolver, SchemeRun, register_solver
 from tests.conftest import gen
 
 
@@ -112,63 +112,49 @@ def test_loop_buffers_never_touch_what_the_caller_holds(name, options):
     assert len({s.data_ptr() for s in seen}) == 9
 
 
-def test_buffer_is_reused_across_steps_and_distinct_from_the_input():
-    taken = []
+@pytest.mark.parametrize("name,options", [("euler", {}), ("heun", {}), ("dpm_solver", {"order": 3}), ("unipc", {})])
+def test_the_shared_update_alternates_two_buffers_and_never_writes_its_start(name, options):
+    sde, x = sdediff.VPSDE(), torch.ones(3, 2, dtype=torch.float64)
+    ts = sdediff.solvers.grids.make_grid(sde, 8, 1e-3, "uniform", dtype=x.dtype)
+    process = sde.reverse(_score, 0.0)
+    run = SchemeRun(sdediff.solvers.get_solver(name, **options).coefficients(sde, ts), x, observed=False)
+    states, y = [], x
+    for t, t_next in zip(ts[:-1], ts[1:], strict=True):
+        y = run.advance(process, y, t, t_next)
+        states.append(y.data_ptr())
+    assert torch.equal(x, torch.ones(3, 2, dtype=torch.float64))
+    assert x.data_ptr() not in states and len(set(states)) <= 2  # two buffers take turns, the start is never one
+    assert process.nfe == sdediff.sample(sde, _score, x.shape, solver=name, steps=8, x_init=x, return_info=True,
+                                         **options).nfe
 
-    @register_solver("test_buffer_probe")
+
+def test_a_step_solver_sees_its_own_state_and_the_counted_process():
+    @register_solver("test_state_probe")
     class Probe(FixedStepSolver):
-        r"""Scaled identity, :math:`x \leftarrow 0.5\,x`, written into the loop's buffer."""
+        r"""Scaled identity :math:`x \leftarrow 0.5\,x`, counting its steps in its state and evaluating the drift once."""
 
-        def step(self, ctx, x, t, t_next):
-            out = ctx.buffer(x)
-            taken.append((out.data_ptr(), x.data_ptr()))
-            return torch.mul(x, 0.5, out=out)
+        def start(self, sde, ts, x):
+            return 0
+
+        def step(self, process, state, x, t, t_next):
+            process.drift(x, t)
+            return 0.5 * x, state + 1
 
     try:
         x = torch.ones(3, 2)
-        y = sdediff.sample(sdediff.VPSDE(), _score, x.shape, solver="test_buffer_probe", steps=6, x_init=x)
-        assert torch.equal(y, torch.full_like(x, 0.5**6)) and torch.equal(x, torch.ones(3, 2))
-        assert all(out != inp for out, inp in taken)
-        assert len({out for out, _ in taken[2:]}) == 2  # from the third step on, two buffers take turns
-    finally:
-        sdediff.solvers.base._REGISTRY.pop("test_buffer_probe")
-
-
-def test_inplace_buffer_is_the_input_only_when_the_loop_owns_it():
-    taken = []
-
-    @register_solver("test_inplace_probe")
-    class Probe(FixedStepSolver):
-        r"""Scaled identity, :math:`x \leftarrow 0.5\,x`, in place where the loop allows it."""
-
-        def step(self, ctx, x, t, t_next):
-            out = ctx.buffer(x, inplace=True)
-            taken.append(out is x)
-            return torch.mul(x, 0.5, out=out)
-
-    try:
-        x = torch.ones(3, 2)
-        run = functools.partial(sdediff.sample, sdediff.VPSDE(), _score, x.shape, solver="test_inplace_probe", steps=5,
-                                x_init=x)
-        assert torch.equal(run(), torch.full_like(x, 0.5**5)) and torch.equal(x, torch.ones(3, 2))
-        assert taken == [False] + [True] * 4  # not the caller's start; every state the loop made after it
         seen = []
-        for kwargs in ({"callback": lambda i, t, y: seen.append(y)}, {"keep_trajectory": True}):
-            taken.clear()
-            out = run(**kwargs)
-            assert taken == [False] * 5  # states someone may hold are never overwritten
-            if "callback" in kwargs:  # every state handed out is still as it was
-                assert [float(y[0, 0]) for y in seen] == [0.5 ** (k + 1) for k in range(5)]
-            else:
-                assert torch.equal(out.trajectory[:, 0, 0], 0.5 ** torch.arange(6.0))
+        res = sdediff.sample(sdediff.VPSDE(), _score, x.shape, solver="test_state_probe", steps=6, x_init=x,
+                             return_info=True, callback=lambda i, t, y: seen.append(y))
+        assert torch.equal(res.samples, torch.full_like(x, 0.5**6)) and torch.equal(x, torch.ones(3, 2))
+        assert res.nfe == 6 and [float(y[0, 0]) for y in seen] == [0.5 ** (k + 1) for k in range(6)]
     finally:
-        sdediff.solvers.base._REGISTRY.pop("test_inplace_probe")
+        sdediff.solvers.base._REGISTRY.pop("test_state_probe")
 
 
 @pytest.mark.parametrize("name,options", LOOP_SOLVERS, ids=[f"{n}{o}" for n, o in LOOP_SOLVERS])
 def test_a_score_that_returns_its_input_is_not_overwritten(name, options):
-    """Steps update the state in place once they have the score; a score function that returns x itself (or a view
-    of it) gets a copy, so the in-place runs equal the runs with a callback (which never update in place)."""
+    """A score function that returns x itself (or a view of it): the shared update never writes into a state it
+    reads, so runs with and without a callback (which reuse buffers or not) agree bit for bit."""
     x = torch.randn(4, 2, dtype=torch.float64, generator=gen(2))
     runs = [sdediff.sample(sdediff.VPSDE(), score, x.shape, solver=name, steps=6, x_init=x, generator=gen(3),
                            callback=callback, **options)

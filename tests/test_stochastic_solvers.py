@@ -197,7 +197,7 @@ def test_torchsde_trajectory_callback_and_progress():
 def test_bad_options_raise_clear_errors():
     sde = sdediff.VPSDE()
     score = MIXTURE.score_fn(sde)
-    with pytest.raises(ValueError, match="variance must be one of 'posterior', 'beta', got 'fixedlarge'"):
+    with pytest.raises(ValueError, match="variance must be one of 'posterior', 'beta'; got 'fixedlarge'"):
         sdediff.sample(sde, score, (4, 2), solver="ddpm", variance="fixedlarge")
     with pytest.raises(ValueError, match="variance"):
         sdediff.sample(sde, score, (4, 2), solver="ancestral", variance=None)

@@ -17,7 +17,7 @@ from test_fast_ode_solvers import SDES, T64, custom_linear_sde, reference, rms_e
 from test_sampling import MIXTURE, OU
 
 import sdediff
-from sdediff.solvers.exponential import _kernel
+from sdediff.solvers.tables import kernel as _kernel
 from sdediff.solvers.unipc import unipc_coefficients
 
 STEPS = (100, 200, 400)

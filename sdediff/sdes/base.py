@@ -14,18 +14,12 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .._utils import batch_time, expand_as, flat_dim, randn, sum_except_batch
-
-if TYPE_CHECKING:
-    from ..processes import ReverseProcess
-
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
+from ..processes import ReverseProcess, ScoreFn
 
 
 class SDE(abc.ABC):
@@ -120,20 +114,19 @@ class SDE(abc.ABC):
         g2 = expand_as(self.diffusion(t) ** 2, x)
         return x - (self.drift(x, t) - g2 * score) * expand_as(t, x)
 
-    def reverse(self, score_fn: ScoreFn, noise_scale: float = 1.0) -> ReverseProcess:
+    def reverse(self, score_fn: ScoreFn, noise_scale: float = 1.0,
+                generator: torch.Generator | None = None) -> ReverseProcess:
         r"""The reverse-time process with noise scale :math:`\lambda`.
 
         :math:`dx = [f(x,t) - \tfrac12(1+\lambda^2) g(t)^2 \nabla\log p_t(x)]\,dt + \lambda g(t)\,d\bar w`;
         ``noise_scale=1`` is Anderson's reverse SDE, ``0`` the probability-flow ODE. All members share
-        the marginals ``p_t`` of the forward SDE.
+        the marginals ``p_t`` of the forward SDE. ``generator`` is the source of the process's noise draws.
         """
-        from ..processes import ReverseProcess
+        return ReverseProcess(self, score_fn, noise_scale=noise_scale, generator=generator)
 
-        return ReverseProcess(self, score_fn, noise_scale=noise_scale)
-
-    def probability_flow(self, score_fn: ScoreFn) -> ReverseProcess:
+    def probability_flow(self, score_fn: ScoreFn, generator: torch.Generator | None = None) -> ReverseProcess:
         r"""The probability-flow ODE :math:`dx/dt = f(x,t) - \tfrac12 g(t)^2 \nabla\log p_t(x)`."""
-        return self.reverse(score_fn, noise_scale=0.0)
+        return self.reverse(score_fn, noise_scale=0.0, generator=generator)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(T={self.T})"

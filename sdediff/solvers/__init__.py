@@ -3,22 +3,23 @@
 Importing this package registers the built-in solvers (one module per family).
 """
 
-from . import adaptive, calibrate, correctors, exponential, grids, ode, sde, stochastic, unipc
+from . import adaptive, calibrate, correctors, exponential, grids, ode, sde, stochastic, tables, unipc
 from .adaptive import AdaptiveReverseSDE, AdaptiveRungeKutta
-from .base import Context, FixedStepSolver, Solver, available_solvers, get_solver, integrate, register_solver
+from .base import FixedStepSolver, Solution, Solver, StepRun, available_solvers, get_solver, integrate, register_solver
 from .calibrate import CalibratedGrid, calibrate_grid
 from .correctors import AnnealedLangevin, LangevinCorrector, PredictorCorrector
 from .exponential import DDIM, LMS, DPMSolver, EDMHeun
 from .ode import AdaptiveODE, Euler, Heun
 from .sde import Ancestral, EulerMaruyama, ReverseDiffusion
 from .stochastic import DDPM, SDEDPMSolver, TorchSDE
+from .tables import LinearScheme, SchemeRun
 from .unipc import UniPC
 
 __all__ = [
-    "Solver", "FixedStepSolver", "Context", "integrate", "register_solver", "get_solver", "available_solvers",
+    "Solver", "FixedStepSolver", "Solution", "StepRun", "integrate", "register_solver", "get_solver", "available_solvers",
     "EulerMaruyama", "ReverseDiffusion", "Ancestral", "LangevinCorrector", "PredictorCorrector",
     "AnnealedLangevin", "Euler", "Heun", "AdaptiveODE", "DPMSolver", "DDIM", "LMS", "EDMHeun",
     "AdaptiveRungeKutta", "AdaptiveReverseSDE", "grids", "adaptive", "correctors", "exponential", "ode", "sde", "stochastic",
     "DDPM", "SDEDPMSolver", "TorchSDE", "UniPC", "unipc",
-    "calibrate", "CalibratedGrid", "calibrate_grid",
+    "calibrate", "CalibratedGrid", "calibrate_grid", "tables", "LinearScheme", "SchemeRun",
 ]

@@ -1,9 +1,16 @@
-"""Solver objects, the registry of names, and the one fixed-step time loop they share.
+"""The solver protocol, the registry of names, and the one fixed-step time loop every step solver shares.
 
-A fixed-step solver is a small object with a :meth:`FixedStepSolver.step` that maps the state at
-``t`` to the state at ``t_next < t``; :func:`integrate` owns the loop (progress bar, callbacks,
-trajectory, finiteness check) for all of them. Solvers that choose their own steps (adaptive ODE)
-override :meth:`Solver.solve` instead.
+A fixed-step solver is its step maths plus an explicit state::
+
+    start(sde, ts, x) -> state                            # precompute what the maths needs (optional)
+    step(process, state, x, t, t_next) -> (x_next, state)
+
+``process`` is the reverse-time process the solver evaluates (``sde.reverse(score, noise_scale)``:
+``process.drift``, ``process.score``, ``process.diffusion``, ``process.noise``); it counts score
+evaluations. :func:`integrate` owns the loop (progress bar, callbacks, trajectory, finiteness check).
+A solver of the linear families can instead give its coefficients as a table
+(:meth:`FixedStepSolver.coefficients`, see :mod:`sdediff.solvers.tables`), run by the one shared update.
+Solvers that choose their own steps (adaptive ones) override :meth:`Solver.solve`.
 """
 
 from __future__ import annotations
@@ -18,9 +25,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._utils import all_finite, randn_like
-from ..processes import CountedScore
+from .._utils import all_finite
+from ..processes import ReverseProcess
 from ..sdes.base import SDE
+from ..sdes.linear import LinearSDE, require_linear
+from .tables import LinearScheme, SchemeRun
 
 Callback = Callable[[int, Tensor, Tensor], None]
 
@@ -28,73 +37,29 @@ _REGISTRY: dict[str, type[Solver]] = {}
 
 
 @dataclass
-class Context:
-    """What a solver sees during one run.
+class Solution:
+    """What :meth:`Solver.solve` returns: the final state, the states at every grid time (or ``None``)
+    and solver-specific figures for :attr:`sdediff.SampleResult.stats` (e.g. ``"nfe_per_sample"``)."""
 
-    ``state`` is scratch space for the solver (e.g. a multistep history; reset it in ``start``);
-    ``stats`` is reported to the user in :attr:`sdediff.SampleResult.stats`. :func:`integrate` sets
-    ``index`` to the number of the grid step being taken (so ``step`` can read coefficients precomputed
-    in ``start``), ``out`` to a buffer that :meth:`buffer` hands out, ``owned`` to the step's input state
-    when the loop may let the step overwrite it (see :meth:`buffer`), and ``observed`` to whether anyone
-    sees the states a step returns besides the next step (a callback, a kept trajectory): a solver whose
-    internal state differs from the one it reports (UniPC carries its predictor) forms the reported
-    state only then.
-    """
-
-    sde: SDE
-    score: CountedScore
-    generator: torch.Generator | None = None
-    state: dict[str, Any] = field(default_factory=dict)
-    stats: dict[str, Any] = field(default_factory=dict)
-    index: int = 0
-    out: Tensor | None = None
-    observed: bool = True
-    owned: Tensor | None = None
-    _noise: Tensor | None = field(default=None, repr=False)
-
-    def buffer(self, like: Tensor, inplace: bool = False) -> Tensor:
-        """A tensor like ``like`` for ``step`` to write its new state into (``out=`` / in-place ops).
-
-        Inside :func:`integrate` this is a buffer reused from step to step (or the trajectory's slot), which
-        shares no memory with the step's input state: writing into it allocates nothing. A solver that
-        uses it must take it at most once per step, return it as the new state, and keep no earlier
-        state across steps (two steps later the buffer is written again). Elsewhere it is a new tensor.
-
-        With ``inplace=True`` it is ``like`` itself where ``like`` is :attr:`owned`, the step's input state when
-        the loop made it and nobody else holds it (no callback or trajectory sees it, and it is not the
-        caller's start): the update then reads and writes the state in the same pass, which saves a pass
-        over memory per step. Ask for it only once the step has read all it needs of its input (evaluated
-        the score at it), or for an elementwise update of it.
-        """
-        if inplace and like is self.owned:
-            return like
-        out = self.out
-        return torch.empty_like(like) if out is None else out
-
-    def noise(self, like: Tensor) -> Tensor:
-        """Standard normal noise like ``like``, drawn with :attr:`generator` (the numbers of
-        :func:`sdediff._utils.randn_like`) into a buffer that the next call overwrites: use it within the step."""
-        buf = self._noise
-        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._noise = torch.empty_like(like, memory_format=torch.contiguous_format)
-        gen = self.generator
-        if gen is None or (gen.device.type == buf.device.type and buf.device.index in (None, gen.device.index)):
-            return torch.randn(buf.shape, generator=gen, out=buf)
-        return buf.copy_(randn_like(buf, gen))
+    x: Tensor
+    trajectory: Tensor | None = None
+    stats: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Solver:
-    """Base class of all solvers. Subclasses set ``name`` and register with :func:`register_solver`."""
+    """Base class of all solvers. Subclasses set ``name`` by registering with :func:`register_solver`."""
 
     name: str = ""
     #: whether the solver draws random numbers (and so uses the generator)
     stochastic: bool = False
+    #: the member of the reverse-time family the solver evaluates (``0``: the probability-flow ODE)
+    noise_scale: float = 0.0
     #: for a family registered as ``"family"``: the option that ``"family:value"`` sets (e.g. ``"method"``)
     name_option: str | None = None
 
-    def solve(self, ctx: Context, x: Tensor, ts: Tensor, *, callback: Callback | None = None,
-              progress: bool = False, keep_trajectory: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Integrate from ``ts[0]`` to ``ts[-1]``; return the final state and, if asked, the states at ``ts``."""
+    def solve(self, process: ReverseProcess, x: Tensor, ts: Tensor, *, callback: Callback | None = None,
+              progress: bool = False, keep_trajectory: bool = False) -> Solution:
+        """Integrate ``process`` from ``ts[0]`` to ``ts[-1]`` starting at ``x`` (never modified)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -103,37 +68,64 @@ class Solver:
 
 
 class FixedStepSolver(Solver):
-    """A solver that advances on a given time grid; subclasses implement :meth:`step`."""
+    """A solver that advances on a given time grid; subclasses implement :meth:`step` (and may
+    implement :meth:`start`), or, for the linear families, :meth:`coefficients`."""
 
-    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        """Called once before the loop: check the SDE suits the solver, reset per-run state."""
+    def start(self, sde: SDE, ts: Tensor, x: Tensor) -> Any:
+        """Called once before the loop with the grid ``ts``; returns the first state :meth:`step` receives."""
+        return None
 
-    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        """Advance ``x`` from time ``t`` to ``t_next`` (0-d tensors, ``t_next < t``)."""
-        raise NotImplementedError
+    def step(self, process: ReverseProcess, state: Any, x: Tensor, t: Tensor, t_next: Tensor) -> tuple[Tensor, Any]:
+        """Advance ``x`` from time ``t`` to ``t_next`` (0-d tensors, ``t_next < t``); return the new state too."""
+        raise NotImplementedError(f"solver {self.name!r} defines neither step nor coefficients")
 
-    def solve(self, ctx: Context, x: Tensor, ts: Tensor, *, callback: Callback | None = None,
-              progress: bool = False, keep_trajectory: bool = False) -> tuple[Tensor, Tensor | None]:
-        return integrate(self, ctx, x, ts, callback=callback, progress=progress,
-                         keep_trajectory=keep_trajectory)
+    def coefficients(self, sde: LinearSDE, ts: Tensor) -> LinearScheme | None:
+        """The solver as a coefficient table on the grid ``ts`` (float64) for a linear SDE, or ``None``
+        (the default) to run :meth:`step`. A solver that defines only this needs a :class:`~sdediff.LinearSDE`."""
+        return None
+
+    def runner(self, sde: SDE, ts: Tensor, x: Tensor, observed: bool = True) -> StepRun | SchemeRun:
+        """What advances the state one grid step at a time: the shared update of the coefficient table
+        where the solver has one for ``sde``, else :meth:`step` with its state. ``observed`` says whether
+        anyone but the next step sees the states it returns (a callback, a trajectory)."""
+        scheme = self.coefficients(sde, ts) if isinstance(sde, LinearSDE) else None
+        if scheme is None and type(self).step is FixedStepSolver.step:
+            require_linear(sde, f"solver {self.name!r}")  # a table-only solver on a non-linear SDE
+        if scheme is not None:
+            return SchemeRun(scheme, x, observed=observed)
+        return StepRun(self, self.start(sde, ts, x))
+
+    def solve(self, process: ReverseProcess, x: Tensor, ts: Tensor, *, callback: Callback | None = None,
+              progress: bool = False, keep_trajectory: bool = False) -> Solution:
+        x, trajectory = integrate(self, process, x, ts, callback=callback, progress=progress,
+                                  keep_trajectory=keep_trajectory)
+        return Solution(x, trajectory)
+
+
+@dataclass
+class StepRun:
+    """A step solver and its current state: ``advance`` takes one grid step."""
+
+    solver: FixedStepSolver
+    state: Any
+
+    def advance(self, process: ReverseProcess, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+        x, self.state = self.solver.step(process, self.state, x, t, t_next)
+        return x
 
 
 @torch.no_grad()
-def integrate(solver: FixedStepSolver, ctx: Context, x: Tensor, ts: Tensor, *,
+def integrate(solver: FixedStepSolver, process: ReverseProcess, x: Tensor, ts: Tensor, *,
               callback: Callback | None = None, progress: bool = False,
               keep_trajectory: bool = False) -> tuple[Tensor, Tensor | None]:
     """The time loop every fixed-step solver shares (without autograd, see :func:`sdediff.sample`).
 
-    Runs ``solver.step`` over consecutive pairs of ``ts`` with no host synchronisation. Each step copies
-    the first element of every sample of its new state into a preallocated record (the cheapest tensor
-    operation there is; a reduction over the whole state costs a pass more per step). At the end one
-    pass checks the whole final state, and a :class:`FloatingPointError` names the first step whose
-    record went non-finite: non-finite values are absorbing (every update scales the state, and a network
-    spreads a NaN in one element over its sample), so a step that produces them shows in its record or
-    the next one, and always in the final state. Without a callback the loop lends the solver (through
-    :meth:`Context.buffer`) the state of two steps back, which the loop made and nobody else holds (or the
-    step's own input, to a step that asks to update in place), or with ``keep_trajectory`` the trajectory's
-    own slot, so a step that writes into it allocates nothing.
+    Runs the solver over consecutive pairs of ``ts`` with no host synchronisation. Each step copies the
+    first element of every sample of its new state into a preallocated record (the cheapest tensor
+    operation there is). At the end one pass checks the whole final state, and a
+    :class:`FloatingPointError` names the first step whose record went non-finite: non-finite values are
+    absorbing (every update scales the state, and a network spreads a NaN in one element over its
+    sample), so a step that produces them shows in its record or the next one, and always in the final state.
 
     Returns
     -------
@@ -141,32 +133,21 @@ def integrate(solver: FixedStepSolver, ctx: Context, x: Tensor, ts: Tensor, *,
     ``(len(ts), *x.shape)`` of the states at every time in ``ts`` (else ``None``).
     """
     n = len(ts) - 1
-    solver.start(ctx, x, ts)
+    run = solver.runner(process.sde, ts, x, observed=callback is not None or keep_trajectory)
     first = (slice(None),) + (0,) * (x.dim() - 1)  # x[first]: the first element of every sample, a view
-    firsts = torch.empty((n, x.shape[0]), dtype=x.dtype, device=x.device)
+    records = torch.empty((n, x.shape[0]), dtype=x.dtype, device=x.device)
     trajectory = torch.empty((n + 1, *x.shape), dtype=x.dtype, device=x.device) if keep_trajectory else None
     if trajectory is not None:
         trajectory[0].copy_(x)
-    reuse = trajectory is None and callback is None  # a callback may keep the states it is given
-    ctx.observed = not reuse
-    spare = None  # a state made by an earlier step, free to be written again
-    times, records = ts.unbind(), firsts.unbind()  # views, made once: a step indexes Python tuples
-    try:
-        for i in tqdm(range(n), desc=solver.name, leave=False) if progress else range(n):  # no bar object unless shown
-            out = trajectory[i + 1] if trajectory is not None else spare
-            ctx.index, ctx.out, ctx.owned = i, out, x if reuse and i > 0 else None
-            x_new = solver.step(ctx, x, times[i], times[i + 1])
-            if trajectory is not None and x_new is not out:
-                out.copy_(x_new)
-            if reuse and i > 0 and x_new is not x:  # x came from step i - 1, not from the caller
-                spare = x
-            x = x_new
-            records[i].copy_(x[first])
-            if callback is not None:
-                callback(i, times[i + 1], x)
-    finally:
-        ctx.out, ctx.observed, ctx.owned = None, True, None
-    bad = ~torch.isfinite(firsts).all(1)
+    times, record = ts.unbind(), records.unbind()  # views, made once: a step indexes Python tuples
+    for i in tqdm(range(n), desc=solver.name, leave=False) if progress else range(n):  # no bar object unless shown
+        x = run.advance(process, x, times[i], times[i + 1])
+        record[i].copy_(x[first])
+        if trajectory is not None:
+            trajectory[i + 1].copy_(x)
+        if callback is not None:
+            callback(i, times[i + 1], x)
+    bad = ~torch.isfinite(records).all(1)
     if bool(bad.any()):
         k = int(bad.nonzero()[0, 0])
         raise FloatingPointError(

@@ -7,14 +7,17 @@ Langevin dynamics is the corrector alone over a decreasing noise sequence.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .._utils import expand_as
-from .base import Context, FixedStepSolver, get_solver, register_solver
-from .exponential import _work_dtype
+from .._validate import check_float, check_int
+from ..processes import ReverseProcess
+from ..sdes.base import SDE
+from .base import FixedStepSolver, StepRun, get_solver, register_solver
+from .tables import SchemeRun, work_dtype
 
 
 class LangevinCorrector:
@@ -43,36 +46,25 @@ class LangevinCorrector:
     NORMS = ("batch", "sample")
 
     def __init__(self, snr: float = 0.16, steps: int = 1, norm: str = "batch") -> None:
-        if norm not in self.NORMS:
+        if not isinstance(norm, str) or norm not in self.NORMS:
             raise ValueError(f"unknown langevin norm {norm!r}; known: {', '.join(self.NORMS)}")
-        if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not math.isfinite(snr) or snr <= 0:
-            raise ValueError(f"snr must be a positive float, got {snr!r}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"corrector_steps must be a positive integer, got {steps!r}")
-        self.snr, self.steps, self.norm = float(snr), steps, norm
+        self.snr = check_float("snr", snr, 0.0, low_open=True)
+        self.steps = check_int("corrector_steps", steps)
+        self.norm = norm
 
-    def correct(self, ctx: Context, x: Tensor, t: Tensor, dt: Tensor, alpha: Tensor | None = None,
-                out: Tensor | None = None) -> Tensor:
-        """Run :attr:`steps` Langevin steps at time ``t`` (0-d), reached by a step of length ``dt`` from ``t + dt``.
-
-        :math:`\alpha_i` is that of the step just taken, the forward step from ``t`` to ``t + dt``; pass it
-        as ``alpha`` when it is precomputed. The result is written into ``out`` when given (which may be
-        ``x`` itself: the update is elementwise), else into a new tensor.
-        """
+    def correct(self, process: ReverseProcess, x: Tensor, t: Tensor, alpha: Tensor) -> Tensor:
+        """Run :attr:`steps` Langevin steps at time ``t`` (0-d) from ``x`` (not modified), with :math:`\alpha_i` of
+        the forward step that ends at ``t + dt`` when the sampler just stepped from ``t + dt`` to ``t``."""
         tb = t.expand(x.shape[0])
-        if alpha is None:
-            alpha = ctx.sde.discrete_alpha((t + dt).expand(x.shape[0]), dt.expand(x.shape[0]))
         for _ in range(self.steps):
-            score = ctx.score(x, tb)
-            z = ctx.noise(x)
+            score = process.score(x, tb)
+            z = process.noise(x)
             z_norm, s_norm = z.reshape(len(z), -1).norm(dim=1), score.reshape(len(z), -1).norm(dim=1)
             if self.norm == "batch":
                 z_norm, s_norm = z_norm.mean(), s_norm.mean()
             ratio = z_norm / s_norm.clamp_min(torch.finfo(x.dtype).tiny)
             step = expand_as(2 * alpha * (self.snr * ratio) ** 2, x)
-            x = torch.addcmul(x, step, score, out=torch.empty_like(x) if out is None else out)
-            x.addcmul_((2 * step).sqrt(), z)
-            out = x  # the later steps update it in place
+            x = torch.addcmul(x, step, score).addcmul_((2 * step).sqrt(), z)
         return x
 
     def __repr__(self) -> str:
@@ -109,19 +101,33 @@ class PredictorCorrector(FixedStepSolver):
             raise ValueError(f"predictor must be a fixed-step solver or 'none', got {predictor!r}")
         self.corrector = LangevinCorrector(snr=snr, steps=corrector_steps, norm=langevin_norm)
 
-    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        if self.predictor is not None:
-            self.predictor.start(ctx, x, ts)
-        t = ts.to(_work_dtype(ts.device))
-        ctx.state["langevin_alpha"] = ctx.sde.discrete_alpha(t[:-1], t[:-1] - t[1:]).to(x)
+    @property
+    def noise_scale(self) -> float:  # type: ignore[override]
+        """The predictor's reverse process (the corrector only evaluates the score)."""
+        return 0.0 if self.predictor is None else self.predictor.noise_scale
 
-    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        if self.predictor is not None:
-            x = self.predictor.step(ctx, x, t, t_next)
-        # the predictor's output may be updated in place only when no one else holds it: the loop's buffer, or the
-        # step's input state that the loop owns (where the predictor updated it in place, or there is none)
-        out = x if (ctx.out is not None and x is ctx.out) or x is ctx.owned else ctx.buffer(x)
-        return self.corrector.correct(ctx, x, t_next, t - t_next, ctx.state["langevin_alpha"][ctx.index], out)
+    def start(self, sde: SDE, ts: Tensor, x: Tensor) -> PCState:
+        t = ts.to(work_dtype(ts.device))
+        alpha = sde.discrete_alpha(t[:-1], t[:-1] - t[1:]).to(x).unbind()
+        predictor = None if self.predictor is None else self.predictor.runner(sde, ts, x, observed=False)
+        return PCState(predictor=predictor, alpha=list(alpha))
+
+    def step(self, process: ReverseProcess, state: PCState, x: Tensor, t: Tensor, t_next: Tensor) -> tuple[Tensor, PCState]:
+        if state.predictor is not None:
+            x = state.predictor.advance(process, x, t, t_next)
+        x = self.corrector.correct(process, x, t_next, state.alpha[state.index])
+        state.index += 1
+        return x, state
+
+
+@dataclass
+class PCState:
+    """The predictor's own run (its state or coefficient table), the corrector's :math:`\alpha_i` per step,
+    and the index of the next step."""
+
+    predictor: StepRun | SchemeRun | None
+    alpha: list[Tensor]
+    index: int = 0
 
 
 @register_solver("langevin")

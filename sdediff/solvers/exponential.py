@@ -31,9 +31,10 @@ differ in how they estimate the derivatives :math:`\hat x_0^{(k)}` (from past st
 The EDM form is the same flow in :math:`(\sigma, y) = (s/m, x/m)`: :math:`dy/d\sigma = (y - \hat x_0)/\sigma
 = \hat\epsilon`, used by ``lms`` and ``edm_heun``.
 
-All solvers here need only :math:`m(t)` and :math:`s(t)` (any :class:`~sdediff.LinearSDE`), work on any time
-grid, precompute their per-grid coefficients once in ``start`` (in float64 where the device has it), and make
-no host synchronisation in ``step``.
+All solvers here need only :math:`m(t)` and :math:`s(t)` (any :class:`~sdediff.LinearSDE`) and work on any time
+grid. ``dpm_solver``, ``ddim`` and ``lms`` are coefficient tables (:meth:`coefficients`, computed once per grid in
+float64 and run by the shared update of :mod:`sdediff.solvers.tables`); ``edm_heun`` is a step with its
+per-step coefficients precomputed in ``start``.
 
 Solvers (NFE = score evaluations, :math:`N` = number of grid steps):
 
@@ -51,90 +52,26 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .._utils import randn_like
-from ..sdes.linear import require_linear
-from .base import Context, FixedStepSolver, register_solver
+from .._validate import check_bool, check_choice, check_float
+from ..processes import ReverseProcess
+from ..sdes.base import SDE
+from ..sdes.linear import LinearSDE, require_linear
+from .base import FixedStepSolver, register_solver
+from .tables import LinearScheme, exp_coefficients, kernel, phi_terms, rows_from_stages, work_dtype
 
-__all__ = ["DPMSolver", "DDIM", "LMS", "EDMHeun", "phi_terms", "adams_bashforth_weights"]
-
-
-# --- shared helpers ---------------------------------------------------------------------------------
-def _work_dtype(device: torch.device) -> torch.dtype:
-    """float64 for the per-grid coefficients, except where the device has none (MPS)."""
-    return torch.float32 if device.type == "mps" else torch.float64
+__all__ = ["DPMSolver", "DDIM", "LMS", "EDMHeun", "phi_terms", "adams_bashforth_weights", "prediction_coefficients"]
 
 
-def _kernel(sde: Any, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    r"""``(m, s, lambda)`` at the times ``t``, with :math:`\lambda = \log m - \log s`."""
-    m, s = sde.mean_coeff(t), sde.marginal_std(t)
-    return m, s, m.log() - s.log()
-
-
-def phi_terms(z: Tensor, k: int) -> Tensor:
-    r""":math:`\psi_j(z) = z^j\varphi_j(z) = e^z - \sum_{n<j} z^n/n!` for :math:`j = 1..k`, stacked on a new last axis.
-
-    The closed form loses relative accuracy as :math:`z \to 0` (cancellation), so for :math:`|z| < 1/2`
-    the series :math:`\sum_{n\ge j} z^n/n!` (20 terms, to float64 precision) is used instead.
-    """
-    small = z.abs() < 0.5
-    zs = torch.where(small, z, torch.zeros_like(z))
-    inv_fact = torch.tensor([1.0 / math.factorial(n) for n in range(k + 21)], dtype=z.dtype, device=z.device)
-    powers = torch.arange(k + 21, dtype=z.dtype, device=z.device)
-    terms = zs[..., None] ** powers * inv_fact  # z^n/n!, n = 0..k+20, for the series (small z only)
-    series = torch.stack([terms[..., j:j + 21].flip(-1).sum(-1) for j in range(1, k + 1)], dim=-1)  # n = j..j+20
-    head = (z[..., None] ** powers[1:k] * inv_fact[1:k]).cumsum(-1)  # sum_{n=1}^{j-1} z^n/n!, j = 2..k
-    closed = torch.expm1(z)[..., None] - torch.cat([torch.zeros_like(z)[..., None], head], dim=-1)
-    return torch.where(small[..., None], series, closed)
-
-
-def _exp_coefficients(prediction: str, start: tuple[Tensor, Tensor, Tensor], end: tuple[Tensor, Tensor, Tensor],
-                      k: int) -> tuple[Tensor, Tensor]:
-    r"""Coefficients of the exponential-integrator step from ``start = (m_s, s_s, lambda_s)`` to ``end``.
-
-    Returns ``(a, c)`` with :math:`x_t = a\,x_s + \sum_j c_{j}\,P^{(j)}(\lambda_s)` for the prediction
-    :math:`P` and its first ``k - 1`` derivatives in :math:`\lambda`:
-
-    - data: :math:`a = s_t/s_s`, :math:`c_j = m_t h^{j+1}\varphi_{j+1}(-h) = -m_t\,\psi_{j+1}(-h)\,(-1)^{j}`,
-    - noise: :math:`a = m_t/m_s`, :math:`c_j = -s_t h^{j+1}\varphi_{j+1}(h) = -s_t\,\psi_{j+1}(h)`.
-
-    ``c`` has a last axis of length ``k``.
-    """
-    (m_s, s_s, lam_s), (m_t, s_t, lam_t) = start, end
-    h = lam_t - lam_s
-    if prediction == "data":
-        signs = torch.tensor([(-1.0) ** (j + 1) for j in range(k)], dtype=h.dtype, device=h.device)
-        return s_t / s_s, m_t[..., None] * signs * phi_terms(-h, k)
-    return m_t / m_s, -s_t[..., None] * phi_terms(h, k)
-
-
-def _check_choice(option: str, value: Any, allowed: tuple[Any, ...]) -> Any:
-    if type(value) is not type(allowed[0]) or value not in allowed:  # no bools or floats for an int option
-        raise ValueError(f"{option} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-    return value
-
-
-def _check_nonneg(option: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{option} must be a finite float >= 0, got {value!r}")
-    return float(value)
-
-
-def _tick(ctx: Context) -> int:
-    """The index of the grid step being taken (a host-side counter reset in ``start``)."""
-    i = ctx.state["i"]
-    ctx.state["i"] = i + 1
-    return i
-
-
-def _noise_pred(ctx: Context, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
-    r""":math:`\hat\epsilon = -s\,\nabla\log p_t(x)` (one score evaluation)."""
-    return -s * ctx.score(x, t)
+def prediction_coefficients(prediction: str, m: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``(p, q)`` with :math:`P = p\,x + q\,\nabla\log p_t(x)`: :math:`(1/m, s^2/m)` for :math:`\hat x_0` (``"data"``),
+    :math:`(0, -s)` for :math:`\hat\epsilon` (``"noise"``)."""
+    return (1 / m, s**2 / m) if prediction == "data" else (torch.zeros_like(s), -s)
 
 
 # --- DPM-Solver -------------------------------------------------------------------------------------
@@ -205,96 +142,20 @@ class DPMSolver(FixedStepSolver):
 
     def __init__(self, order: int = 2, method: str = "multistep", prediction: str = "data",
                  lower_order_final: bool = True) -> None:
-        self.order = _check_choice("order", order, self.ORDERS)
-        self.method = _check_choice("method", method, self.METHODS)
-        self.prediction = _check_choice("prediction", prediction, self.PREDICTIONS)
-        if not isinstance(lower_order_final, bool):
-            raise ValueError(f"lower_order_final must be True or False, got {lower_order_final!r}")
-        self.lower_order_final = lower_order_final
+        self.order = check_choice("order", order, self.ORDERS)
+        self.method = check_choice("method", method, self.METHODS)
+        self.prediction = check_choice("prediction", prediction, self.PREDICTIONS)
+        self.lower_order_final = check_bool("lower_order_final", lower_order_final)
 
-    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        sde = require_linear(ctx.sde, f"solver {self.name!r}")
-        wd = _work_dtype(ts.device)
-        t64 = ts.to(wd)
-        m, s, lam = _kernel(sde, t64)
-        a, c = _exp_coefficients(self.prediction, (m[:-1], s[:-1], lam[:-1]), (m[1:], s[1:], lam[1:]), self.order)
-        h = lam[1:] - lam[:-1]
-        st: dict[str, Any] = {"i": 0, "n": len(ts) - 1, "history": [], "h": h, "a": a, "c": c}
+    def coefficients(self, sde: LinearSDE, ts: Tensor) -> LinearScheme:
+        t = ts.to(work_dtype(ts.device))
+        m, s, lam = kernel(sde, t)
         if self.method == "singlestep" and self.order > 1:
-            fractions = (0.5,) if self.order == 2 else (1 / 3, 2 / 3)
-            for j, r in enumerate(fractions, start=1):
-                t_r = sde.time_of_log_snr(2 * (lam[:-1] + r * h), t64[1:], t64[:-1])
-                m_r, s_r, lam_r = _kernel(sde, t_r)
-                st[f"t{j}"], st[f"m{j}"], st[f"s{j}"] = t_r, m_r, s_r
-                st[f"a{j}"], st[f"c{j}"] = _exp_coefficients(self.prediction, (m[:-1], s[:-1], lam[:-1]),
-                                                             (m_r, s_r, lam_r), j)
-                st[f"r{j}h"] = r * h
-        st["predict"] = self._predict_coefficients(m, s)
-        if self.method == "multistep":
-            st["weights"] = self._multistep_weights(st)
-        else:
-            st.update(self._singlestep_weights(st))
-        rows = ("weights", "predict", "predict1", "predict2", "stage1", "stage2")
-        ctx.state.update({key: (v.to(x.dtype) if isinstance(v, Tensor) else v) for key, v in st.items()})
-        for key in rows:  # rows of 0-d tensors, so that a step only indexes Python lists
-            if key in ctx.state:
-                ctx.state[key] = [row.unbind() for row in ctx.state[key]]
-        if self.method == "singlestep":  # scratch for the stages: P_0, P_1 (then P_2), the stage input u
-            ctx.state.update(p0=torch.empty_like(x), p1=torch.empty_like(x), u=torch.empty_like(x))
-
-    def _predict_coefficients(self, m: Tensor, s: Tensor) -> Tensor:
-        r"""Per time, ``(c_x, c_s)`` with :math:`P = c_x x + c_s \nabla\log p_t(x)`: :math:`(1/m, s^2/m)` for
-        :math:`\hat x_0`, :math:`(0, -s)` for :math:`\hat\epsilon`."""
-        return torch.stack([1 / m, s**2 / m] if self.prediction == "data" else [0 * s, -s], dim=1)
-
-    def _singlestep_weights(self, st: dict[str, Any]) -> dict[str, Tensor]:
-        r"""The singlestep stages of :meth:`step`'s docstring, multiplied out into weights on :math:`x, P_0, P_j`.
-
-        ``stage1`` is :math:`(a^{(1)}, c^{(1)}_1)` for :math:`u_1`; for order 3, ``stage2`` is
-        :math:`(a^{(2)}, c^{(2)}_1 - c^{(2)}_2/(r_1h), c^{(2)}_2/(r_1h))` for :math:`u_2`; ``weights`` is
-        :math:`(a, c_1 - c_2/(r_kh), c_2/(r_kh))` on :math:`(x, P_0, P_k)` with :math:`k` the last stage
-        (order 1: :math:`(a, c_1, 0)`).
-        """
-        a, c, out = st["a"], st["c"], {}
-        if self.order == 1:
-            out["weights"] = torch.stack([a, c[:, 0], 0 * a], dim=1)
-            return out
-        out["stage1"] = torch.stack([st["a1"], st["c1"][:, 0]], dim=1)
-        out["predict1"] = self._predict_coefficients(st["m1"], st["s1"])
-        if self.order == 3:
-            d = st["c2"][:, 1] / st["r1h"]
-            out["stage2"] = torch.stack([st["a2"], st["c2"][:, 0] - d, d], dim=1)
-            out["predict2"] = self._predict_coefficients(st["m2"], st["s2"])
-        w = c[:, 1] / st[f"r{self.order - 1}h"]
-        out["weights"] = torch.stack([a, c[:, 0] - w, w], dim=1)
-        return out
-
-    def _multistep_weights(self, st: dict[str, Any]) -> Tensor:
-        r"""Per step, ``(a, w_0, w_1, w_2)`` with :math:`x_t = a\,x_s + w_0 P_0 + w_1 P_{-1} + w_2 P_{-2}`.
-
-        The divided differences of :meth:`step`'s docstring, multiplied out: order 1 has :math:`w_0 = c_1`;
-        order 2 :math:`w_0 = c_1 + c_2/h_1`, :math:`w_1 = -c_2/h_1`; order 3, with
-        :math:`e = (c_2 h_1 + 2c_3)/(h_1 + h_2)`, :math:`w_0 = c_1 + (c_2 + e)/h_1`,
-        :math:`w_1 = -(c_2 + e)/h_1 - e/h_2`, :math:`w_2 = e/h_2`.
-        """
-        a, c, h, n = st["a"], st["c"], st["h"], st["n"]
-        order = torch.tensor([self._order_at(i, n) for i in range(n)], device=a.device)[:, None]
-        one = torch.ones_like(h[:1])
-        h1, h2 = torch.cat([one, h[:-1]]), torch.cat([one, one, h[:-2]])[:n]  # h_{i-1}, h_{i-2} (1 where unused)
-        c1, c2, c3 = (c[:, j] if j < c.shape[1] else torch.zeros_like(a) for j in range(3))
-        e = (c2 * h1 + 2 * c3) / (h1 + h2)
-        zero = torch.zeros_like(a)
-        w2 = torch.stack([a, c1 + c2 / h1, -c2 / h1, zero], dim=1)
-        w3 = torch.stack([a, c1 + (c2 + e) / h1, -(c2 + e) / h1 - e / h2, e / h2], dim=1)
-        return torch.where(order == 1, torch.stack([a, c1, zero, zero], dim=1), torch.where(order == 2, w2, w3))
-
-    def _predict(self, ctx: Context, x: Tensor, t: Tensor, coef: tuple[Tensor, Tensor], out: Tensor) -> Tensor:
-        r""":math:`P = \hat x_0 = (x + s^2\nabla\log p_t)/m` or :math:`\hat\epsilon = -s\nabla\log p_t` (one NFE),
-        written into ``out`` from the coefficients ``coef = (c_x, c_s)`` of :meth:`_predict_coefficients`."""
-        score = ctx.score(x, t)
-        if self.prediction == "data":
-            return torch.mul(x, coef[0], out=out).addcmul_(coef[1], score)
-        return torch.mul(score, coef[1], out=out)
+            return self._singlestep(sde, t, m, s, lam)
+        a, w = self._multistep_weights(m, s, lam)
+        p, q = prediction_coefficients(self.prediction, m[:-1], s[:-1])
+        # x_{i+1} = a x + w_0 P_i + w_1 P_{i-1} + w_2 P_{i-2}, with P_i = p x + q score folded into (a, b)
+        return LinearScheme(times=t[:-1], a=a + w[:, 0] * p, b=w[:, 0] * q, w=w[:, 1:self.order], p=p, q=q)
 
     def _order_at(self, i: int, n: int) -> int:
         order = min(self.order, i + 1)
@@ -302,35 +163,58 @@ class DPMSolver(FixedStepSolver):
             order = min(order, n - i)
         return order
 
-    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        st, i = ctx.state, _tick(ctx)
-        if self.method == "singlestep":
-            return self._singlestep(ctx, x, t, i)
-        # multistep: P_0 into the buffer of the oldest prediction, then x_t = a x + sum_j w_j P_{-j} (weights
-        # precomputed in start by _multistep_weights)
-        hist = st["history"]
-        p0 = hist.pop() if len(hist) == self.order else torch.empty_like(x)
-        hist.insert(0, self._predict(ctx, x, t, st["predict"][i], p0))
-        w, order = st["weights"][i], self._order_at(i, st["n"])
-        out = torch.mul(x, w[0], out=ctx.buffer(x, inplace=True))
-        for j in range(order):
-            out.addcmul_(w[j + 1], hist[j])
-        return out
+    def _multistep_weights(self, m: Tensor, s: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Per step, ``a`` and ``(w_0, w_1, w_2)`` with :math:`x_t = a\,x_s + w_0 P_0 + w_1 P_{-1} + w_2 P_{-2}`.
 
-    def _singlestep(self, ctx: Context, x: Tensor, t: Tensor, i: int) -> Tensor:
-        st = ctx.state
-        p0 = self._predict(ctx, x, t, st["predict"][i], st["p0"])
-        w = st["weights"][i]
-        if self.order == 1:
-            return torch.mul(x, w[0], out=ctx.buffer(x, inplace=True)).addcmul_(w[1], p0)
-        a1, c1 = st["stage1"][i]
-        u = torch.mul(x, a1, out=st["u"]).addcmul_(c1, p0)
-        p = self._predict(ctx, u, st["t1"][i], st["predict1"][i], st["p1"])
-        if self.order == 3:  # u_2 from (x, P_0, P_1), then P_2 into P_1's buffer
-            a2, v0, v1 = st["stage2"][i]
-            u = torch.mul(x, a2, out=st["u"]).addcmul_(v0, p0).addcmul_(v1, p)
-            p = self._predict(ctx, u, st["t2"][i], st["predict2"][i], st["p1"])
-        return torch.mul(x, w[0], out=ctx.buffer(x, inplace=True)).addcmul_(w[1], p0).addcmul_(w[2], p)
+        The divided differences of the class docstring, multiplied out: order 1 has :math:`w_0 = c_1`;
+        order 2 :math:`w_0 = c_1 + c_2/h_1`, :math:`w_1 = -c_2/h_1`; order 3, with
+        :math:`e = (c_2 h_1 + 2c_3)/(h_1 + h_2)`, :math:`w_0 = c_1 + (c_2 + e)/h_1`,
+        :math:`w_1 = -(c_2 + e)/h_1 - e/h_2`, :math:`w_2 = e/h_2`.
+        """
+        a, c = exp_coefficients(self.prediction, (m[:-1], s[:-1], lam[:-1]), (m[1:], s[1:], lam[1:]), self.order)
+        h = lam[1:] - lam[:-1]
+        n = len(h)
+        order = torch.tensor([self._order_at(i, n) for i in range(n)], device=a.device)[:, None]
+        one = torch.ones_like(h[:1])
+        h1, h2 = torch.cat([one, h[:-1]]), torch.cat([one, one, h[:-2]])[:n]  # h_{i-1}, h_{i-2} (1 where unused)
+        c1, c2, c3 = (c[:, j] if j < c.shape[1] else torch.zeros_like(a) for j in range(3))
+        e = (c2 * h1 + 2 * c3) / (h1 + h2)
+        zero = torch.zeros_like(a)
+        w2 = torch.stack([c1 + c2 / h1, -c2 / h1, zero], dim=1)
+        w3 = torch.stack([c1 + (c2 + e) / h1, -(c2 + e) / h1 - e / h2, e / h2], dim=1)
+        return a, torch.where(order == 1, torch.stack([c1, zero, zero], dim=1), torch.where(order == 2, w2, w3))
+
+    def _singlestep(self, sde: LinearSDE, t: Tensor, m: Tensor, s: Tensor, lam: Tensor) -> LinearScheme:
+        r"""The singlestep stages of the class docstring, relative to the step's start :math:`x_i`
+        (:func:`~sdediff.solvers.tables.rows_from_stages` turns them into rows): :math:`u_1 = a^{(1)} x + c^{(1)}_1 P_0`;
+        for order 3 :math:`u_2 = a^{(2)} x + (c^{(2)}_1 - c^{(2)}_2/(r_1h)) P_0 + c^{(2)}_2/(r_1h)\,P_1`; the step
+        :math:`x_{i+1} = a x + (c_1 - c_2/(r_kh)) P_0 + c_2/(r_kh)\,P_k` with :math:`k` the last stage."""
+        start = (m[:-1], s[:-1], lam[:-1])
+        a, c = exp_coefficients(self.prediction, start, (m[1:], s[1:], lam[1:]), self.order)
+        h = lam[1:] - lam[:-1]
+        stages, fractions = self.order, (0.5,) if self.order == 2 else (1 / 3, 2 / 3)
+        times, p, q = [t[:-1]], [], []
+        alpha = [torch.ones_like(a)]
+        beta = h.new_zeros((len(h), stages + 1, stages))
+        for j, r in enumerate(fractions, start=1):  # the intermediate points lambda_s + r h, found by bisection
+            t_r = sde.time_of_log_snr(2 * (lam[:-1] + r * h), t[1:], t[:-1])
+            m_r, s_r, lam_r = kernel(sde, t_r)
+            a_r, c_r = exp_coefficients(self.prediction, start, (m_r, s_r, lam_r), j)
+            times.append(t_r)
+            alpha.append(a_r)
+            if j == 1:
+                beta[:, 1, 0] = c_r[:, 0]
+            else:  # P' from the first stage: (P_1 - P_0) / (r_1 h)
+                d = c_r[:, 1] / (fractions[0] * h)
+                beta[:, 2, 0], beta[:, 2, 1] = c_r[:, 0] - d, d
+        for t_k in times:
+            p_k, q_k = prediction_coefficients(self.prediction, *kernel(sde, t_k)[:2])
+            p.append(p_k)
+            q.append(q_k)
+        w = c[:, 1] / (fractions[-1] * h)
+        alpha.append(a)
+        beta[:, stages, 0], beta[:, stages, stages - 1] = c[:, 0] - w, w
+        return rows_from_stages(torch.stack(times, 1), torch.stack(alpha, 1), beta, torch.stack(p, 1), torch.stack(q, 1))
 
 
 # --- DDIM -------------------------------------------------------------------------------------------
@@ -362,31 +246,23 @@ class DDIM(FixedStepSolver):
     """
 
     def __init__(self, eta: float = 0.0) -> None:
-        self.eta = _check_nonneg("eta", eta)
+        self.eta = check_float("eta", eta, 0.0)
 
     @property
     def stochastic(self) -> bool:  # type: ignore[override]
         """Whether the solver draws noise (``eta > 0``)."""
         return self.eta > 0
 
-    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        sde = require_linear(ctx.sde, f"solver {self.name!r}")
-        m, s, lam = _kernel(sde, ts.to(_work_dtype(ts.device)))
+    def coefficients(self, sde: LinearSDE, ts: Tensor) -> LinearScheme:
+        r""":math:`x_t = \frac{m_t}{m_s}x + \big(\frac{m_t}{m_s}s_s^2 - \sqrt{s_t^2 - \sigma^2}\,s_s\big)\nabla\log p_s(x)
+        + \sigma z`, the step above with :math:`\hat x_0, \hat\epsilon` written in the score."""
+        t = ts.to(work_dtype(ts.device))
+        m, s, lam = kernel(sde, t)
         h = lam[1:] - lam[:-1]
         sigma = torch.minimum(self.eta * s[1:] * (-torch.expm1(-2 * h)).sqrt(), s[1:])
         keep = (s[1:] ** 2 - sigma**2).clamp_min(0).sqrt()  # sqrt(s_t^2 - sigma^2), the share of eps_hat kept
-        # x_t = m_t x0 + keep eps + sigma z with x0 = (x + s^2 score)/m, eps = -s score, multiplied out
-        a, b = m[1:] / m[:-1], m[1:] / m[:-1] * s[:-1] ** 2 - keep * s[:-1]
-        # per step as 0-d tensors in Python tuples: a step indexes a tuple, not a tensor
-        ctx.state.update({"i": 0, **{k: v.to(x.dtype).unbind() for k, v in dict(a=a, b=b, sigma=sigma).items()}})
-
-    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        r""":math:`x_t = \frac{m_t}{m_s}x + \big(\frac{m_t}{m_s}s_s^2 - \sqrt{s_t^2 - \sigma^2}\,s_s\big)\nabla\log p_s(x)
-        + \sigma z`, the step above with :math:`\hat x_0, \hat\epsilon` written in the score."""
-        st, i = ctx.state, _tick(ctx)
-        score = ctx.score(x, t)
-        out = torch.mul(x, st["a"][i], out=ctx.buffer(x, inplace=True)).addcmul_(st["b"][i], score)
-        return out if self.eta == 0 else out.addcmul_(st["sigma"][i], ctx.noise(x))
+        a = m[1:] / m[:-1]
+        return LinearScheme.one_step(t, a, a * s[:-1] ** 2 - keep * s[:-1], sigma if self.eta > 0 else None)
 
 
 # --- linear multistep in sigma ----------------------------------------------------------------------
@@ -419,6 +295,7 @@ def adams_bashforth_weights(sigma: Tensor, order: int) -> Tensor:
     return torch.where(used, half[:, None] * (basis * w).sum(-1), 0.0)
 
 
+
 @register_solver("lms")
 class LMS(FixedStepSolver):
     r"""Linear multistep (Adams–Bashforth) on the probability flow in EDM form.
@@ -448,28 +325,31 @@ class LMS(FixedStepSolver):
     ORDERS = (1, 2, 3, 4)
 
     def __init__(self, order: int = 4) -> None:
-        self.order = _check_choice("order", order, self.ORDERS)
+        self.order = check_choice("order", order, self.ORDERS)
 
-    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        sde = require_linear(ctx.sde, f"solver {self.name!r}")
-        m, s, _ = _kernel(sde, ts.to(_work_dtype(ts.device)))
-        b = adams_bashforth_weights(s / m, self.order)
-        # x_{i+1} = m_{i+1} y_{i+1} = (m_{i+1}/m_i) x_i + sum_j m_{i+1} b_ij d_{i-j}
-        ctx.state.update({"i": 0, "history": [], "neg_s": (-s).to(x.dtype).unbind(), "a": (m[1:] / m[:-1]).to(x.dtype).unbind(),
-                          "w": [row.unbind() for row in (m[1:, None] * b).to(x.dtype)]})  # 0-d tensors in lists
-
-    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        st, i = ctx.state, _tick(ctx)
-        hist = st["history"]  # d_i = dy/dsigma = eps_hat, newest first, in buffers reused as they age out
-        d = hist.pop() if len(hist) == self.order else torch.empty_like(x)
-        hist.insert(0, torch.mul(ctx.score(x, t), st["neg_s"][i], out=d))
-        out = torch.mul(x, st["a"][i], out=ctx.buffer(x, inplace=True))
-        for w, d in zip(st["w"][i], hist, strict=False):
-            out.addcmul_(w, d)
-        return out
+    def coefficients(self, sde: LinearSDE, ts: Tensor) -> LinearScheme:
+        r""":math:`x_{i+1} = m_{i+1} y_{i+1} = (m_{i+1}/m_i)\,x_i + \sum_j m_{i+1} b_{ij}\,d_{i-j}` with the kept
+        prediction :math:`d_i = \hat\epsilon_i = -s_i\,\nabla\log p_{t_i}(x_i)`."""
+        t = ts.to(work_dtype(ts.device))
+        m, s, _ = kernel(sde, t)
+        w = m[1:, None] * adams_bashforth_weights(s / m, self.order)
+        zero = torch.zeros_like(s[:-1])
+        return LinearScheme(times=t[:-1], a=m[1:] / m[:-1], b=-w[:, 0] * s[:-1], w=w[:, 1:], p=zero, q=-s[:-1])
 
 
 # --- EDM Heun ---------------------------------------------------------------------------------------
+@dataclass
+class EDMHeunState:
+    r"""Per step :math:`i`: the raised time :math:`\hat t_i`, and the coefficients of
+    :math:`\hat x = \rho_i x + \nu_i z`, :math:`\tilde x = A_i\hat x + B_i s_\theta(\hat x, \hat t_i)`,
+    :math:`x_{i+1} = \tfrac12 A_i\hat x + \tfrac12\tilde x + C_i s_\theta(\tilde x, t_{i+1})` (0-d tensors), and the
+    index of the next step."""
+
+    t_hat: list[Tensor]
+    rows: list[tuple[Tensor, ...]]
+    index: int = 0
+
+
 @register_solver("edm_heun")
 class EDMHeun(FixedStepSolver):
     r"""Heun's method in :math:`(\sigma, y) = (s/m, x/m)` with EDM's optional stochastic churn (Karras et al. 2022).
@@ -508,57 +388,46 @@ class EDMHeun(FixedStepSolver):
 
     def __init__(self, churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
                  s_noise: float = 1.0) -> None:
-        self.churn = _check_nonneg("churn", churn)
-        self.s_tmin = _check_nonneg("s_tmin", s_tmin)
-        if isinstance(s_tmax, bool) or not isinstance(s_tmax, (int, float)) or math.isnan(s_tmax) or s_tmax < s_tmin:
-            raise ValueError(f"s_tmax must be a float >= s_tmin={s_tmin} (inf allowed), got {s_tmax!r}")
-        self.s_tmax = float(s_tmax)
-        self.s_noise = _check_nonneg("s_noise", s_noise)
+        self.churn = check_float("churn", churn, 0.0)
+        self.s_tmin = check_float("s_tmin", s_tmin, 0.0)
+        self.s_tmax = check_float("s_tmax", s_tmax, self.s_tmin, finite=False)
+        self.s_noise = check_float("s_noise", s_noise, 0.0)
 
     @property
     def stochastic(self) -> bool:  # type: ignore[override]
         """Whether the solver draws noise (``churn > 0``)."""
         return self.churn > 0
 
-    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        sde = require_linear(ctx.sde, f"solver {self.name!r}")
-        t64 = ts.to(_work_dtype(ts.device))
-        m, s, _ = _kernel(sde, t64)
-        st = {"m": m, "s": s, "sigma": s / m}
+    def start(self, sde: SDE, ts: Tensor, x: Tensor) -> EDMHeunState:
+        r"""The raised levels :math:`\hat\sigma_i` and their times (by bisection), and the step's coefficients in
+        ``x``: with :math:`d\sigma = \sigma_{i+1} - \hat\sigma_i`, :math:`\rho = \hat m/m_i`,
+        :math:`\nu = \hat m S_{noise}\sqrt{\hat\sigma^2 - \sigma_i^2}`, :math:`A = m_{i+1}/\hat m`,
+        :math:`B = -m_{i+1}\,d\sigma\,\hat s`, :math:`C = -\tfrac12 m_{i+1}\,d\sigma\,s_{i+1}`."""
+        sde = require_linear(sde, f"solver {self.name!r}")
+        t = ts.to(work_dtype(ts.device))
+        m, s, _ = kernel(sde, t)
+        sigma = (s / m)[:-1]
+        t_hat, m_hat, s_hat, noise = t[:-1], m[:-1], s[:-1], torch.zeros_like(sigma)
         if self.churn > 0:
-            sigma = st["sigma"][:-1]
-            t_max = torch.full_like(t64[:1], sde.T)
+            t_max = torch.full_like(t[:1], sde.T)
             sigma_max = (sde.marginal_std(t_max) / sde.mean_coeff(t_max))[0]
             inside = (sigma >= self.s_tmin) & (sigma <= self.s_tmax)
             gamma = inside.to(sigma.dtype) * min(self.churn / (len(ts) - 1), math.sqrt(2) - 1)
-            sigma_hat = torch.minimum(sigma * (1 + gamma), torch.maximum(sigma_max, sigma))
-            t_hat = sde.time_of_log_snr(-2 * sigma_hat.log(), t64[:-1])
-            t_hat = torch.where(sigma_hat > sigma, t_hat, t64[:-1])
-            m_hat, s_hat, _ = _kernel(sde, t_hat)
-            sigma_hat = s_hat / m_hat
-            noise = self.s_noise * (sigma_hat**2 - sigma**2).clamp_min(0).sqrt()
-            st.update(t_hat=t_hat, m_hat=m_hat, s_hat=s_hat, sigma_hat=sigma_hat, noise=noise)
-        else:
-            # with d = -s score: x_euler = A x + B score(x, t), x_{i+1} = A/2 x + x_euler/2 + C score(x_euler, t_next)
-            m_next, dsigma = m[1:], st["sigma"][1:] - st["sigma"][:-1]
-            a = m_next / m[:-1]
-            heun = torch.stack([a, -m_next * dsigma * s[:-1], -0.5 * m_next * dsigma * s[1:], 0.5 * a], dim=1)
-        ctx.state.update({"i": 0, **{k: v.to(x.dtype) for k, v in st.items()}})
-        if self.churn == 0:  # per step (A, B, C, A/2) as 0-d tensors: a step indexes a list, not a tensor
-            ctx.state.update(heun=[row.unbind() for row in heun.to(x.dtype)], x_euler=torch.empty_like(x))
+            raised = torch.minimum(sigma * (1 + gamma), torch.maximum(sigma_max, sigma))
+            t_hat = torch.where(raised > sigma, sde.time_of_log_snr(-2 * raised.log(), t[:-1]), t[:-1])
+            m_hat, s_hat, _ = kernel(sde, t_hat)
+            noise = self.s_noise * ((s_hat / m_hat) ** 2 - sigma**2).clamp_min(0).sqrt()
+        dsigma = (s / m)[1:] - s_hat / m_hat
+        coef = torch.stack([m_hat / m[:-1], m_hat * noise, m[1:] / m_hat, -m[1:] * dsigma * s_hat,
+                            -0.5 * m[1:] * dsigma * s[1:]], dim=1).to(x)
+        return EDMHeunState(t_hat=list(t_hat.to(x).unbind()), rows=[tuple(row.unbind()) for row in coef])
 
-    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        st, i = ctx.state, _tick(ctx)
-        if self.churn == 0:  # the step below, multiplied out in x (coefficients from start)
-            a, b, c, half_a = st["heun"][i]
-            x_euler = torch.mul(x, a, out=st["x_euler"]).addcmul_(b, ctx.score(x, t))
-            score = ctx.score(x_euler, t_next)
-            return torch.mul(x, half_a, out=ctx.buffer(x, inplace=True)).add_(x_euler, alpha=0.5).addcmul_(c, score)
-        # churn: raise the noise level to sigma_hat, then the Heun step in (sigma, y) from there
-        y = x / st["m"][i] + st["noise"][i] * randn_like(x, ctx.generator)
-        t, m, s, sigma = st["t_hat"][i], st["m_hat"][i], st["s_hat"][i], st["sigma_hat"][i]
-        dsigma = st["sigma"][i + 1] - sigma
-        d = _noise_pred(ctx, m * y, t, s)
-        y_euler = y + dsigma * d
-        d_next = _noise_pred(ctx, st["m"][i + 1] * y_euler, t_next, st["s"][i + 1])
-        return st["m"][i + 1] * (y + 0.5 * dsigma * (d + d_next))
+    def step(self, process: ReverseProcess, state: EDMHeunState, x: Tensor, t: Tensor,
+             t_next: Tensor) -> tuple[Tensor, EDMHeunState]:
+        rho, nu, a, b, c = state.rows[state.index]
+        if self.churn > 0:  # raise the noise level to sigma_hat
+            x = rho * x + nu * process.noise(x)
+        x_euler = torch.addcmul(a * x, b, process.score(x, state.t_hat[state.index]))
+        x_next = torch.addcmul(torch.add(0.5 * a * x, x_euler, alpha=0.5), c, process.score(x_euler, t_next))
+        state.index += 1
+        return x_next, state

@@ -1,97 +1,54 @@
-r"""Solvers of the probability-flow ODE :math:`dx/dt = v(x,t) = f(x,t) - \tfrac12 g(t)^2 s_\theta(x,t)`."""
+r"""Solvers of the probability-flow ODE :math:`dx/dt = v(x,t) = f(x,t) - \tfrac12 g(t)^2 s_\theta(x,t)`.
+
+``euler`` and ``heun`` are written as their step maths on ``process.drift`` (any SDE); for a linear SDE,
+where :math:`v = a(t)\,x + b(t)\,s_\theta`, the same steps are also given as coefficient tables
+(:mod:`sdediff.solvers.tables`), which the loop runs instead. ``ode`` hands the flow to torchdiffeq.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torchdiffeq
 from torch import Tensor
-from torchdiffeq._impl.odeint import SOLVERS
-from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver
 from tqdm.auto import tqdm
 
-from .._utils import all_finite, batch_time, expand_as
-from ..sdes.base import SDE
+from .._utils import all_finite
+from .._validate import check_float
+from ..processes import ReverseProcess, linear_drift_coef, score_weight
 from ..sdes.linear import LinearSDE
-from .base import Callback, Context, FixedStepSolver, Solver, register_solver
-from .exponential import _work_dtype
+from .base import Callback, FixedStepSolver, Solution, Solver, register_solver
+from .tables import LinearScheme, rows_from_stages, work_dtype
 
-_ODE_METHODS = {k: v for k, v in SOLVERS.items() if k != "scipy_solver"}
-
-
-def pf_drift(ctx: Context, x: Tensor, t: Tensor) -> Tensor:
-    r"""The probability-flow velocity :math:`v(x,t) = f(x,t) - \tfrac12 g(t)^2 s_\theta(x,t)`."""
-    t = batch_time(t, x)
-    return ctx.sde.drift(x, t) - expand_as(0.5 * ctx.sde.diffusion(t) ** 2, x) * ctx.score(x, t)
-
-
-def batch_max_norm(state: Tensor | tuple[Tensor, ...]) -> Tensor:
-    """Error norm for torchdiffeq: the RMS over each sample's own elements, then the max over the batch.
-
-    torchdiffeq's default is the RMS over the whole state, which lets a few hard samples of a large
-    batch carry errors far above the tolerance. With this norm every sample meets ``rtol``/``atol``.
-    A tuple state (the likelihood's ``(x, log-det)``) takes the max over its tensors.
-    """
-    tensors = state if isinstance(state, tuple) else (state,)
-    return torch.stack([t.reshape(t.shape[0], -1).pow(2).mean(1).sqrt().max() for t in tensors]).max()
+#: torchdiffeq's methods (its public ``method=`` names), and whether each chooses its own steps
+ODE_METHODS: dict[str, bool] = {
+    "dopri8": True, "dopri5": True, "bosh3": True, "fehlberg2": True, "adaptive_heun": True,
+    "euler": False, "midpoint": False, "heun2": False, "heun3": False, "rk4": False,
+    "explicit_adams": False, "implicit_adams": False, "fixed_adams": False,
+}
 
 
-def odeint_options(method: str, options: dict[str, Any] | None, t_start: Tensor, t_end: Tensor) -> dict[str, Any] | None:
-    """torchdiffeq options: per-sample error control, and steps kept inside ``[t_start, t_end]``.
-
-    The error norm is :func:`batch_max_norm`. torchdiffeq also guesses the first step from the drift
-    at the start, and steps past the last output time before interpolating back; where the flow is
-    nearly still (the prior end of a diffusion) the guess can be huge, and past ``eps`` or ``T`` the
-    schedule may be undefined (VP's :math:`\beta(t)` turns negative below 0). So the first step
-    defaults to 1% of the span and ``t_end`` is a forced step point (``step_t``) that no step crosses.
-    """
-    options = dict(options or {})
-    if issubclass(_ODE_METHODS[method], AdaptiveStepsizeODESolver):
-        options.setdefault("norm", batch_max_norm)
-        options.setdefault("first_step", 0.01 * abs(float(t_end - t_start)))
-        options.setdefault("step_t", t_end.reshape(1))
-    return options or None
-
-
-def linear_flow(sde: SDE, ts: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-    r"""For a linear SDE, the probability-flow velocity on the grid ``ts`` as :math:`v(x, t_i) = a_i x + b_i s_\theta(x, t_i)`.
-
-    Returns ``(h, a, b)`` in float64 (where the device has it): the steps :math:`h_i = t_{i+1} - t_i` and, at
-    every grid time, :math:`a = f(1, t)` (the drift is linear in ``x``) and :math:`b = -\tfrac12 g(t)^2`;
-    ``None`` for an SDE that is not a :class:`~sdediff.LinearSDE`. Solvers use it to precompute their
-    per-step coefficients once, in ``start``.
-    """
-    if not isinstance(sde, LinearSDE):
-        return None
-    t = ts.to(_work_dtype(ts.device))
-    return t.diff(), sde.drift(torch.ones_like(t)[:, None], t)[:, 0], -0.5 * sde.diffusion(t) ** 2
+def linear_flow(sde: LinearSDE, ts: Tensor, noise_scale: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    r"""The reverse drift on the grid ``ts`` as :math:`a_i x + b_i s_\theta(x, t_i)`: ``(h, a, b)`` in float64
+    (where the device has it), with the steps :math:`h_i = t_{i+1} - t_i`, :math:`a = f(1, t)` and
+    :math:`b = -\tfrac12(1+\lambda^2)g(t)^2` at every grid time."""
+    t = ts.to(work_dtype(ts.device))
+    return t.diff(), linear_drift_coef(sde, t), score_weight(sde, t, noise_scale)
 
 
 @register_solver("euler")
 class Euler(FixedStepSolver):
-    r"""Euler's method on the probability flow: :math:`x \leftarrow x + h\,v(x, t)` (order 1, 1 NFE/step).
+    r"""Euler's method on the probability flow: :math:`x \leftarrow x + h\,v(x, t)` (order 1, 1 NFE/step)."""
 
-    For a linear SDE (:math:`v = a\,x + b\,s_\theta`) the step is taken as
-    :math:`x \leftarrow (1 + h a)\,x + h b\,s_\theta(x, t)`, with the coefficients precomputed per grid step.
-    """
+    def step(self, process: ReverseProcess, state: None, x: Tensor, t: Tensor, t_next: Tensor) -> tuple[Tensor, None]:
+        return x + (t_next - t) * process.drift(x, t), state
 
-    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        flow = linear_flow(ctx.sde, ts)
-        if flow is not None:
-            h, a, b = flow
-            flow = ((1 + h * a[:-1]).to(x).unbind(), (h * b[:-1]).to(x).unbind())  # per step: index a tuple
-        ctx.state["euler"] = flow
-
-    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        coef = ctx.state.get("euler")
-        if coef is None:
-            return torch.addcmul(x, t_next - t, pf_drift(ctx, x, t))
-        i = ctx.index
-        score = ctx.score(x, t.expand(x.shape[0]))
-        return torch.mul(x, coef[0][i], out=ctx.buffer(x, inplace=True)).addcmul_(coef[1][i], score)
+    def coefficients(self, sde: LinearSDE, ts: Tensor) -> LinearScheme:
+        r""":math:`x \leftarrow (1 + h a_t)\,x + h b_t\,s_\theta(x, t)`."""
+        h, a, b = linear_flow(sde, ts)
+        return LinearScheme.one_step(ts, 1 + h * a[:-1], h * b[:-1])
 
 
 @register_solver("heun")
@@ -99,32 +56,28 @@ class Heun(FixedStepSolver):
     r"""Heun's method (explicit trapezoid) on the probability flow, order 2, 2 NFE per step.
 
     .. math::  \tilde x = x + h\,v(x,t), \qquad x \leftarrow x + \tfrac h2\,[v(x,t) + v(\tilde x, t+h)].
-
-    For a linear SDE (:math:`v = a\,x + b\,s_\theta`), with :math:`h\,v(x, t) = \tilde x - x`, the step is
-    taken as :math:`\tilde x = (1 + h a_t)\,x + h b_t\,s_\theta(x, t)`,
-    :math:`x \leftarrow \tfrac12 x + \tfrac12(1 + h a_{t+h})\,\tilde x + \tfrac h2 b_{t+h}\,s_\theta(\tilde x, t+h)`,
-    with the coefficients precomputed per grid step.
     """
 
-    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        flow = linear_flow(ctx.sde, ts)
-        if flow is not None:
-            h, a, b = flow
-            flow = tuple(c.to(x).unbind() for c in (1 + h * a[:-1], h * b[:-1], 0.5 * (1 + h * a[1:]), 0.5 * h * b[1:]))
-            ctx.state["heun_x"] = torch.empty_like(x)  # the Euler predictor, reused every step
-        ctx.state["heun"] = flow
+    def step(self, process: ReverseProcess, state: None, x: Tensor, t: Tensor, t_next: Tensor) -> tuple[Tensor, None]:
+        h = t_next - t
+        d = process.drift(x, t)
+        x_euler = x + h * d
+        return x + 0.5 * h * (d + process.drift(x_euler, t_next)), state
 
-    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        coef = ctx.state.get("heun")
-        if coef is None:
-            h = t_next - t
-            d = pf_drift(ctx, x, t)
-            d_next = pf_drift(ctx, torch.addcmul(x, h, d), t_next)
-            return torch.addcmul(x, 0.5 * h, d + d_next)
-        i, n = ctx.index, x.shape[0]
-        x_euler = torch.mul(x, coef[0][i], out=ctx.state["heun_x"]).addcmul_(coef[1][i], ctx.score(x, t.expand(n)))
-        score = ctx.score(x_euler, t_next.expand(n))
-        return torch.mul(x, 0.5, out=ctx.buffer(x, inplace=True)).addcmul_(coef[2][i], x_euler).addcmul_(coef[3][i], score)
+    def coefficients(self, sde: LinearSDE, ts: Tensor) -> LinearScheme | None:
+        r"""The step with :math:`v = a x + b s_\theta` multiplied out, stages relative to :math:`x_i`:
+        :math:`\tilde x = (1 + h a_0) x + h b_0 s_0` and
+        :math:`x_{i+1} = [1 + \tfrac h2 a_0 + \tfrac h2 a_1(1 + h a_0)]\,x + \tfrac h2 b_0(1 + h a_1)\,s_0 + \tfrac h2 b_1 s_1`.
+        ``None`` (the step above) where :math:`1 + h a_0` is near 0."""
+        h, a, b = linear_flow(sde, ts)
+        a0, a1, b0, b1 = a[:-1], a[1:], b[:-1], b[1:]
+        alpha = torch.stack([torch.ones_like(h), 1 + h * a0, 1 + 0.5 * h * a0 + 0.5 * h * a1 * (1 + h * a0)], dim=1)
+        if bool((alpha[:, 1].abs() < 1e-3).any()):
+            return None
+        beta = h.new_zeros((len(h), 3, 2))
+        beta[:, 1, 0], beta[:, 2, 0], beta[:, 2, 1] = h * b0, 0.5 * h * b0 * (1 + h * a1), 0.5 * h * b1
+        zero, one = torch.zeros_like(alpha[:, :2]), torch.ones_like(alpha[:, :2])
+        return rows_from_stages(torch.stack([ts[:-1], ts[1:]], dim=1).to(h), alpha, beta, zero, one)
 
 
 @register_solver("ode")
@@ -151,26 +104,52 @@ class AdaptiveODE(Solver):
 
     def __init__(self, rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5",
                  options: dict[str, Any] | None = None) -> None:
-        for name, tol in (("rtol", rtol), ("atol", atol)):
-            if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
-                raise ValueError(f"{name} must be a positive float, got {tol!r}")
-        known = sorted(_ODE_METHODS)
-        if method not in known:
-            raise ValueError(f"unknown ODE method {method!r}; torchdiffeq knows: {', '.join(known)}")
-        self.rtol, self.atol, self.method = float(rtol), float(atol), method
+        self.rtol = check_float("rtol", rtol, 0.0, low_open=True)
+        self.atol = check_float("atol", atol, 0.0, low_open=True)
+        if not isinstance(method, str) or method not in ODE_METHODS:
+            raise ValueError(f"unknown ODE method {method!r}; torchdiffeq knows: {', '.join(sorted(ODE_METHODS))}")
+        self.method = method
         self.options = dict(options or {})
 
-    def solve(self, ctx: Context, x: Tensor, ts: Tensor, *, callback: Callback | None = None,
-              progress: bool = False, keep_trajectory: bool = False) -> tuple[Tensor, Tensor | None]:
+    def solve(self, process: ReverseProcess, x: Tensor, ts: Tensor, *, callback: Callback | None = None,
+              progress: bool = False, keep_trajectory: bool = False) -> Solution:
         # adaptive methods only need the end points; fixed-grid ones step on the sampler's grid
-        adaptive = issubclass(_ODE_METHODS[self.method], AdaptiveStepsizeODESolver)
+        adaptive = ODE_METHODS[self.method]
         times = ts if (keep_trajectory or callback is not None or not adaptive) else ts[[0, -1]]
-        out = odeint(lambda t, y: pf_drift(ctx, y, t), x, times, rtol=self.rtol, atol=self.atol, method=self.method,
-                     options=self.options, progress=progress, what=f"solver 'ode' ({self.method})")
+        out = odeint(process, x, times, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options,
+                     progress=progress, what=f"solver 'ode' ({self.method})")
         if callback is not None:
             for i in range(1, len(times)):
                 callback(i - 1, times[i], out[i])
-        return out[-1], (out if keep_trajectory else None)
+        return Solution(out[-1], out if keep_trajectory else None)
+
+
+def batch_max_norm(state: Tensor | tuple[Tensor, ...]) -> Tensor:
+    """Error norm for torchdiffeq: the RMS over each sample's own elements, then the max over the batch.
+
+    torchdiffeq's default is the RMS over the whole state, which lets a few hard samples of a large
+    batch carry errors far above the tolerance. With this norm every sample meets ``rtol``/``atol``.
+    A tuple state (the likelihood's ``(x, log-det)``) takes the max over its tensors.
+    """
+    tensors = state if isinstance(state, tuple) else (state,)
+    return torch.stack([t.reshape(t.shape[0], -1).pow(2).mean(1).sqrt().max() for t in tensors]).max()
+
+
+def odeint_options(method: str, options: dict[str, Any] | None, t_start: Tensor, t_end: Tensor) -> dict[str, Any] | None:
+    r"""torchdiffeq options: per-sample error control, and steps kept inside ``[t_start, t_end]``.
+
+    The error norm is :func:`batch_max_norm`. torchdiffeq also guesses the first step from the drift
+    at the start, and steps past the last output time before interpolating back; where the flow is
+    nearly still (the prior end of a diffusion) the guess can be huge, and past ``eps`` or ``T`` the
+    schedule may be undefined (VP's :math:`\beta(t)` turns negative below 0). So the first step
+    defaults to 1% of the span and ``t_end`` is a forced step point (``step_t``) that no step crosses.
+    """
+    options = dict(options or {})
+    if ODE_METHODS[method]:
+        options.setdefault("norm", batch_max_norm)
+        options.setdefault("first_step", 0.01 * abs(float(t_end - t_start)))
+        options.setdefault("step_t", t_end.reshape(1))
+    return options or None
 
 
 State = Tensor | tuple[Tensor, ...]

@@ -6,23 +6,16 @@ step :math:`h = t_{next} - t` is negative.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from .._utils import expand_as, randn_like
-from ..sdes.linear import LinearSDE, require_linear
-from .base import Context, FixedStepSolver, register_solver
-from .exponential import _work_dtype
+from .._utils import expand_as
+from .._validate import check_choice, check_float
+from ..processes import ReverseProcess
+from ..sdes.linear import LinearSDE
+from .base import FixedStepSolver, register_solver
 from .ode import linear_flow
-
-
-def _check_noise_scale(noise_scale: float) -> float:
-    if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) \
-            or not math.isfinite(noise_scale) or noise_scale < 0:
-        raise ValueError(f"noise_scale must be a finite float >= 0, got {noise_scale!r}")
-    return float(noise_scale)
+from .tables import LinearScheme, work_dtype
 
 
 @register_solver("euler_maruyama")
@@ -38,32 +31,23 @@ class EulerMaruyama(FixedStepSolver):
     stochastic = True
 
     def __init__(self, noise_scale: float = 1.0) -> None:
-        self.noise_scale = _check_noise_scale(noise_scale)
+        self.noise_scale = check_float("noise_scale", noise_scale, 0.0)
 
-    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        flow = linear_flow(ctx.sde, ts)
-        if flow is not None:  # precompute x <- A x + B s + C z
-            h, a, b = flow[0], flow[1][:-1], flow[2][:-1]
-            lam2 = self.noise_scale**2
-            flow = tuple(c.to(x) for c in (1 + h * a, (1 + lam2) * h * b, (2 * lam2 * h * b).sqrt()))
-        ctx.state["euler_maruyama"] = flow
-
-    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        tb = t.expand(x.shape[0])
-        coef = ctx.state.get("euler_maruyama")
-        if coef is not None:
-            i = ctx.index
-            score = ctx.score(x, tb)
-            x = torch.mul(x, coef[0][i], out=ctx.buffer(x, inplace=True)).addcmul_(coef[1][i], score)
-            return x if self.noise_scale == 0 else x.addcmul_(coef[2][i], ctx.noise(x))
+    def step(self, process: ReverseProcess, state: None, x: Tensor, t: Tensor, t_next: Tensor) -> tuple[Tensor, None]:
         h = t_next - t
-        g = ctx.sde.diffusion(tb)
-        score = ctx.score(x, tb)
-        drift = torch.addcmul(ctx.sde.drift(x, tb), expand_as(-0.5 * (1 + self.noise_scale**2) * g**2, x), score)
-        x = torch.addcmul(x, h, drift)
+        x_next = x + h * process.drift(x, t)
         if self.noise_scale == 0:
-            return x
-        return torch.addcmul(x, expand_as(self.noise_scale * g * (-h).sqrt(), x), randn_like(x, ctx.generator))
+            return x_next, state
+        g = expand_as(process.diffusion(t.expand(x.shape[0])), x)
+        return x_next + g * (-h).sqrt() * process.noise(x), state
+
+    def coefficients(self, sde: LinearSDE, ts: Tensor) -> LinearScheme:
+        r""":math:`x \leftarrow (1 + h a_t)\,x + h b_t\,s_\theta(x, t) + \lambda g(t)\sqrt{|h|}\,z` with
+        :math:`b = -\tfrac12(1+\lambda^2)g^2`."""
+        h, a, b = linear_flow(sde, ts, self.noise_scale)
+        g = sde.diffusion(ts[:-1].to(h))
+        noise = None if self.noise_scale == 0 else self.noise_scale * g * (-h).sqrt()
+        return LinearScheme.one_step(ts, 1 + h * a[:-1], h * b[:-1], noise)
 
 
 @register_solver("reverse_diffusion")
@@ -78,25 +62,18 @@ class ReverseDiffusion(FixedStepSolver):
 
     stochastic = True
 
-    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        coef = None
-        if isinstance(ctx.sde, LinearSDE):  # f_i = (r_i - 1) x is linear in x: precompute x <- (2 - r) x + G^2 s + G z
-            t = ts.to(_work_dtype(ts.device))
-            f, G = ctx.sde.discretize(torch.ones_like(t)[:-1, None], t[:-1], t[:-1] - t[1:])
-            coef = tuple(c.to(x) for c in (1 - f[:, 0], G**2, G))
-        ctx.state["reverse_diffusion"] = coef
-
-    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+    def step(self, process: ReverseProcess, state: None, x: Tensor, t: Tensor, t_next: Tensor) -> tuple[Tensor, None]:
         tb = t.expand(x.shape[0])
-        coef = ctx.state.get("reverse_diffusion")
-        if coef is not None:
-            i = ctx.index
-            score = ctx.score(x, tb)
-            x = torch.mul(x, coef[0][i], out=ctx.buffer(x, inplace=True)).addcmul_(coef[1][i], score)
-            return x.addcmul_(coef[2][i], ctx.noise(x))
-        f, G = ctx.sde.discretize(x, tb, (t - t_next).expand(x.shape[0]))
-        G = expand_as(G, x)
-        return x - f + G**2 * ctx.score(x, tb) + G * randn_like(x, ctx.generator)
+        f, g = process.sde.discretize(x, tb, (t - t_next).expand(x.shape[0]))
+        g = expand_as(g, x)
+        return x - f + g**2 * process.score(x, tb) + g * process.noise(x), state
+
+    def coefficients(self, sde: LinearSDE, ts: Tensor) -> LinearScheme:
+        r"""For a linear SDE :math:`f_i = (r_i - 1)\,x` is linear in ``x``:
+        :math:`x \leftarrow (1 - f_i(1))\,x + G_i^2 s_\theta + G_i z`."""
+        t = ts.to(work_dtype(ts.device))
+        f, g = sde.discretize(torch.ones_like(t)[:-1, None], t[:-1], t[:-1] - t[1:])
+        return LinearScheme.one_step(t, 1 - f[:, 0], g**2, g)
 
 
 @register_solver("ancestral")
@@ -127,19 +104,10 @@ class Ancestral(FixedStepSolver):
     VARIANCES = ("posterior", "beta")
 
     def __init__(self, variance: str = "posterior") -> None:
-        if variance not in self.VARIANCES:
-            raise ValueError(f"variance must be one of {', '.join(map(repr, self.VARIANCES))}, got {variance!r}")
-        self.variance = variance
+        self.variance = check_choice("variance", variance, self.VARIANCES)
 
-    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        sde = require_linear(ctx.sde, f"solver {self.name!r}")
-        t = ts.to(_work_dtype(ts.device))
+    def coefficients(self, sde: LinearSDE, ts: Tensor) -> LinearScheme:
+        t = ts.to(work_dtype(ts.device))
         r, sigma = sde.transition(t[:-1], t[:-1] - t[1:])
         noise = sigma * (sde.marginal_std(t[1:]) / sde.marginal_std(t[:-1])) if self.variance == "posterior" else sigma
-        ctx.state["ancestral"] = tuple(c.to(x) for c in (1 / r, sigma**2 / r, noise))  # x <- A x + B s + C z
-
-    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        (a, b, c), i = ctx.state["ancestral"], ctx.index
-        score = ctx.score(x, t.expand(x.shape[0]))
-        x = torch.mul(x, a[i], out=ctx.buffer(x, inplace=True)).addcmul_(b[i], score)
-        return x.addcmul_(c[i], ctx.noise(x))
+        return LinearScheme.one_step(t, 1 / r, sigma**2 / r, noise)

@@ -1,6 +1,6 @@
 r"""Fast stochastic samplers: DDPM ancestral sampling, SDE-DPM-Solver++ and torchsde's SDE solvers.
 
-Notation as in MATH.md: the kernel of a linear SDE is :math:`N(m(t)x_0, s(t)^2 I)`, the half log-SNR is
+Notation: the kernel of a linear SDE is :math:`N(m(t)x_0, s(t)^2 I)`, the half log-SNR is
 :math:`\lambda(t) = \log(m(t)/s(t))` (half of :meth:`LinearSDE.log_snr`), and
 :math:`\hat x_0 = (x + s^2 s_\theta(x,t))/m` is Tweedie's data prediction. Times run backwards, from
 ``t`` to ``t_next < t``; :math:`\lambda` increases along the way.
@@ -15,16 +15,15 @@ import warnings
 import torch
 import torchsde
 from torch import Tensor
-from torchsde._core.methods import select as _torchsde_select
-from torchsde.settings import LEVY_AREA_APPROXIMATIONS, METHODS
 from tqdm.auto import tqdm
 
 from .._utils import all_finite
+from .._validate import check_bool, check_choice, check_float
 from ..processes import ReverseProcess
-from ..sdes.linear import require_linear
-from .base import Callback, Context, FixedStepSolver, Solver, register_solver
-from .exponential import _work_dtype
-from .sde import Ancestral, _check_noise_scale
+from ..sdes.linear import LinearSDE
+from .base import Callback, FixedStepSolver, Solution, Solver, register_solver
+from .sde import Ancestral
+from .tables import LinearScheme, kernel, work_dtype
 
 
 @register_solver("ddpm")
@@ -99,68 +98,36 @@ class SDEDPMSolver(FixedStepSolver):
     SOLVER_TYPES = ("midpoint", "heun")
 
     def __init__(self, order: int = 2, solver_type: str = "midpoint", lower_order_final: bool = True) -> None:
-        if isinstance(order, bool) or order not in self.ORDERS:
-            raise ValueError(f"order must be one of {', '.join(map(str, self.ORDERS))}, got {order!r}")
-        if solver_type not in self.SOLVER_TYPES:
-            raise ValueError(f"solver_type must be one of {', '.join(map(repr, self.SOLVER_TYPES))}, got "
-                             f"{solver_type!r}")
-        if not isinstance(lower_order_final, bool):
-            raise TypeError(f"lower_order_final must be a bool, got {type(lower_order_final).__name__}")
-        self.order, self.solver_type, self.lower_order_final = int(order), solver_type, lower_order_final
+        self.order = check_choice("order", order, self.ORDERS)
+        self.solver_type = check_choice("solver_type", solver_type, self.SOLVER_TYPES)
+        self.lower_order_final = check_bool("lower_order_final", lower_order_final)
 
-    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        sde = require_linear(ctx.sde, f"solver {self.name!r}")
-        t = ts.to(_work_dtype(ts.device))
-        m, s = sde.mean_coeff(t), sde.marginal_std(t)
-        lam = m.log() - s.log()
+    def coefficients(self, sde: LinearSDE, ts: Tensor) -> LinearScheme:
+        r"""The step above as :math:`x \leftarrow A\,x + B\,\hat x_0 - D\,\hat x_0^{prev} + C z` (:math:`D = 0` on
+        first-order steps), with :math:`\hat x_0 = x/m + (s^2/m)\,s_\theta` the kept prediction."""
+        m, s, lam = kernel(sde, ts.to(work_dtype(ts.device)))
         h = lam[1:] - lam[:-1]
         one_minus = -torch.expm1(-2 * h)  # 1 - e^{-2h}
         n = len(h)
-        # the 2M correction m_next c(h) / h_prev (x0 - x0_prev), on the steps that take it
         c = 0.5 * h * one_minus if self.solver_type == "midpoint" else h - 0.5 * one_minus
-        second = [self.order == 2 and i > 0 and not (self.lower_order_final and i == n - 1) for i in range(n)]
-        d = torch.where(torch.tensor(second, device=h.device), m[1:] * c / torch.cat([h[:1], h[:-1]]), torch.zeros_like(h))
-        # x <- A x + B x0 - D x0_prev + C z, with x0 = x / m + (s^2 / m) score
-        coef = torch.stack([1 / m[:-1], s[:-1] ** 2 / m[:-1], s[1:] / s[:-1] * torch.exp(-h), m[1:] * one_minus + d, -d,
-                            s[1:] * one_minus.sqrt()], dim=1).to(x)
-        ctx.state["sde_dpm_solver"] = {"coef": [row.unbind() for row in coef], "second": second,
-                                       "x0": [torch.empty_like(x), torch.empty_like(x)]}
-
-    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        r"""The step above with its coefficients precomputed in ``start``:
-        :math:`x \leftarrow A\,x + B\,\hat x_0 - D\,\hat x_0^{prev} + C z` (:math:`D = 0` on first-order steps)."""
-        state, i = ctx.state["sde_dpm_solver"], ctx.index
-        px, ps, a, b, d, c = state["coef"][i]
-        x0, x0_prev = state["x0"][i % 2], state["x0"][(i + 1) % 2]
-        torch.mul(x, px, out=x0).addcmul_(ps, ctx.score(x, t.expand(x.shape[0])))
-        out = torch.mul(x, a, out=ctx.buffer(x, inplace=True)).addcmul_(b, x0).addcmul_(c, ctx.noise(x))
-        return out.addcmul_(d, x0_prev) if state["second"][i] else out
+        second = torch.tensor([self.order == 2 and i > 0 and not (self.lower_order_final and i == n - 1)
+                               for i in range(n)], device=h.device)
+        d = torch.where(second, m[1:] * c / torch.cat([h[:1], h[:-1]]), torch.zeros_like(h))
+        p, q = 1 / m[:-1], s[:-1] ** 2 / m[:-1]
+        a_x, b_x0 = s[1:] / s[:-1] * torch.exp(-h), m[1:] * one_minus + d
+        return LinearScheme(times=ts[:-1], a=a_x + b_x0 * p, b=b_x0 * q, w=-d[:, None], p=p, q=q,
+                            noise=s[1:] * one_minus.sqrt())
 
 
-def _torchsde_methods() -> dict[str, tuple[str, str]]:
-    """torchsde's methods that handle the reverse SDE's diagonal noise: ``method -> (sde_type, levy_area)``.
-
-    The reverse SDE's noise is additive (it does not depend on ``x``), so its Itô and Stratonovich forms
-    coincide and each method runs in the form it is written for (Itô where it has both, as Milstein).
-    Methods that need Lévy-area approximations (``srk``: space-time; ``log_ode``: Foster's) get them from
-    the Brownian interval.
-    """
-    table = {}
-    for method in METHODS.all():
-        if method.startswith("adjoint_"):
-            continue  # only for adjoint (backward) solves
-        for sde_type in ("ito", "stratonovich"):
-            cls = _torchsde_select(method, sde_type)
-            if cls.sde_type == sde_type and "diagonal" in cls.noise_types:
-                levy = cls.levy_area_approximations
-                order = (LEVY_AREA_APPROXIMATIONS.none, LEVY_AREA_APPROXIMATIONS.space_time,
-                         LEVY_AREA_APPROXIMATIONS.foster, LEVY_AREA_APPROXIMATIONS.davie)
-                table[method] = (sde_type, next(a for a in order if a in levy))
-                break
-    return table
-
-
-_TORCHSDE_METHODS = _torchsde_methods()
+#: torchsde's methods for diagonal noise: method -> (the SDE form it is written for, its Levy-area approximation).
+#: The reverse SDE's noise is additive (it does not depend on ``x``), so its Ito and Stratonovich forms coincide
+#: and each method runs in the form it is written for; ``srk`` needs space-time Levy areas and ``log_ode``
+#: Foster's, which the Brownian interval provides.
+TORCHSDE_METHODS: dict[str, tuple[str, str]] = {
+    "euler": ("ito", "none"), "milstein": ("ito", "none"), "srk": ("ito", "space-time"),
+    "euler_heun": ("stratonovich", "none"), "heun": ("stratonovich", "none"), "midpoint": ("stratonovich", "none"),
+    "reversible_heun": ("stratonovich", "none"), "log_ode": ("stratonovich", "foster"),
+}
 
 
 @register_solver("torchsde")
@@ -212,20 +179,20 @@ class TorchSDE(Solver):
     name_option = "method"
 
     def __init__(self, method: str = "heun", noise_scale: float = 1.0) -> None:
-        if method not in _TORCHSDE_METHODS:
+        if not isinstance(method, str) or method not in TORCHSDE_METHODS:
             raise ValueError(f"unknown torchsde method {method!r}; for the reverse SDE (diagonal noise) torchsde "
-                             f"offers: {', '.join(sorted(_TORCHSDE_METHODS))}")
+                             f"offers: {', '.join(sorted(TORCHSDE_METHODS))}")
         if method == "reversible_heun":
             warnings.warn("torchsde's reversible_heun is unstable on the dissipative reverse-time drift (errors grow "
                           "like exp(integral of |drift Jacobian|) whatever the step): it needs thousands of steps on "
                           "VP and diverges on VE; prefer 'torchsde:heun' or 'torchsde:midpoint'", RuntimeWarning,
                           stacklevel=2)
         self.method = method
-        self.noise_scale = _check_noise_scale(noise_scale)
+        self.noise_scale = check_float("noise_scale", noise_scale, 0.0)
 
-    def solve(self, ctx: Context, x: Tensor, ts: Tensor, *, callback: Callback | None = None,
-              progress: bool = False, keep_trajectory: bool = False) -> tuple[Tensor, Tensor | None]:
-        sde_type, levy_area = _TORCHSDE_METHODS[self.method]
+    def solve(self, process: ReverseProcess, x: Tensor, ts: Tensor, *, callback: Callback | None = None,
+              progress: bool = False, keep_trajectory: bool = False) -> Solution:
+        sde_type, levy_area = TORCHSDE_METHODS[self.method]
         times = ts.detach().to("cpu", torch.float64)
         n = len(times) - 1
         dt = float(times[0] - times[-1]) / n
@@ -235,7 +202,7 @@ class TorchSDE(Solver):
                              "grid; use time_grid='uniform'")
         # grid in u = T - t, accumulated exactly as torchsde advances (u + dt), so each step lands on a grid
         # point and no step is split or interpolated
-        u = torch.tensor(list(itertools.accumulate([dt] * n, initial=ctx.sde.T - float(times[0]))),
+        u = torch.tensor(list(itertools.accumulate([dt] * n, initial=process.sde.T - float(times[0]))),
                          dtype=torch.float64)
         u_out = u if (keep_trajectory or callback is not None) else u[[0, -1]]
 
@@ -245,12 +212,12 @@ class TorchSDE(Solver):
             if progress:  # a host sync per evaluation, only with a progress bar
                 bar.n = min(n, math.floor((float(times[0]) - float(t[0])) / dt + 1e-6))
                 bar.refresh()
-            return ctx.score(y, t)
+            return process.score(y, t)
 
-        process = ReverseProcess(ctx.sde, score, self.noise_scale)
-        adapter = process.as_torchsde(x.shape, sde_type=sde_type)
-        gen_device = ctx.generator.device if ctx.generator is not None else "cpu"
-        seed = int(torch.randint(2**62, (1,), generator=ctx.generator, device=gen_device))
+        tracked = process.sde.reverse(score, self.noise_scale)
+        adapter = tracked.as_torchsde(x.shape, sde_type=sde_type)
+        generator = process.generator
+        seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))
         bm = torchsde.BrownianInterval(t0=float(u[0]), t1=float(u[-1]), size=(x.shape[0], math.prod(x.shape[1:])),
                                        dtype=x.dtype, device=x.device, entropy=seed, dt=dt,
                                        levy_area_approximation=levy_area)
@@ -265,4 +232,4 @@ class TorchSDE(Solver):
         if callback is not None:
             for i in range(1, n + 1):
                 callback(i - 1, ts[i], out[i])
-        return out[-1], (out if keep_trajectory else None)
+        return Solution(out[-1], out if keep_trajectory else None)

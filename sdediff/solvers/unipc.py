@@ -32,9 +32,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..sdes.linear import require_linear
-from .base import Context, FixedStepSolver, register_solver
-from .exponential import _check_choice, _kernel, _tick, phi_terms
+from .._validate import check_bool, check_choice
+from ..sdes.linear import LinearSDE
+from .base import FixedStepSolver, register_solver
+from .exponential import prediction_coefficients
+from .tables import LinearScheme, kernel, phi_terms
 
 __all__ = ["UniPC", "unipc_coefficients", "predictor_form"]
 
@@ -127,7 +129,7 @@ class UniPC(FixedStepSolver):
     ``time_grid="log_snr"`` grid suits it. The state carried from step to step is the predictor
     :math:`\tilde x_i` (the point the model is evaluated at), with the corrections folded into its weights
     (:func:`predictor_form`): one combination of the history per step. The corrected :math:`x_{i+1}` is formed
-    as well only when a callback or a kept trajectory shows it; the final sample is the same either way.
+    only when a callback or a kept trajectory shows it; the final sample is the same either way.
     """
 
     ORDERS = (1, 2, 3, 4)
@@ -136,69 +138,23 @@ class UniPC(FixedStepSolver):
 
     def __init__(self, order: int = 3, variant: str = "bh2", prediction: str = "data", corrector: bool = True,
                  lower_order_final: bool = True) -> None:
-        self.order = _check_choice("order", order, self.ORDERS)
-        self.variant = _check_choice("variant", variant, self.VARIANTS)
-        self.prediction = _check_choice("prediction", prediction, self.PREDICTIONS)
-        for option, value in (("corrector", corrector), ("lower_order_final", lower_order_final)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{option} must be True or False, got {value!r}")
-        self.corrector, self.lower_order_final = corrector, lower_order_final
+        self.order = check_choice("order", order, self.ORDERS)
+        self.variant = check_choice("variant", variant, self.VARIANTS)
+        self.prediction = check_choice("prediction", prediction, self.PREDICTIONS)
+        self.corrector = check_bool("corrector", corrector)
+        self.lower_order_final = check_bool("lower_order_final", lower_order_final)
 
-    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        sde = require_linear(ctx.sde, f"solver {self.name!r}")
-        t64 = ts.to("cpu", torch.float64)  # a few hundred tiny solves: cheaper on the host, once per run
-        m, s, lam = _kernel(sde, t64)
+    def coefficients(self, sde: LinearSDE, ts: Tensor) -> LinearScheme:
+        r"""The predictor and corrector weights of :func:`unipc_coefficients`, in the predictor form of
+        :func:`predictor_form`: rows :math:`\tilde x_{i+1} = a_i\tilde x_i + \sum_j u_{ij} P_{i-j}`, reporting
+        :math:`x_{i+1} = \tilde x_{i+1} + \sum_j d_{ij} P_{i+1-j}`."""
+        t = ts.to("cpu", torch.float64)  # a few hundred tiny solves: cheaper on the host, once per grid
+        m, s, lam = kernel(sde, t)
         a, w, v = unipc_coefficients(lam, m, s, self.order, self.prediction, self.variant, self.lower_order_final)
         u, d = predictor_form(a, w, v, self.corrector)
-        # P = c_x x + c_s score per grid time: (1/m, s^2/m) for x0_hat, (0, -s) for eps_hat
-        predict = torch.stack([1 / m, s**2 / m] if self.prediction == "data" else [0 * s, -s], dim=1)
-        cols = torch.arange(1, self.order + 2)
-        width = ((u != 0) * cols).amax(1).tolist()  # columns past a step's order are 0: skip them
-        d_width = ((d != 0) * cols).amax(1).tolist()
-        rows = {key: [r.unbind() for r in val.to(device=x.device, dtype=x.dtype)]  # 0-d tensors: a step only
-                for key, val in {"a": a[:, None], "u": u, "d": d, "predict": predict}.items()}  # indexes lists
-        ctx.state.update(i=0, n=len(ts) - 1, history=[], next=None, spare=[], width=width, d_width=d_width, y=None,
-                         y_buffers=[], **rows)
-
-    def _predict(self, ctx: Context, x: Tensor, t: Tensor, i: int) -> Tensor:
-        r""":math:`\hat x_0 = (x + s^2\nabla\log p_t)/m` or :math:`\hat\epsilon = -s\nabla\log p_t` at grid
-        point ``i`` (one NFE), written into a buffer of a prediction no longer needed (or a new one)."""
-        st = ctx.state
-        score = ctx.score(x, t)
-        c_x, c_s = st["predict"][i]
-        out = st["spare"].pop() if st["spare"] else torch.empty_like(x)
-        if self.prediction == "data":
-            return torch.mul(x, c_x, out=out).addcmul_(c_s, score)
-        return torch.mul(score, c_s, out=out)
-
-    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        r"""One step in the predictor form of :func:`predictor_form`: from the predictor state
-        :math:`\tilde x_i` (the step's input, or the one kept when the previous step reported its corrected
-        state), :math:`\tilde x_{i+1} = a_i\tilde x_i + \sum_j u_{ij} P_{i-j}`; the corrected
-        :math:`x_{i+1} = \tilde x_{i+1} + \sum_j d_{ij} P_{i+1-j}` is formed only when ``ctx.observed``."""
-        st, i = ctx.state, _tick(ctx)
-        y = x if st["y"] is None else st["y"]
-        hist = st["history"]  # P_i, P_{i-1}, ... newest first, in buffers recycled through st["spare"]
-        hist.insert(0, self._predict(ctx, y, t, i) if st["next"] is None else st["next"])
-        if len(hist) > self.order + 1:
-            st["spare"].append(hist.pop())
-        report = ctx.observed and self.corrector and i < st["n"] - 1  # someone sees x_{i+1}: form it
-        if report and not st["y_buffers"]:
-            st["y_buffers"] = [torch.empty_like(x), torch.empty_like(x)]
-        (a,), u = st["a"][i], st["u"][i]
-        y_next = torch.mul(y, a, out=st["y_buffers"][i % 2] if report else ctx.buffer(x, inplace=True))
-        for j in range(st["width"][i]):
-            y_next.addcmul_(u[j], hist[j])
-        st["next"], st["y"] = None, None
-        if not report:
-            return y_next
-        p_new = st["next"] = self._predict(ctx, y_next, t_next, i + 1)
-        d = st["d"][i]
-        out = torch.mul(p_new, d[0], out=ctx.buffer(x)).add_(y_next)
-        for j in range(1, st["d_width"][i]):
-            out.addcmul_(d[j], hist[j - 1])
-        st["y"] = y_next
-        return out
+        p, q = prediction_coefficients(self.prediction, m[:-1], s[:-1])
+        return LinearScheme(times=t[:-1], a=a + u[:, 0] * p, b=u[:, 0] * q, w=u[:, 1:], p=p, q=q,
+                            report=d if bool((d != 0).any()) else None)
 
 
 def predictor_form(a: Tensor, w: Tensor, v: Tensor, corrector: bool = True) -> tuple[Tensor, Tensor]:
