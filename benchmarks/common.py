@@ -9,8 +9,6 @@ Nothing here is part of the ``sdediff`` package; the scripts load this file by p
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import math
 import platform
@@ -33,26 +31,6 @@ from sdediff.interop.kdiffusion import KDiffusionDenoiser, load_sampling, sigma_
 from sdediff.solvers import get_solver
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-# Modules other engineers are adding; imported (when present) so that their solvers register.
-OPTIONAL_SOLVER_MODULES = ("sdediff.solvers.exponential", "sdediff.solvers.stochastic", "sdediff.solvers.adaptive")
-
-
-def import_optional_solvers() -> list[str]:
-    """Import the optional solver modules that exist; return notes on those that are missing or broken."""
-    notes = []
-    for name in OPTIONAL_SOLVER_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name is not None and name.startswith(err.name):
-                notes.append(f"{name}: not present yet")
-            else:
-                notes.append(f"{name}: import failed ({err})")
-        except Exception as err:  # a module in progress may be broken; say so and go on
-            notes.append(f"{name}: import failed ({type(err).__name__}: {err})")
-    return notes
-
 
 # --------------------------------------------------------------------------------------------------
 # Solver specs
@@ -171,13 +149,11 @@ class SolverRun:
 
 
 def start_solver_run(device: str, only: str | None) -> SolverRun:
-    """One CPU thread on ``device``, the optional solver modules imported, the specs whose label matches the regular
-    expression ``only`` (all without) that can run, and k-diffusion loaded; each step printed."""
+    """One CPU thread on ``device``, the specs whose label matches the regular expression ``only`` (all without)
+    that can run, and k-diffusion loaded; each step printed."""
     dev, env = setup_torch(device)
     print(env)
-    notes = import_optional_solvers()
-    for note in notes:
-        print(f"note: {note}")
+    notes: list[str] = []
     skipped: list[str] = []
     specs = runnable_specs([s for s in SPECS if only is None or re.search(only, s.label)],
                            log=lambda m: (print(m), skipped.append(m.strip()[5:])))

@@ -589,9 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device, env = common.setup_torch(args.device)
     print(env)
-    notes = common.import_optional_solvers()
-    for note in notes:
-        print(f"note: {note}")
+    notes: list[str] = []
     skipped: list[str] = []
     specs = common.runnable_specs([s for s in common.SPECS if args.only is None or re.search(args.only, s.label)],
                                   log=lambda m: (print(m), skipped.append(m.strip()[5:])))

@@ -20,11 +20,11 @@ import torch
 from torch import Tensor
 
 from ._utils import randn, sum_except_batch
-from .processes import CountedScore, ScoreFn
+from ._validate import check_choice, check_float, check_int
+from .processes import ScoreFn
 from .sampling import check_eps
 from .sdes.base import SDE
-from .solvers.base import Context
-from .solvers.ode import AdaptiveODE, odeint, pf_drift
+from .solvers.ode import AdaptiveODE, odeint
 
 TRACES = ("exact", "hutchinson")
 NOISES = ("rademacher", "gaussian")
@@ -136,12 +136,10 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise TypeError("x must be a floating-point tensor of shape (batch, ...)")
     eps = check_eps(eps, sde)
-    if trace not in TRACES:
-        raise ValueError(f"unknown trace {trace!r}; known: {', '.join(TRACES)}")
-    if noise not in NOISES:
-        raise ValueError(f"unknown noise {noise!r}; known: {', '.join(NOISES)}")
+    check_choice("trace", trace, TRACES)
+    check_choice("noise", noise, NOISES)
     AdaptiveODE(rtol=rtol, atol=atol, method=method)  # validates the tolerances and the method
-    ctx = Context(sde=sde, score=CountedScore(score_fn), generator=generator)
+    flow = sde.probability_flow(score_fn)  # v(x, t) = f(x, t) - g(t)^2 s(x, t) / 2; counts the score evaluations
     probe = None
     if trace == "hutchinson":
         probe = randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -150,7 +148,7 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
 
     def augmented(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         def v(z: Tensor) -> Tensor:
-            return pf_drift(ctx, z, t)
+            return flow.drift(z, t)
 
         if probe is None:
             return divergence_exact(v, state[0])
@@ -162,7 +160,7 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
                       what="log_likelihood")
     latent, delta = xs[-1], ells[-1]
     prior = sde.prior_log_prob(latent)
-    return LikelihoodResult(log_prob=prior + delta, latent=latent, nfe=ctx.score.nfe, prior_log_prob=prior,
+    return LikelihoodResult(log_prob=prior + delta, latent=latent, nfe=flow.nfe, prior_log_prob=prior,
                             delta_log_prob=delta)
 
 
@@ -192,12 +190,9 @@ def bits_per_dim(log_prob: Tensor, num_dims: int, bits: int = 8, data_width: flo
     data_width : float
         Width ``w`` of the interval the data were mapped to (2 for ``[-1, 1]``, 1 for ``[0, 1]``).
     """
-    if not isinstance(num_dims, int) or num_dims < 1:
-        raise ValueError(f"num_dims must be a positive integer, got {num_dims!r}")
-    if not isinstance(bits, int) or bits < 1:
-        raise ValueError(f"bits must be a positive integer, got {bits!r}")
-    if not data_width > 0:
-        raise ValueError(f"data_width must be positive, got {data_width!r}")
+    check_int("num_dims", num_dims)
+    check_int("bits", bits)
+    check_float("data_width", data_width, 0.0, low_open=True)
     return -log_prob / (num_dims * math.log(2)) + bits - math.log2(data_width)
 
 
@@ -211,8 +206,7 @@ def dequantize(k: Tensor, bits: int = 8, generator: torch.Generator | None = Non
     lo, hi = data_range
     if not hi > lo:
         raise ValueError(f"data_range must be (lo, hi) with hi > lo, got {data_range!r}")
-    if not isinstance(bits, int) or bits < 1:
-        raise ValueError(f"bits must be a positive integer, got {bits!r}")
+    check_int("bits", bits)
     if k.is_floating_point() and not bool((k == k.round()).all()):
         raise ValueError("k must hold integer values")
     if bool(((k < 0) | (k > 2**bits - 1)).any()):

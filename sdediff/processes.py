@@ -124,7 +124,7 @@ class ReverseProcess:
         t = batch_time(t, x)
         if score is None:
             score = self.score(x, t)
-        return torch.addcmul(self.sde.drift(x, t), expand_as(self.score_weight(t), x), score)
+        return self.sde.drift(x, t) + expand_as(self.score_weight(t), x) * score
 
     def noise(self, like: Tensor) -> Tensor:
         """Standard normal draws shaped like ``like``, from :attr:`generator` (the Brownian increments are

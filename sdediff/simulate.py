@@ -16,12 +16,13 @@ import torch
 import torchsde
 from torch import Tensor
 
-from ._utils import all_finite, batch_time, expand_as, randn_like
-from .processes import CountedScore
+from ._utils import all_finite, batch_time, expand_as
+from ._validate import check_float
+from .processes import ReverseProcess
 from .sdes.base import SDE
 from .sdes.linear import require_linear
-from .solvers.base import Context, FixedStepSolver, integrate
-from .solvers.stochastic import _TORCHSDE_METHODS
+from .solvers.base import FixedStepSolver, integrate
+from .solvers.stochastic import TORCHSDE_METHODS
 
 SOLVERS = ("euler_maruyama", "exact", "torchsde:<method>")
 
@@ -31,11 +32,11 @@ class _ForwardEulerMaruyama(FixedStepSolver):
 
     name = "simulate:euler_maruyama"
 
-    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        tb = t.expand(x.shape[0])
+    def step(self, process: ReverseProcess, state: None, x: Tensor, t: Tensor, t_next: Tensor) -> tuple[Tensor, None]:
+        sde, tb = process.sde, t.expand(x.shape[0])
         h = t_next - t
-        x_new = torch.addcmul(x, h, ctx.sde.drift(x, tb))
-        return torch.addcmul(x_new, expand_as(ctx.sde.diffusion(tb) * h.sqrt(), x), randn_like(x, ctx.generator))
+        x_new = torch.addcmul(x, h, sde.drift(x, tb))
+        return torch.addcmul(x_new, expand_as(sde.diffusion(tb) * h.sqrt(), x), process.noise(x)), state
 
 
 class _ForwardExact(FixedStepSolver):
@@ -44,13 +45,13 @@ class _ForwardExact(FixedStepSolver):
 
     name = "simulate:exact"
 
-    def start(self, ctx: Context, x: Tensor, ts: Tensor) -> None:
-        require_linear(ctx.sde, "solver 'exact'")
+    def start(self, sde: SDE, ts: Tensor, x: Tensor) -> None:
+        require_linear(sde, "solver 'exact'")
 
-    def step(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+    def step(self, process: ReverseProcess, state: None, x: Tensor, t: Tensor, t_next: Tensor) -> tuple[Tensor, None]:
         nb = t_next.expand(x.shape[0])
-        r, sigma = ctx.sde.transition(nb, (t_next - t).expand(x.shape[0]))
-        return torch.addcmul(expand_as(r, x) * x, expand_as(sigma, x), randn_like(x, ctx.generator))
+        r, sigma = process.sde.transition(nb, (t_next - t).expand(x.shape[0]))
+        return torch.addcmul(expand_as(r, x) * x, expand_as(sigma, x), process.noise(x)), state
 
 
 class _TorchSDEForward(torch.nn.Module):
@@ -123,12 +124,9 @@ def simulate(sde: SDE, x0: Tensor, ts: Sequence[float] | Tensor, solver: str = "
         raise TypeError(f"sde must be an sdediff.SDE, got {type(sde).__name__}")
     if not isinstance(x0, Tensor) or not x0.is_floating_point() or x0.dim() < 1:
         raise TypeError("x0 must be a floating-point tensor of shape (batch, ...)")
-    if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not 0 <= t0 < sde.T:
-        raise ValueError(f"t0 must be a float in [0, T={sde.T}), got {t0!r}")
-    dt = sde.T / 1000 if dt is None else dt
-    if isinstance(dt, bool) or not isinstance(dt, (int, float)) or not (math.isfinite(dt) and dt > 0):
-        raise ValueError(f"dt must be a positive float, got {dt!r}")
-    times = _check_times(ts, float(t0), sde)
+    t0 = check_float("t0", t0, 0.0, sde.T, high_open=True)
+    dt = sde.T / 1000 if dt is None else check_float("dt", dt, 0.0, low_open=True)
+    times = _check_times(ts, t0, sde)
     family, _, method = solver.partition(":") if isinstance(solver, str) else ("", "", "")
     if family == "torchsde":
         return _simulate_torchsde(sde, x0, times, float(t0), float(dt), method, generator)
@@ -153,17 +151,17 @@ def simulate(sde: SDE, x0: Tensor, ts: Sequence[float] | Tensor, solver: str = "
         for k in wanted.get(i + 1, ()):
             states[k] = x
 
-    ctx = Context(sde=sde, score=CountedScore(_no_score), generator=generator)
-    integrate(stepper, ctx, x0, grid, callback=record)
+    # the steppers read only the SDE and the noise of the process (the forward SDE needs no score)
+    integrate(stepper, ReverseProcess(sde, _no_score, noise_scale=0.0, generator=generator), x0, grid, callback=record)
     return torch.stack(states)
 
 
 def _simulate_torchsde(sde: SDE, x0: Tensor, times: Tensor, t0: float, dt: float, method: str,
                        generator: torch.Generator | None) -> Tensor:
-    if method not in _TORCHSDE_METHODS:
+    if method not in TORCHSDE_METHODS:
         raise ValueError(f"unknown torchsde method {method!r}; for additive diagonal noise torchsde offers: "
-                         f"{', '.join(sorted(_TORCHSDE_METHODS))}")
-    sde_type, levy_area = _TORCHSDE_METHODS[method]
+                         f"{', '.join(sorted(TORCHSDE_METHODS))}")
+    sde_type, levy_area = TORCHSDE_METHODS[method]
     u = torch.unique(torch.cat([torch.tensor([t0], dtype=torch.float64), times]))  # torchsde wants increasing times
     flat = x0.reshape(x0.shape[0], -1)
     if len(u) == 1:

@@ -1,4 +1,4 @@
-"""Per-sample adaptive solvers (sdediff/solvers/adaptive.py) against truth.
+"""Per-sample adaptive solvers (sdediff/solvers/per_sample.py, adaptive_ode.py, adaptive_sde.py) against truth.
 
 - ``adaptive_ode`` against a tight dopri8 solve from the same exact p_T samples of the Gaussian mixture,
   per sample, and its cost against the batched ``"ode"`` solver on batches whose samples differ in stiffness;
@@ -41,20 +41,11 @@ from conftest import gen
 from test_sampling import ALL_SDES, EPS, MIXTURE, check_against_exact
 
 import sdediff
-from sdediff._utils import randn_like
 from sdediff.data import GaussianMixture
-from sdediff.processes import CountedScore
-from sdediff.solvers import adaptive
-from sdediff.solvers.adaptive import (
-    BOSH3,
-    DOPRI5,
-    Attempt,
-    BrownianMemory,
-    ButcherTableau,
-    PerSampleAdaptiveSolver,
-    rms_norm,
-)
-from sdediff.solvers.base import Context
+from sdediff.solvers import AdaptiveReverseSDE, AdaptiveRungeKutta
+from sdediff.solvers.adaptive_ode import BOSH3, DOPRI5, ButcherTableau
+from sdediff.solvers.adaptive_sde import BrownianMemory
+from sdediff.solvers.per_sample import Attempt, PerSampleAdaptiveSolver, Start, rms_norm
 
 T64 = torch.float64
 QUANTILES = torch.tensor([0.5, 0.99, 1.0], dtype=T64)
@@ -239,7 +230,7 @@ def test_adaptive_sde_same_seed_same_samples():
 
 class NoiseGated(PerSampleAdaptiveSolver):
     """dx = dW, with every step whose increment exceeds 0.2 rejected (E = |dW| / 0.2): the decision depends on
-    the noise alone, the extreme case of an SDE error estimate."""
+    the noise alone, the extreme case of an SDE error estimate. The carry is the Brownian path (or nothing)."""
 
     name = "noise_gated"
 
@@ -247,19 +238,28 @@ class NoiseGated(PerSampleAdaptiveSolver):
         super().__init__(first_step=0.1)
         self.noise = noise
 
-    def begin(self, ctx, x, t):
-        return (BrownianMemory(ctx, x, t, cap=2).carry if self.noise == "bridge" else {}), 0
+    def begin(self, process, x, t):
+        if self.noise != "bridge":
+            return Start()
+        memory = BrownianMemory(x, t, cap=2)
+        return Start(workspace=memory, carry=memory.start)
 
-    def prepare(self, ctx, carry):
-        return BrownianMemory.reserve(ctx, carry) if self.noise == "bridge" else carry
+    def prepare(self, memory, path):
+        return path if memory is None else memory.reserve(path)
 
-    def attempt(self, ctx, x, t, h, t_next, carry):
-        z = randn_like(x, ctx.generator)
-        if self.noise == "bridge":
-            dw, update = BrownianMemory.draw(carry, t_next, z)
+    def attempt(self, process, memory, x, t, h, t_next, path):
+        z = process.noise(x)
+        if memory is not None:
+            dw, update = memory.draw(path, t_next, z)
         else:
-            dw, update = h.abs().sqrt()[:, None] * z, lambda ok: {}
+            dw, update = h.abs().sqrt()[:, None] * z, lambda ok: ()
         return Attempt(x=x + dw, error=rms_norm(dw / 0.2), update=update, nfe=0)
+
+
+def gated_solve(solver, n, seed):
+    """Run a noise-gated solver from 0 over [1, 0] with its noise drawn from gen(seed)."""
+    process = sdediff.VPSDE().reverse(lambda x, t: x, solver.noise_scale, generator=gen(seed))
+    return solver.solve(process, torch.zeros(n, 1, dtype=T64), torch.tensor([1.0, 0.0], dtype=T64))
 
 
 def test_brownian_memory_keeps_the_path_brownian():
@@ -268,9 +268,8 @@ def test_brownian_memory_keeps_the_path_brownian():
     n = 20_000
     out = {}
     for noise in ("bridge", "fresh"):
-        ctx = Context(sde=sdediff.VPSDE(), score=CountedScore(lambda x, t: x), generator=gen(3))
-        x, _ = NoiseGated(noise).solve(ctx, torch.zeros(n, 1, dtype=T64), torch.tensor([1.0, 0.0], dtype=T64))
-        out[noise] = x[:, 0], ctx.stats["rejected_per_sample"].to(T64).mean()
+        solution = gated_solve(NoiseGated(noise), n, seed=3)
+        out[noise] = solution.x[:, 0], solution.stats["rejected_per_sample"].to(T64).mean()
     w, rejected = out["bridge"]
     assert rejected > 1  # the gate does reject
     assert abs(w.mean()) < 4 / math.sqrt(n) and abs(w.var() - 1) < 4 * math.sqrt(2 / n), (w.mean(), w.var())
@@ -286,13 +285,12 @@ def test_brownian_memory_grows_when_many_points_are_pending():
     class Recording(NoiseGated):
         min_factor = 0.9
 
-        def prepare(self, ctx, carry):
-            carry = super().prepare(ctx, carry)
-            caps.append(carry["bm_s"].shape[1])
-            return carry
+        def prepare(self, memory, path):
+            path = super().prepare(memory, path)
+            caps.append(path.s.shape[1])
+            return path
 
-    ctx = Context(sde=sdediff.VPSDE(), score=CountedScore(lambda x, t: x), generator=gen(5))
-    x, _ = Recording("bridge").solve(ctx, torch.zeros(4000, 1, dtype=T64), torch.tensor([1.0, 0.0], dtype=T64))
+    x = gated_solve(Recording("bridge"), 4000, seed=5).x
     assert caps[0] == 2 and max(caps) >= 8, sorted(set(caps))
     assert abs(x[:, 0].var() - 1) < 4 * math.sqrt(2 / 4000)
 
@@ -336,8 +334,10 @@ def test_registered_names_and_options():
     names = sdediff.available_solvers()
     assert "adaptive_ode" in names and "adaptive_sde" in names
     solver = sdediff.solvers.get_solver("adaptive_ode", method="bosh3", rtol=1e-4)
-    assert isinstance(solver, adaptive.AdaptiveRungeKutta) and solver.method == "bosh3" and solver.exponent == 1 / 3
-    assert adaptive.AdaptiveReverseSDE().stochastic and not adaptive.AdaptiveRungeKutta().stochastic
+    assert isinstance(solver, AdaptiveRungeKutta) and solver.method == "bosh3" and solver.exponent == 1 / 3
+    assert AdaptiveReverseSDE().stochastic and not AdaptiveRungeKutta().stochastic
+    # the member of the reverse family each evaluates: the reverse SDE, the probability flow
+    assert AdaptiveReverseSDE.noise_scale == 1.0 and AdaptiveRungeKutta.noise_scale == 0.0
 
 
 @pytest.mark.parametrize("solver,option,bad", [

@@ -16,8 +16,8 @@ from test_adaptive_solvers import NARROW
 from test_sampling import EPS, MIXTURE
 
 import sdediff
-from sdediff.solvers.tables import kernel as _kernel
 from sdediff.solvers.grids import make_grid
+from sdediff.solvers.tables import kernel as _kernel
 from sdediff.solvers.unipc import unipc_coefficients
 
 T64 = torch.float64

@@ -3,8 +3,22 @@
 Importing this package registers the built-in solvers (one module per family).
 """
 
-from . import adaptive, calibrate, correctors, exponential, grids, ode, sde, stochastic, tables, unipc
-from .adaptive import AdaptiveReverseSDE, AdaptiveRungeKutta
+from . import (
+    adaptive_ode,
+    adaptive_sde,
+    calibrate,
+    correctors,
+    exponential,
+    grids,
+    ode,
+    per_sample,
+    sde,
+    stochastic,
+    tables,
+    unipc,
+)
+from .adaptive_ode import AdaptiveRungeKutta
+from .adaptive_sde import AdaptiveReverseSDE
 from .base import FixedStepSolver, Solution, Solver, StepRun, available_solvers, get_solver, integrate, register_solver
 from .calibrate import CalibratedGrid, calibrate_grid
 from .correctors import AnnealedLangevin, LangevinCorrector, PredictorCorrector
@@ -16,10 +30,12 @@ from .tables import LinearScheme, SchemeRun
 from .unipc import UniPC
 
 __all__ = [
-    "Solver", "FixedStepSolver", "Solution", "StepRun", "integrate", "register_solver", "get_solver", "available_solvers",
+    "Solver", "FixedStepSolver", "Solution", "StepRun", "integrate", "register_solver", "get_solver",
+    "available_solvers", "LinearScheme", "SchemeRun",
     "EulerMaruyama", "ReverseDiffusion", "Ancestral", "LangevinCorrector", "PredictorCorrector",
     "AnnealedLangevin", "Euler", "Heun", "AdaptiveODE", "DPMSolver", "DDIM", "LMS", "EDMHeun",
-    "AdaptiveRungeKutta", "AdaptiveReverseSDE", "grids", "adaptive", "correctors", "exponential", "ode", "sde", "stochastic",
-    "DDPM", "SDEDPMSolver", "TorchSDE", "UniPC", "unipc",
-    "calibrate", "CalibratedGrid", "calibrate_grid", "tables", "LinearScheme", "SchemeRun",
+    "AdaptiveRungeKutta", "AdaptiveReverseSDE", "DDPM", "SDEDPMSolver", "TorchSDE", "UniPC",
+    "CalibratedGrid", "calibrate_grid",
+    "grids", "adaptive_ode", "adaptive_sde", "per_sample", "calibrate", "correctors", "exponential", "ode", "sde",
+    "stochastic", "tables", "unipc",
 ]

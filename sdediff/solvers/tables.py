@@ -150,34 +150,30 @@ class SchemeRun:
     a later row needs it, and the combination). Without observers the states go into two buffers that
     alternate, and the predictions into a ring of ``K + 1`` buffers, so a run allocates nothing per step;
     the caller's start state is never written. With ``observed`` (a callback or a trajectory sees the
-    states) every reported state is a new tensor, which the observer may keep. Coefficients are cast
-    once to the state's dtype and device and held as Python lists of 0-d tensors, so a row only indexes
-    lists: no host synchronisation.
+    states) every reported state is a new tensor, which the observer may keep. The coefficients stay in
+    one float64 table on the host, read a row at a time as Python numbers: a row makes no host
+    synchronisation, and memory grows with the number of steps only by the table's few numbers per row.
     """
 
     def __init__(self, scheme: LinearScheme, x: Tensor, observed: bool = True) -> None:
-        def rows(v: Tensor) -> list[Tensor]:
-            return list(v.to(device=x.device, dtype=x.dtype).unbind())
-
         self.scheme, self.observed, self.row = scheme, observed, 0
         n, k = scheme.w.shape
-        self.times = [t.expand(x.shape[0]) for t in rows(scheme.times)]
-        self.a, self.b, self.p, self.q = rows(scheme.a), rows(scheme.b), rows(scheme.p), rows(scheme.q)
-        self.w = [row.unbind() for row in scheme.w.to(device=x.device, dtype=x.dtype)]
-        self.noise = None if scheme.noise is None else rows(scheme.noise)
-        host_w = scheme.w.detach().cpu().numpy()
+        zero = torch.zeros_like(scheme.a)
+        report = scheme.report if scheme.report is not None else scheme.w.new_zeros((n, 0))
+        columns = [scheme.a, scheme.b, zero if scheme.noise is None else scheme.noise, scheme.p, scheme.q]
+        self.table = torch.cat([torch.stack(columns, 1), scheme.w, report], 1).detach().to("cpu", torch.float64)
+        self.times = scheme.times.to(device=x.device, dtype=x.dtype)
+        host_w, d = scheme.w.detach().cpu().numpy(), report.detach().cpu().numpy()
         self.width = ((host_w != 0) * np.arange(1, k + 1)).max(1, initial=0).tolist()  # history columns a row uses
-        self.report = None
+        self.report_width = ((d != 0) * np.arange(1, d.shape[1] + 1)).max(1, initial=0).tolist()
         if scheme.report is None:
             used_later = np.zeros(n, dtype=bool)  # P_r is needed when a later row weighs it
             for j in range(1, k + 1):
                 used_later[:n - j] |= host_w[j:, j - 1] != 0
             self.keep = used_later.tolist()
         else:  # a reporting scheme keeps every prediction
-            d = scheme.report.detach().cpu().numpy()
-            self.report = [row.unbind() for row in scheme.report.to(device=x.device, dtype=x.dtype)]
-            self.report_width = ((d != 0) * np.arange(1, d.shape[1] + 1)).max(1, initial=0).tolist()
             self.keep = [True] * n
+        self.stochastic = scheme.noise is not None
         self.score_only = bool((scheme.p == 0).all())  # P_r = q_r s_r: one pass instead of two
         self.history: list[Tensor | None] = []  # P_{r-1}, P_{r-2}, ... newest first (None: not kept)
         self.spare: list[Tensor] = []  # prediction buffers no longer needed
@@ -194,27 +190,27 @@ class SchemeRun:
         for _ in range(self.scheme.rows_per_step):
             x = self._row(process, x)
         r = self.row - 1
-        if self.report is None or not self.observed or not self.report_width[r]:
+        if not (self.observed and self.report_width[r]):
             return x
         self.pending = process.score(x, self.times[r + 1])  # P_{r+1}, which the report needs, is evaluated now
-        self._keep_prediction(x, self.pending, r + 1)
-        d = self.report[r]
+        self._keep_prediction(x, self.pending, r + 1, self.table[r + 1].tolist())
+        d = self.table[r].tolist()[5 + self.scheme.w.shape[1]:]
         y = torch.mul(self.history[0], d[0])
         for j in range(1, self.report_width[r]):
-            y.addcmul_(d[j], self.history[j])
+            y.add_(self.history[j], alpha=d[j])
         self.carried, self.reported = x, y.add_(x)
         return self.reported
 
-    def _keep_prediction(self, x: Tensor, score: Tensor, r: int) -> None:
+    def _keep_prediction(self, x: Tensor, score: Tensor, r: int, coef: list[float]) -> None:
         """Form :math:`P_r = p_r x + q_r s_r` into a free buffer (where a later row needs it) and put it first
-        in the history."""
+        in the history (``coef``: row ``r`` of the table)."""
         out = None
         if self.keep[r]:
             out = self.spare.pop() if self.spare else torch.empty_like(x)
             if self.score_only:
-                torch.mul(score, self.q[r], out=out)
+                torch.mul(score, coef[4], out=out)
             else:
-                torch.mul(x, self.p[r], out=out).addcmul_(self.q[r], score)
+                torch.mul(x, coef[3], out=out).add_(score, alpha=coef[4])
         self.history.insert(0, out)
         if len(self.history) > self.scheme.w.shape[1] + 1:
             oldest = self.history.pop()
@@ -223,22 +219,20 @@ class SchemeRun:
 
     def _row(self, process: ReverseProcess, x: Tensor) -> Tensor:
         r = self.row
-        self.row = r + 1
+        coef = self.table[r].tolist()  # a, b, c, p, q, w_1..w_K, d_0..d_K
         if self.pending is not None:
             score, self.pending = self.pending, None
-            history = self.history[1:]  # P_r itself was formed with the early evaluation
         else:
             score = process.score(x, self.times[r])
-            self._keep_prediction(x, score, r)
-            history = self.history[1:]
+            self._keep_prediction(x, score, r, coef)
+        self.row = r + 1
         last = r % self.scheme.rows_per_step == self.scheme.rows_per_step - 1
         out = None if (self.observed and last) else self._free_buffer(x)
-        out = torch.mul(x, self.a[r], out=out).addcmul_(self.b[r], score)
-        w = self.w[r]
+        out = torch.mul(x, coef[0], out=out).add_(score, alpha=coef[1])
         for j in range(self.width[r]):
-            out.addcmul_(w[j], history[j])
-        if self.noise is not None:
-            out.addcmul_(self.noise[r], process.noise(x))
+            out.add_(self.history[j + 1], alpha=coef[5 + j])
+        if self.stochastic:
+            out.add_(process.noise(x), alpha=coef[2])
         return out
 
     def _free_buffer(self, x: Tensor) -> Tensor:
