@@ -37,12 +37,10 @@ import math
 
 import pytest
 import torch
-from conftest import gen
-from test_sampling import ALL_SDES, EPS, MIXTURE, check_against_exact
+from problems import ALL_SDES, EPS, MIXTURE, NARROW, T64, check_against_exact, gen
 
 import sdediff
 from sdediff._utils import randn_like
-from sdediff.data import GaussianMixture
 from sdediff.processes import CountedScore
 from sdediff.solvers import adaptive
 from sdediff.solvers.adaptive import (
@@ -56,12 +54,7 @@ from sdediff.solvers.adaptive import (
 )
 from sdediff.solvers.base import Context
 
-T64 = torch.float64
 QUANTILES = torch.tensor([0.5, 0.99, 1.0], dtype=T64)
-
-# two modes of very different width: samples bound for the narrow one are stiff near eps
-NARROW = GaussianMixture(weights=[0.5, 0.5], means=[[-2.0, 0.0], [2.0, 0.0]],
-                         covs=[[[1e-4, 0.0], [0.0, 1e-4]], [[0.5, 0.0], [0.0, 0.5]]])
 
 _REFERENCES = {}
 

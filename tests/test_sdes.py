@@ -5,12 +5,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import gen
+from problems import T64, gen
 
 import sdediff
 from sdediff.sdes import gaussian_log_prob
-
-T64 = torch.float64
 
 
 def times(n=33, lo=0.0, hi=1.0):
