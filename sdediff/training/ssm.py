@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from .._utils import batch_time, randn, sum_except_batch
+from .._validate import check_choice, check_int
 from ..score import PREDICTIONS, to_score
-from .losses import REDUCTIONS, _check_choice
+from .losses import REDUCTIONS
 
 SSM_WEIGHTINGS = ("none", "simple", "likelihood")
 PROJECTIONS = ("rademacher", "gaussian")
@@ -75,16 +76,15 @@ def ssm_loss(model: Callable[..., Tensor], x: Tensor, t: Tensor | float | None =
     Tensor
         A scalar, or ``(batch,)`` with ``reduction="none"``; differentiable in the model's parameters.
     """
-    _check_choice(weighting, "weighting", SSM_WEIGHTINGS)
-    _check_choice(prediction, "prediction", PREDICTIONS)
-    _check_choice(projection, "projection", PROJECTIONS)
-    _check_choice(reduction, "reduction", REDUCTIONS)
+    check_choice("weighting", weighting, SSM_WEIGHTINGS)
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("projection", projection, PROJECTIONS)
+    check_choice("reduction", reduction, REDUCTIONS)
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise TypeError("x must be a floating-point tensor of shape (batch, ...)")
-    if isinstance(num_projections, bool) or not isinstance(num_projections, int) or num_projections < 1:
-        raise ValueError(f"num_projections must be a positive integer, got {num_projections!r}")
+    check_int("num_projections", num_projections)
     needs_sde = prediction != "score" or weighting != "none"
     if needs_sde and (sde is None or t is None):
         raise ValueError(f"prediction={prediction!r} with weighting={weighting!r} needs sde= and t=")
