@@ -13,7 +13,13 @@ from typing import Any, TypeVar
 
 C = TypeVar("C")
 
-__all__ = ["check_int", "check_float", "check_choice", "check_bool", "is_number"]
+__all__ = ["check_int", "check_ints", "check_float", "check_choice", "check_bool", "is_int", "is_number"]
+
+
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is a Python ``int`` (not ``bool``): for checks whose message must say more than
+    :func:`check_int`'s (an argument that may also be a tensor, or one with a hint on where it comes from)."""
+    return not isinstance(value, bool) and isinstance(value, int)
 
 
 def is_number(value: Any) -> bool:
@@ -29,7 +35,7 @@ def check_int(name: str, value: Any, minimum: int | None = 1, maximum: int | Non
     """
     if value is None and optional:
         return None
-    ok = not isinstance(value, bool) and isinstance(value, int)
+    ok = is_int(value)
     if ok and minimum is not None and value < minimum:
         ok = False
     if ok and maximum is not None and value > maximum:
@@ -47,6 +53,18 @@ def check_int(name: str, value: Any, minimum: int | None = 1, maximum: int | Non
             what = f"an integer in [{minimum}, {maximum}]"
         raise ValueError(f"{name} must be {what}{' or None' if optional else ''}, got {value!r}")
     return int(value)
+
+
+def check_ints(name: str, values: Any, minimum: int = 1) -> tuple[int, ...]:
+    """``values`` (a non-empty sequence of ``int``, each ``>= minimum``; a shape, channel multipliers) as a tuple."""
+    try:
+        out = tuple(values)
+    except TypeError:
+        out = ()
+    if not out or not all(is_int(v) and v >= minimum for v in out):
+        what = "positive integers" if minimum == 1 else f"integers >= {minimum}"
+        raise ValueError(f"{name} must be a non-empty sequence of {what}, got {values!r}")
+    return out
 
 
 def check_float(name: str, value: Any, low: float | None = None, high: float | None = None, *,

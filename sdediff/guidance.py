@@ -24,7 +24,6 @@ the caller itself differentiates through the guided score (``x.requires_grad`` w
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ._utils import batch_time
+from ._validate import check_choice, check_float, is_int
 from .processes import ScoreFn
 from .sampling import SampleResult, sample
 from .score import kernel_coefficients
@@ -43,12 +43,6 @@ RewardFn = Callable[[Tensor], Tensor]
 JACOBIANS = ("full", "approx")
 INPAINT_METHODS = ("replacement", "guidance")
 COVARIANCES = ("isotropic", "tweedie")
-
-
-def _check_scale(scale: Any, name: str = "scale") -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"{name} must be a finite real number, got {scale!r}")
-    return float(scale)
 
 
 def _check_callable(fn: Any, name: str, signature: str) -> None:
@@ -108,7 +102,7 @@ def classifier_guided(score_fn: ScoreFn, log_prob_fn: LogProbFn, scale: float = 
     """
     _check_callable(score_fn, "score_fn", "score_fn(x, t)")
     _check_callable(log_prob_fn, "log_prob_fn", "log_prob_fn(x, t) -> (batch,)")
-    w = _check_scale(scale)
+    w = check_float("scale", scale)
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
         t = batch_time(t, x)
@@ -140,7 +134,7 @@ def classifier_free(cond_score_fn: ScoreFn, uncond_score_fn: ScoreFn, scale: flo
     """
     _check_callable(cond_score_fn, "cond_score_fn", "cond_score_fn(x, t)")
     _check_callable(uncond_score_fn, "uncond_score_fn", "uncond_score_fn(x, t)")
-    w = _check_scale(scale)
+    w = check_float("scale", scale)
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
         cond = cond_score_fn(x, t)
@@ -179,15 +173,15 @@ class ClassifierFreeNet(nn.Module):
         _check_callable(net, "net", "net(x, t, y)")
         if null_class is None:
             null_class = getattr(net, "null_class", None)
-        if isinstance(null_class, bool) or not isinstance(null_class, int):
+        if not is_int(null_class):
             raise ValueError("ClassifierFreeNet needs the null-class index: build the network with num_classes= "
                              f"or pass null_class=, got {null_class!r}")
         if isinstance(cond, Tensor):
             if cond.dim() != 1 or cond.is_floating_point() or cond.is_complex():
                 raise ValueError(f"cond must be an int or a (batch,) integer tensor, got {cond.dtype} {tuple(cond.shape)}")
-        elif isinstance(cond, bool) or not isinstance(cond, int):
+        elif not is_int(cond):
             raise TypeError(f"cond must be an int or a (batch,) integer tensor, got {type(cond).__name__}")
-        self.net, self.cond, self.scale, self.null_class = net, cond, _check_scale(scale), null_class
+        self.net, self.cond, self.scale, self.null_class = net, cond, check_float("scale", scale), null_class
 
     def labels(self, x: Tensor) -> Tensor:
         """The ``(batch,)`` class indices for a batch ``x``."""
@@ -240,9 +234,8 @@ def reward_guided(sde: LinearSDE, score_fn: ScoreFn, reward_fn: RewardFn, scale:
     sde = require_linear(sde, "reward guidance")
     _check_callable(score_fn, "score_fn", "score_fn(x, t)")
     _check_callable(reward_fn, "reward_fn", "reward_fn(x0) -> (batch,)")
-    lam = _check_scale(scale)
-    if jacobian not in JACOBIANS:
-        raise ValueError(f"jacobian must be one of {', '.join(JACOBIANS)}; got {jacobian!r}")
+    lam = check_float("scale", scale)
+    check_choice("jacobian", jacobian, JACOBIANS)
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
         def gradient(xg: Tensor, x0: Tensor, m: Tensor, s: Tensor, keep: bool) -> Tensor:
@@ -345,14 +338,11 @@ def inpainting_score(sde: LinearSDE, score_fn: ScoreFn, mask: Tensor, observed: 
     sde = require_linear(sde, "inpainting")
     _check_callable(score_fn, "score_fn", "score_fn(x, t)")
     mask, observed = _check_observation(mask, observed)
-    if method not in INPAINT_METHODS:
-        raise ValueError(f"method must be one of {', '.join(INPAINT_METHODS)}; got {method!r}")
-    if covariance not in COVARIANCES:
-        raise ValueError(f"covariance must be one of {', '.join(COVARIANCES)}; got {covariance!r}")
-    for name, value in (("data_std", data_std), ("obs_std", obs_std)):
-        if _check_scale(value, name) < 0 or (name == "data_std" and value == 0):
-            raise ValueError(f"{name} must be {'positive' if name == 'data_std' else '>= 0'}, got {value!r}")
-    w = _check_scale(scale)
+    check_choice("method", method, INPAINT_METHODS)
+    check_choice("covariance", covariance, COVARIANCES)
+    data_std = check_float("data_std", data_std, 0, low_open=True)
+    obs_std = check_float("obs_std", obs_std, 0)
+    w = check_float("scale", scale)
     known_cpu = mask.detach().cpu()
     indices: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
 

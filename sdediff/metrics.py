@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ._validate import check_int
+
 Sampler = Callable[[int, torch.Generator | None], Tensor]
 
 
@@ -30,12 +32,6 @@ def _flatten_samples(z: Tensor, name: str) -> Tensor:
     if z.dim() < 1 or z.shape[0] < 1:
         raise ValueError(f"{name} must have shape (n, ...) with n >= 1, got {tuple(z.shape)}")
     return z.reshape(z.shape[0], -1)
-
-
-def _check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256,
@@ -79,7 +75,7 @@ def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256,
                          f"and {y_flat.shape[1]}")
     if x.device != y.device:
         raise ValueError(f"x and y must be on the same device, got {x.device} and {y.device}")
-    n_projections = _check_positive_int(n_projections, "n_projections")
+    n_projections = check_int("n_projections", n_projections)
     dtype = torch.promote_types(x.dtype, y.dtype)
     n, m = x_flat.shape[0], y_flat.shape[0]
     draw_device = generator.device if generator is not None else torch.device("cpu")
@@ -127,8 +123,8 @@ def noise_floor(sampler: Sampler, n: int, repeats: int = 8, n_projections: int =
     """
     if not callable(sampler):
         raise TypeError(f"sampler must be a callable (n, generator) -> Tensor, got {type(sampler).__name__}")
-    n = _check_positive_int(n, "n")
-    repeats = _check_positive_int(repeats, "repeats")
+    n = check_int("n", n)
+    repeats = check_int("repeats", repeats)
     values = [sliced_wasserstein(sampler(n, generator), sampler(n, generator), n_projections, generator)
               for _ in range(repeats)]
     return torch.stack(values)

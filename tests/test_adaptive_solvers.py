@@ -37,22 +37,15 @@ import math
 
 import pytest
 import torch
-from conftest import gen
-from test_sampling import ALL_SDES, EPS, MIXTURE, check_against_exact
+from problems import ALL_SDES, EPS, MIXTURE, NARROW, T64, check_against_exact, gen
 
 import sdediff
-from sdediff.data import GaussianMixture
 from sdediff.solvers import AdaptiveReverseSDE, AdaptiveRungeKutta
 from sdediff.solvers.adaptive_ode import BOSH3, DOPRI5, ButcherTableau
 from sdediff.solvers.adaptive_sde import BrownianMemory
 from sdediff.solvers.per_sample import Attempt, PerSampleAdaptiveSolver, Start, rms_norm
 
-T64 = torch.float64
 QUANTILES = torch.tensor([0.5, 0.99, 1.0], dtype=T64)
-
-# two modes of very different width: samples bound for the narrow one are stiff near eps
-NARROW = GaussianMixture(weights=[0.5, 0.5], means=[[-2.0, 0.0], [2.0, 0.0]],
-                         covs=[[[1e-4, 0.0], [0.0, 1e-4]], [[0.5, 0.0], [0.0, 0.5]]])
 
 _REFERENCES = {}
 

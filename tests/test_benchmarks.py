@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import load_benchmark
+from problems import load_benchmark
 
 import sdediff
 

@@ -6,15 +6,12 @@ reference solve. The calibrated grid is fitted on one batch of prior draws and j
 
 import pytest
 import torch
-from conftest import gen
-from test_sampling import MIXTURE
+from problems import EPS, MIXTURE, T64, gen
 
 import sdediff
 from sdediff.solvers import grids
 from sdediff.solvers.calibrate import calibrate_grid
 
-T64 = torch.float64
-EPS = 1e-3
 STEPS = 6
 
 

@@ -4,7 +4,7 @@ import json
 import math
 
 import torch
-from conftest import load_benchmark
+from problems import load_benchmark
 
 import sdediff
 

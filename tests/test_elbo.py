@@ -11,14 +11,11 @@ import math
 
 import pytest
 import torch
-from conftest import gen
-from test_losses import SDES, V, exact_model, gaussian_data, kernel
-from test_sampling import MIXTURE
+from problems import MIXTURE, SDES, T64, V, exact_model, gaussian_data, gen, kernel
 
 import sdediff
 from sdediff.data import GaussianMixture
 
-T64 = torch.float64
 LEVELS = 8
 LEVEL_POINTS = torch.tensor([[1, 2], [5, 5], [3, 6], [7, 0]])
 LEVEL_WEIGHTS = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=T64)

@@ -26,43 +26,15 @@ import math
 
 import pytest
 import torch
-from conftest import gen
-from test_sampling import MIXTURE, OU, check_against_exact, run
+from problems import EPS, MIXTURE, OU, SDES, T64, check_against_exact, custom_linear_sde, gen, rms_error, run
 
 import sdediff
 import sdediff.solvers.exponential  # noqa: F401  (registers dpm_solver, ddim, lms, edm_heun)
 from sdediff.solvers.exponential import adams_bashforth_weights, phi_terms
 
-T64 = torch.float64
-EPS = 1e-3
-SDES = {"vp": sdediff.VPSDE, "ve": sdediff.VESDE, "subvp": sdediff.SubVPSDE}
-
 
 def bcast(c, x):
     return c.reshape(-1, *[1] * (x.dim() - 1))
-
-
-_REFS = {}
-
-
-def reference(name, n, eps=EPS, seed=5):
-    """Exact p_T samples and their images at eps under a tight dopri8 solve of the probability flow."""
-    key = (name, n, eps, seed)
-    if key not in _REFS:
-        sde = SDES[name]()
-        score = MIXTURE.score_fn(sde)
-        x_T = MIXTURE.marginal(sde, sde.T).sample(n, generator=gen(seed), dtype=T64)
-        ref = sdediff.sample(sde, score, x_T.shape, solver="ode", eps=eps, x_init=x_T, rtol=1e-11, atol=1e-11,
-                             method="dopri8")
-        _REFS[key] = sde, score, x_T, ref
-    return _REFS[key]
-
-
-def rms_error(name, solver, steps, grid, n=256, **options):
-    sde, score, x_T, ref = reference(name, n)
-    x = sdediff.sample(sde, score, x_T.shape, solver=solver, steps=steps, eps=EPS, x_init=x_T, time_grid=grid,
-                       **options)
-    return float((x - ref).pow(2).mean().sqrt())
 
 
 # --- convergence order ------------------------------------------------------------------------------
@@ -122,11 +94,6 @@ def test_ddim_is_first_order_dpm_solver_and_ancestral_at_eta_1():
 
 
 # --- exactness ----------------------------------------------------------------------------------------
-def custom_linear_sde():
-    """A linear SDE with no closed-form kernel (m, s integrated numerically by LinearSDE)."""
-    return sdediff.LinearSDE(drift_coef=lambda t: -(1 + 2 * t), diffusion=lambda t: (2 * (1 + 2 * t)).sqrt() + 0.1)
-
-
 DETERMINISTIC = [
     ("ddim", {}), ("edm_heun", {}),
     *[("lms", {"order": k}) for k in (1, 2, 3, 4)],

@@ -13,11 +13,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import gen, load_benchmark
+from problems import EPS, MIXTURE, T64, gen, load_benchmark
 
 import sdediff
 from sdediff import cli
-from sdediff.data import GaussianMixture, skewed_mixture
+from sdediff.data import GaussianMixture
 from sdediff.guidance import (
     ClassifierFreeNet,
     classifier_free,
@@ -28,10 +28,6 @@ from sdediff.guidance import (
     reward_guided,
 )
 from sdediff.metrics import noise_floor, sliced_wasserstein
-
-T64 = torch.float64
-EPS = 1e-3
-MIXTURE = skewed_mixture()
 
 
 def component(k):
@@ -181,7 +177,7 @@ def test_reward_guidance_arguments():
         reward_guided(sde, MIXTURE.score_fn(sde), lambda x: x.sum(1), 1.0, jacobian="exact")
     with pytest.raises(TypeError, match="linear SDE"):
         reward_guided(object(), MIXTURE.score_fn(sde), lambda x: x.sum(1))
-    with pytest.raises(TypeError, match="scale"):
+    with pytest.raises(ValueError, match="scale"):
         reward_guided(sde, MIXTURE.score_fn(sde), lambda x: x.sum(1), scale="big")
     bad = reward_guided(sde, MIXTURE.score_fn(sde), lambda x: x)
     with pytest.raises(ValueError, match="reward_fn must return a \\(batch,\\) tensor"):

@@ -11,15 +11,12 @@ import sys
 
 import pytest
 import torch
-from conftest import gen
-from test_sampling import MIXTURE
+from problems import MIXTURE, T64, gen
 
 import sdediff
 from sdediff.interop.diffusers import DiffusersModel, DiscreteVPSDE, from_diffusers, scheduler_time_grid
 from sdediff.interop.kdiffusion import KDiffusionDenoiser, from_kdiffusion, load_sampling, sigma_of_time
 from sdediff.metrics import noise_floor, sliced_wasserstein
-
-T64 = torch.float64
 
 
 def _ddpm_alphas_cumprod(n=1000, beta_start=1e-4, beta_end=0.02):

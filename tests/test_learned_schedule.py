@@ -10,15 +10,11 @@ import math
 
 import pytest
 import torch
-from conftest import gen
-from test_sampling import MIXTURE
+from problems import EPS, MIXTURE, T64, gen
 
 import sdediff
 from sdediff.metrics import noise_floor, sliced_wasserstein
 from sdediff.training import MLP, TrainConfig, Trainer
-
-T64 = torch.float64
-EPS = 1e-3
 
 
 def shaped_sde(seed=0):

@@ -10,14 +10,12 @@ import math
 
 import pytest
 import torch
-from conftest import gen
+from problems import SDES, T64, gen
 
 import sdediff
 from sdediff.data import GaussianMixture
 from sdediff.sdes import gaussian_log_prob
 
-T64 = torch.float64
-SDES = {"vp": sdediff.VPSDE, "subvp": sdediff.SubVPSDE, "ve": sdediff.VESDE}
 EPS = 1e-5
 TOL = 1e-7  # rtol = atol of the adaptive solver in the accuracy tests (achieved error ~1e-6 nats)
 

@@ -15,42 +15,12 @@ import math
 
 import pytest
 import torch
-from conftest import gen
+from problems import T64, V, exact_model, gaussian_data, gen, kernel
 
 import sdediff
 from sdediff import score as sc
 from sdediff.training import MLP, dsm_loss, nll_bound, sample_time
 from sdediff.training.losses import _importance_table
-
-T64 = torch.float64
-V = 0.6  # data variance
-SDES = {"vp": sdediff.VPSDE, "subvp": sdediff.SubVPSDE, "ve": sdediff.VESDE}
-
-
-@pytest.fixture(params=sorted(SDES))
-def sde(request):
-    return SDES[request.param]()
-
-
-def kernel(sde, t):
-    t = torch.as_tensor([t], dtype=T64)
-    return float(sde.mean_coeff(t)), float(sde.marginal_std(t)), float(sde.diffusion(t))
-
-
-def exact_model(sde, prediction="score", shift=0.0):
-    """Network predicting `prediction` for the exact score of N(0, V I), plus a constant `shift` added to the score."""
-
-    def net(x, t):
-        m = sdediff._utils.expand_as(sde.mean_coeff(t), x)
-        s = sdediff._utils.expand_as(sde.marginal_std(t), x)
-        score = -x / (m**2 * V + s**2) + shift
-        return sc.convert(score, x, t, sde, "score", prediction)
-
-    return net
-
-
-def gaussian_data(n, shape=(3,), seed=0):
-    return math.sqrt(V) * torch.randn(n, *shape, generator=gen(seed), dtype=T64)
 
 
 def mean_se(x):

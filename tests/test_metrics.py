@@ -7,13 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from problems import gen
 
 from sdediff.data import GaussianMixture
 from sdediff.metrics import mean_se, noise_floor, sliced_wasserstein
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def test_distance_to_itself_and_to_a_permutation_is_zero() -> None:

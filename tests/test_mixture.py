@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from problems import gen
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
@@ -41,10 +42,6 @@ class VEStandIn:
 
 
 SDES = [VPStandIn(), VEStandIn()]
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def noisy_component(mu: torch.Tensor, cov: torch.Tensor, m: float, s: float):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import gen
+from problems import gen
 
 import sdediff
 from sdediff.score import ScoreModel

@@ -10,12 +10,11 @@ import pytest
 import torch
 import torchdiffeq
 import torchsde
-from conftest import SDE_FACTORIES, gen
+from problems import SDES, T64, gen
 
 import sdediff
 from sdediff.processes import CountedScore, ReverseProcess, TorchSDEAdapter
 
-T64 = torch.float64
 VAR = 0.5  # data variance
 
 
@@ -50,10 +49,10 @@ def wiggly_score(x, t):
 
 
 # --- the drift / diffusion formula --------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(SDE_FACTORIES))
+@pytest.mark.parametrize("name", sorted(SDES))
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0, 2.0])
 def test_drift_and_diffusion_by_hand(name, lam):
-    sde = SDE_FACTORIES[name]()
+    sde = SDES[name]()
     t = torch.linspace(1e-3, 1.0, 9, dtype=T64)
     x = torch.randn(9, 2, 3, generator=gen(0), dtype=T64)
     a, g2 = hand_coefficients(name, t)
@@ -67,9 +66,9 @@ def test_drift_and_diffusion_by_hand(name, lam):
                                rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", sorted(SDE_FACTORIES))
+@pytest.mark.parametrize("name", sorted(SDES))
 def test_probability_flow_is_noise_scale_zero(name):
-    sde = SDE_FACTORIES[name]()
+    sde = SDES[name]()
     t = torch.linspace(1e-3, 1.0, 9, dtype=T64)
     x = torch.randn(9, 4, generator=gen(1), dtype=T64)
     ode, zero = sde.probability_flow(wiggly_score), sde.reverse(wiggly_score, noise_scale=0.0)
@@ -84,12 +83,12 @@ def test_probability_flow_is_noise_scale_zero(name):
                                rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", sorted(SDE_FACTORIES))
+@pytest.mark.parametrize("name", sorted(SDES))
 @pytest.mark.parametrize("lam", [0.0, 0.7, 1.0, 3.0])
 def test_every_member_keeps_the_gaussian_marginals(name, lam):
     """Gaussian data: with drift k(t) x and diffusion lambda g, the variance obeys dV/dt = 2 k V - (lambda g)^2
     in reverse time; it must equal the forward dV/dt of p_t for every lambda (the Fokker-Planck argument)."""
-    sde = SDE_FACTORIES[name]()
+    sde = SDES[name]()
     t = torch.linspace(1e-3, 1.0, 17, dtype=T64)
     rev = sde.reverse(gaussian_score(sde), noise_scale=lam)
     x = torch.ones(17, 1, dtype=T64)
@@ -136,10 +135,10 @@ def prior_draw(sde, shape, seed):
     return torch.sqrt(variance(sde, sde.T)) * torch.randn(shape, generator=gen(seed), dtype=T64)
 
 
-@pytest.mark.parametrize("name", sorted(SDE_FACTORIES))
+@pytest.mark.parametrize("name", sorted(SDES))
 @pytest.mark.parametrize("eps", [1e-3, 1e-5])
 def test_torchdiffeq_probability_flow_closed_form(name, eps):
-    sde = SDE_FACTORIES[name]()
+    sde = SDES[name]()
     score_fn = gaussian_score(sde)
     x_T = prior_draw(sde, (16, 3), seed=4)
     ts = torch.tensor([sde.T, eps], dtype=T64)
@@ -154,11 +153,11 @@ def test_torchdiffeq_probability_flow_closed_form(name, eps):
     torch.testing.assert_close(samples, out[-1], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(SDE_FACTORIES))
+@pytest.mark.parametrize("name", sorted(SDES))
 def test_torchdiffeq_default_tolerances_and_event_shape(name):
     """The plain call of the docstring, torchdiffeq's default tolerances (rtol 1e-7, atol 1e-9), image-shaped
     states: it runs to eps (VP used to die with 'underflow in dt' after stepping below t = 0)."""
-    sde = SDE_FACTORIES[name]()
+    sde = SDES[name]()
     eps = 1e-3
     x_T = prior_draw(sde, (4, 2, 2, 2), seed=5)
     out = torchdiffeq.odeint(sde.probability_flow(gaussian_score(sde)), x_T, torch.tensor([sde.T, eps], dtype=T64))
@@ -207,7 +206,7 @@ def test_torchsde_adapter_fields_by_hand():
 def test_torchsde_reverse_sde_reaches_p_eps(name, sde_type, method, lam):
     """Reverse SDE from exact p_T samples with torchsde in forward time u = T - t: the samples at t = eps
     have the exact p_eps second moment V(eps) and mean 0, within 4.5 standard errors (n = 4000 x 4 coords)."""
-    sde = SDE_FACTORIES[name]()
+    sde = SDES[name]()
     eps, n = 1e-3, 4000
     x_T = prior_draw(sde, (n, 2, 2), seed=8)
     rev = sde.reverse(gaussian_score(sde), noise_scale=lam)

@@ -12,96 +12,9 @@ import math
 
 import pytest
 import torch
-from conftest import SDE_FACTORIES, Counted, assert_nfe_counts, assert_seeded, gen
+from problems import ALL_SDES, EPS, MIXTURE, OU, T64, Counted, assert_nfe_counts, assert_seeded, check_against_exact, gen, run
 
 import sdediff
-from sdediff.data import skewed_mixture
-from sdediff.metrics import noise_floor, sliced_wasserstein
-from sdediff.sdes import gaussian_log_prob, gaussian_sample
-
-T64 = torch.float64
-EPS = 1e-3
-MIXTURE = skewed_mixture()
-
-
-class OU(sdediff.SDE):
-    """A custom SDE written with the general base class only: drift, diffusion and a prior."""
-
-    theta, sigma = 2.0, 1.5
-
-    def __init__(self):
-        super().__init__(T=3.0)
-
-    def drift(self, x, t):
-        return -self.theta * x
-
-    def diffusion(self, t):
-        return torch.full_like(t, self.sigma)
-
-    @property
-    def stationary_std(self):
-        return self.sigma / math.sqrt(2 * self.theta)
-
-    def prior_sample(self, shape, generator=None, device=None, dtype=None):
-        return gaussian_sample(shape, self.stationary_std, generator, device, dtype)
-
-    def prior_log_prob(self, z):
-        return gaussian_log_prob(z, self.stationary_std)
-
-
-class OUKernel:
-    """The OU kernel in closed form, known to the test (not to the SDE): m = e^{-theta t}, s^2 = ..."""
-
-    def mean_coeff(self, t):
-        return torch.exp(-OU.theta * t)
-
-    def marginal_std(self, t):
-        return torch.sqrt(OU.sigma**2 / (2 * OU.theta) * -torch.expm1(-2 * OU.theta * t))
-
-
-ALL_SDES = {**SDE_FACTORIES, "ou": OU}
-
-
-def kernel_of(sde):
-    return OUKernel() if isinstance(sde, OU) else sde
-
-
-_REFERENCES = {}
-
-
-def reference(name, n):
-    """Exact p_eps: an exact sample of size n, the expected log-density, and the SW2 noise floor for n."""
-    key = (name, n)
-    if key not in _REFERENCES:
-        sde = ALL_SDES[name]()
-        exact = MIXTURE.marginal(kernel_of(sde), EPS)
-        mean_lp = exact.log_prob(exact.sample(100_000, generator=gen(10), dtype=T64)).mean()
-        ref = exact.sample(n, generator=gen(11), dtype=T64)
-        floor = noise_floor(lambda k, generator: exact.sample(k, generator=generator, dtype=T64), n, repeats=16,
-                            generator=gen(12))
-        _REFERENCES[key] = exact, ref, mean_lp, floor
-    return _REFERENCES[key]
-
-
-def check_against_exact(name, x, label):
-    n = x.shape[0]
-    exact, ref, mean_lp, floor = reference(name, n)
-    sw = sliced_wasserstein(x, ref, generator=gen(1))
-    lp = exact.log_prob(x)
-    z = (lp.mean() - mean_lp) / (lp.std() / math.sqrt(n))
-    props = torch.bincount(exact.component_posterior(x).argmax(1), minlength=4).to(T64) / n
-    prop_err = (props - MIXTURE.weights).abs().max()
-    msg = f"{label}: sw={sw:.4f} floor={floor.mean():.4f}±{floor.std():.4f} logp z={z:.2f} prop_err={prop_err:.4f}"
-    assert torch.isfinite(x).all(), msg
-    assert sw <= 2 * floor.mean(), msg
-    assert abs(z) < 4, msg
-    assert prop_err < 0.02, msg
-
-
-def run(name, solver, n, steps, seed=2, **options):
-    sde = ALL_SDES[name]()
-    return sdediff.sample(sde, MIXTURE.score_fn(kernel_of(sde)), (n, 2), solver=solver, steps=steps, eps=EPS,
-                          generator=gen(seed), dtype=T64, **options)
 
 
 @pytest.mark.parametrize("name", sorted(ALL_SDES))

@@ -15,12 +15,11 @@ import math
 
 import pytest
 import torch
-from conftest import gen
+from problems import T64, gen
 
 import sdediff
 from sdediff import score as sc
 
-T64 = torch.float64
 PREDICTIONS = sc.PREDICTIONS
 VAR = 0.7  # data variance for the Gaussian-data checks
 

@@ -5,12 +5,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import gen
+from problems import T64, gen
 
 import sdediff
 from sdediff.sdes import gaussian_log_prob
-
-T64 = torch.float64
 
 
 def times(n=33, lo=0.0, hi=1.0):
@@ -172,15 +170,26 @@ def test_log_snr_decreasing(sde):
     assert (lam[1:] < lam[:-1]).all()
 
 
-@pytest.mark.parametrize("kwargs", [dict(beta_min=-0.1), dict(beta_min=2.0, beta_max=1.0), dict(T=0.0), dict(T=-1)])
+@pytest.mark.parametrize("kwargs", [dict(beta_min=-0.1), dict(beta_min=2.0, beta_max=1.0), dict(T=0.0), dict(T=-1),
+                                    dict(beta_min=True), dict(beta_max=float("nan")), dict(beta_max=float("inf")),
+                                    dict(T=True)])
 def test_vp_rejects_bad_parameters(kwargs):
     with pytest.raises(ValueError):
         sdediff.VPSDE(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [dict(sigma_min=0.0), dict(sigma_min=5.0, sigma_max=1.0), dict(T=float("nan"))])
+@pytest.mark.parametrize("cls", [sdediff.VPSDE, sdediff.SubVPSDE])
+def test_beta_min_above_beta_max_is_refused(cls):
+    with pytest.raises(ValueError, match="beta_min must not exceed beta_max, got beta_min=2 > beta_max=1"):
+        cls(beta_min=2.0, beta_max=1.0)
+    assert cls(beta_min=1.0, beta_max=1.0).beta_max == 1.0  # a constant rate is allowed
+
+
+@pytest.mark.parametrize("kwargs", [dict(sigma_min=0.0), dict(sigma_min=5.0, sigma_max=1.0), dict(T=float("nan")),
+                                    dict(sigma_min=True), dict(sigma_min=float("nan")), dict(sigma_max=float("nan")),
+                                    dict(sigma_max=float("inf")), dict(sigma_min=1.0, sigma_max=1.0)])
 def test_ve_rejects_bad_parameters(kwargs):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="sigma_m|T must"):
         sdediff.VESDE(**kwargs)
 
 

@@ -10,15 +10,12 @@ import math
 
 import pytest
 import torch
-from conftest import gen
-from test_sampling import MIXTURE, OU, OUKernel
+from problems import ALL_SDES, MIXTURE, T64, OUKernel, gen
 
 import sdediff
 from sdediff.metrics import noise_floor, sliced_wasserstein
 
-T64 = torch.float64
 N = 3000
-SDES = {"vp": sdediff.VPSDE, "subvp": sdediff.SubVPSDE, "ve": sdediff.VESDE, "ou": OU}
 
 
 _FLOORS = {}
@@ -44,9 +41,9 @@ def check_marginal(x, kernel, t, label):
 
 
 @pytest.mark.parametrize("solver", ["euler_maruyama", "torchsde:euler", "exact"])
-@pytest.mark.parametrize("name", sorted(SDES))
+@pytest.mark.parametrize("name", sorted(ALL_SDES))
 def test_forward_simulation_matches_the_kernel(name, solver):
-    sde = SDES[name]()
+    sde = ALL_SDES[name]()
     if solver == "exact" and name == "ou":
         with pytest.raises(TypeError, match="LinearSDE"):
             sdediff.simulate(sde, torch.zeros(4, 2), [1.0], solver="exact")

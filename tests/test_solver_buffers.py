@@ -11,16 +11,12 @@
 
 import pytest
 import torch
-from conftest import gen
-from test_adaptive_solvers import NARROW
-from test_sampling import EPS, MIXTURE
+from problems import EPS, MIXTURE, NARROW, T64, gen
 
 import sdediff
 from sdediff.solvers.grids import make_grid
 from sdediff.solvers.tables import kernel as _kernel
 from sdediff.solvers.unipc import unipc_coefficients
-
-T64 = torch.float64
 
 
 class DriftOverriddenVP(sdediff.VPSDE):

@@ -12,10 +12,10 @@ import math
 
 import pytest
 import torch
+from problems import gen
 
 import sdediff
 from sdediff.solvers import FixedStepSolver, SchemeRun, register_solver
-from tests.conftest import gen
 
 
 class Wrapped(sdediff.SDE):

@@ -8,13 +8,11 @@ import math
 
 import pytest
 import torch
-from conftest import gen
-from test_sampling import MIXTURE
+from problems import MIXTURE, T64, gen
 
 import sdediff
 from sdediff.training.ssm import ssm_loss
 
-T64 = torch.float64
 COV = torch.tensor([[0.5, 0.2], [0.2, 0.3]], dtype=T64)
 
 

@@ -16,18 +16,15 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_nfe_counts, assert_seeded, gen
-from test_sampling import MIXTURE, OU, check_against_exact, reference, run
+from problems import MIXTURE, OU, T64, assert_nfe_counts, assert_seeded, check_against_exact, exact_reference, gen, run
 
 import sdediff
 import sdediff.solvers.stochastic  # noqa: F401  (registers the solvers)
 
-T64 = torch.float64
-
 
 def gap(name, x):
     """Mean exact log-density of x minus its expectation under p_eps, and the standard error."""
-    exact, _, mean_lp, _ = reference(name, x.shape[0])
+    exact, _, mean_lp, _ = exact_reference(name, x.shape[0])
     lp = exact.log_prob(x)
     return float(lp.mean() - mean_lp), float(lp.std() / math.sqrt(x.shape[0]))
 

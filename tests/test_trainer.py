@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from conftest import gen
+from problems import gen
 
 import sdediff
 from sdediff.training import (

@@ -1,6 +1,6 @@
 """UniPC (sdediff/solvers/unipc.py) against truth.
 
-- Convergence order on the 2-D Gaussian mixture with its exact score (helpers of test_fast_ode_solvers): doubling
+- Convergence order on the 2-D Gaussian mixture with its exact score (helpers of problems.py): doubling
   the steps divides the RMS pathwise error by ~2^(order + 1) with the corrector and ~2^order without it.
 - Exactness: point-mass data (x̂₀ and ε̂ constant along every path) is solved exactly on any grid and linear SDE;
   the per-step weights integrate a prediction that is a polynomial in λ exactly (the order conditions).
@@ -12,9 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import gen
-from test_fast_ode_solvers import SDES, T64, custom_linear_sde, reference, rms_error
-from test_sampling import MIXTURE, OU
+from problems import MIXTURE, OU, SDES, T64, custom_linear_sde, gen, ode_reference, rms_error
 
 import sdediff
 from sdediff.solvers.tables import kernel as _kernel
@@ -116,7 +114,7 @@ def test_nfe_is_steps_and_corrector_is_free():
 def test_corrector_and_step_ratio_rule():
     """The corrector changes the result; the order is lowered at an abrupt step-size jump (the last step of a
     time-uniform VP grid with 20 steps), which keeps that step from extrapolating wildly."""
-    sde, score, x_T, ref = reference("vp", 256)
+    sde, score, x_T, ref = ode_reference("vp", 256)
     runs = {c: sdediff.sample(sde, score, x_T.shape, solver="unipc", steps=20, x_init=x_T, eps=1e-3, corrector=c)
             for c in (True, False)}
     assert not torch.equal(runs[True], runs[False])

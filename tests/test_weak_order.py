@@ -25,13 +25,11 @@ import math
 import pytest
 import torch
 import torchsde
+from problems import EPS, SDES, T64
 
 import sdediff
 
-T64 = torch.float64
 MU, C2 = 1.0, 0.25
-EPS = 1e-3
-SDES = {"vp": sdediff.VPSDE, "ve": sdediff.VESDE, "subvp": sdediff.SubVPSDE}
 
 
 def exact_moments_error(monkeypatch, sde, solver, steps, **options):

@@ -36,6 +36,8 @@ import math
 import torch
 from torch import Tensor
 
+from .._validate import check_choice, check_float, check_int
+
 DIGITS_LEVELS = 17
 DIGITS_SHAPE = (1, 8, 8)
 SPLITS = ("train", "test", "all")
@@ -87,8 +89,7 @@ def load_digits(split: str = "train", *, flatten: bool = False) -> tuple[Tensor,
     ImportError
         Without scikit-learn (``pip install 'sdediff[data]'``).
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    check_choice("split", split, SPLITS)
     images, labels = _raw()
     if split != "all":
         train, test = split_indices(labels)
@@ -96,12 +97,6 @@ def load_digits(split: str = "train", *, flatten: bool = False) -> tuple[Tensor,
         images, labels = images[keep], labels[keep]
     images = images.clone()
     return (images.reshape(len(images), -1) if flatten else images), labels.clone()
-
-
-def _check_levels(levels: int) -> int:
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-        raise ValueError(f"levels must be an integer >= 2, got {levels!r}")
-    return levels
 
 
 def dequantize_levels(k: Tensor, levels: int, generator: torch.Generator | None = None,
@@ -112,7 +107,7 @@ def dequantize_levels(k: Tensor, levels: int, generator: torch.Generator | None 
     (for :math:`K = 2^b` it draws the same ``u`` and returns the same values). Every ``x`` stays in its
     own half-open bin :math:`[x_{lo} + wk/K,\ x_{lo} + w(k+1)/K)`.
     """
-    levels = _check_levels(levels)
+    levels = check_int("levels", levels, 2)
     lo, hi = data_range
     if not hi > lo:
         raise ValueError(f"data_range must be (lo, hi) with hi > lo, got {data_range!r}")
@@ -156,11 +151,9 @@ def bits_per_dim_levels(log_prob: Tensor, num_dims: int, levels: int = DIGITS_LE
 
     :math:`-\log p(x)/(D\ln 2) + \log_2 K - \log_2 w`; equals :func:`sdediff.bits_per_dim` when :math:`K = 2^b`.
     """
-    levels = _check_levels(levels)
-    if isinstance(num_dims, bool) or not isinstance(num_dims, int) or num_dims < 1:
-        raise ValueError(f"num_dims must be a positive integer, got {num_dims!r}")
-    if not data_width > 0:
-        raise ValueError(f"data_width must be positive, got {data_width!r}")
+    levels = check_int("levels", levels, 2)
+    check_int("num_dims", num_dims)
+    data_width = check_float("data_width", data_width, 0, low_open=True)
     return -log_prob / (num_dims * math.log(2)) + math.log2(levels) - math.log2(data_width)
 
 

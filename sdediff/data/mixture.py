@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .._utils import check_time
+from .._validate import check_float, check_int, is_number
 
 _LOG_2PI = math.log(2.0 * math.pi)
 # Relative tolerances used when validating covariances given in float32 or float64.
@@ -65,12 +66,6 @@ def _as_float64(value: Any, name: str) -> Tensor:
     if not torch.isfinite(out).all():
         raise ValueError(f"{name} must contain only finite values")
     return out
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 class GaussianMixture:
@@ -171,11 +166,9 @@ class GaussianMixture:
         dim : int
             Ambient dimension ``d >= 2``.
         """
-        num_components = _check_positive_int(num_components, "num_components")
-        if _check_positive_int(dim, "dim") < 2:
-            raise ValueError(f"dim must be >= 2 for a ring, got {dim}")
-        if not std > 0:
-            raise ValueError(f"std must be positive, got {std!r}")
+        num_components = check_int("num_components", num_components)
+        dim = check_int("dim", dim, 2)
+        std = check_float("std", std, 0, low_open=True)
         angles = 2.0 * math.pi * torch.arange(num_components, dtype=torch.float64) / num_components
         means = torch.zeros(num_components, dim, dtype=torch.float64)
         means[:, 0] = radius * torch.cos(angles)
@@ -202,8 +195,8 @@ class GaussianMixture:
         mean_scale : float
             Standard deviation of the component means.
         """
-        num_components = _check_positive_int(num_components, "num_components")
-        dim = _check_positive_int(dim, "dim")
+        num_components = check_int("num_components", num_components)
+        dim = check_int("dim", dim)
         device = generator.device if generator is not None else torch.device("cpu")
         opts: dict[str, Any] = {"generator": generator, "device": device, "dtype": torch.float64}
         weights = 0.5 + torch.rand(num_components, **opts)
@@ -285,7 +278,7 @@ class GaussianMixture:
         Tensor or tuple of Tensor
             Samples ``(n, d)``, and with ``return_labels`` the ``int64`` labels ``(n,)``.
         """
-        n = _check_positive_int(n, "n")
+        n = check_int("n", n)
         if generator is not None:
             draw_device = generator.device
         else:
@@ -445,7 +438,7 @@ class GaussianMixture:
         ``b`` is ``batch`` for per-sample times and 1 for a shared time. The schedule is evaluated in the
         most accurate dtype of the device and only then cast to ``x``'s dtype.
         """
-        if not isinstance(t, (Tensor, int, float)) or isinstance(t, bool):
+        if not (isinstance(t, Tensor) or is_number(t)):
             raise TypeError(f"t must be a float or a tensor, got {type(t).__name__}")
         if getattr(sde, "T", None) is not None:
             check_time(t, sde.T)

@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .._validate import check_int
 from .mixture import GaussianMixture
 
 TOY_DATASETS = ("moons", "checkerboard", "swiss_roll", "rings", "gaussian_mixture")
@@ -135,8 +136,7 @@ def make_toy(name: str, n: int, generator: torch.Generator | None = None, *, dty
     """
     if name not in _MAKERS:
         raise ValueError(f"unknown toy data set {name!r}; known: {', '.join(TOY_DATASETS)}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
+    check_int("n", n)
     if return_labels and name not in TOY_CLASSES:
         raise ValueError(f"toy data set {name!r} has no class labels; labelled sets: {', '.join(TOY_CLASSES)}")
     dtype = dtype or torch.get_default_dtype()

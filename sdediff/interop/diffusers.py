@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._validate import check_choice
 from ..score import ScoreModel
 from ..sdes.linear import LinearSDE
 
@@ -219,11 +220,8 @@ def from_diffusers(model: Callable[..., Any], scheduler: Any = None, *, alphas_c
         alphas_cumprod = scheduler.alphas_cumprod
     if prediction_type is None:
         prediction_type = getattr(getattr(scheduler, "config", None), "prediction_type", None) or "epsilon"
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {', '.join(map(repr, PREDICTION_TYPES))}; got "
-                         f"{prediction_type!r}")
-    if timesteps not in TIMESTEP_MODES:
-        raise ValueError(f"timesteps must be one of {', '.join(map(repr, TIMESTEP_MODES))}; got {timesteps!r}")
+    check_choice("prediction_type", prediction_type, tuple(PREDICTION_TYPES))
+    check_choice("timesteps", timesteps, TIMESTEP_MODES)
     sde = DiscreteVPSDE(alphas_cumprod)
     time_input = functools.partial(sde.timestep, nearest=timesteps == "nearest")
     return sde, ScoreModel(DiffusersModel(model, model_kwargs), sde, PREDICTION_TYPES[prediction_type], time_input)

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .._utils import expand_as
+from .._validate import check_float
 from ..score import ScoreModel
 from ..sdes.linear import LinearSDE, require_linear
 from ..sdes.ve import VESDE
@@ -78,9 +79,7 @@ class KDiffusionDenoiser:
 
     def __init__(self, sde: LinearSDE, score_fn: Callable[[Tensor, Tensor], Tensor], t_min: float = 0.0) -> None:
         self.sde = require_linear(sde, "KDiffusionDenoiser")
-        if isinstance(t_min, bool) or not isinstance(t_min, (int, float)) or not 0 <= t_min < sde.T:
-            raise ValueError(f"t_min must be a float in [0, T={sde.T}), got {t_min!r}")
-        self.score_fn, self.t_min = score_fn, float(t_min)
+        self.score_fn, self.t_min = score_fn, check_float("t_min", t_min, 0, sde.T, high_open=True)
 
     @property
     def sigma_min(self) -> float:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .._utils import batch_time, expand_as, flat_dim, randn, sum_except_batch
+from .._validate import check_float
 from ..processes import ReverseProcess, ScoreFn
 
 
@@ -54,9 +55,7 @@ class SDE(abc.ABC):
     """
 
     def __init__(self, T: float = 1.0) -> None:
-        if isinstance(T, bool) or not isinstance(T, (int, float)) or not math.isfinite(T) or T <= 0:
-            raise ValueError(f"T must be a positive finite float, got {T!r}")
-        self.T = float(T)
+        self.T = check_float("T", T, 0, low_open=True)
 
     # --- what a subclass provides -------------------------------------------------------------
     @abc.abstractmethod

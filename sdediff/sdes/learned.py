@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validate import check_float, check_int
 from .linear import LinearSDE
 
 
@@ -67,13 +68,10 @@ class LearnedScheduleSDE(nn.Module, LinearSDE):
                  T: float = 1.0) -> None:
         nn.Module.__init__(self)
         LinearSDE.__init__(self, T=T, prior_std=1.0)
-        for name, v in (("gamma_min", gamma_min), ("gamma_max", gamma_max)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite float, got {v!r}")
+        gamma_min, gamma_max = check_float("gamma_min", gamma_min), check_float("gamma_max", gamma_max)
         if not gamma_max > gamma_min:
             raise ValueError(f"gamma_max must exceed gamma_min={gamma_min}, got {gamma_max!r}")
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        check_int("num_features", num_features)
         self.init_range = (float(gamma_min), float(gamma_max))
         self.config = {"gamma_min": float(gamma_min), "gamma_max": float(gamma_max), "num_features": num_features,
                        "T": float(T)}  # the constructor arguments: rebuilds the module before load_state_dict

@@ -20,6 +20,7 @@ from scipy.integrate import solve_ivp
 from torch import Tensor
 
 from .._utils import batch_time, check_time, expand_as
+from .._validate import check_float, check_int
 from .base import SDE, gaussian_log_prob, gaussian_sample
 
 TimeFn = Callable[[Tensor], Tensor]
@@ -66,15 +67,9 @@ class LinearSDE(SDE):
             self.drift_coef = drift_coef  # type: ignore[method-assign]
         if diffusion is not None:
             self.diffusion = diffusion  # type: ignore[method-assign]
-        if not (isinstance(initial_std, (int, float)) and initial_std >= 0):
-            raise ValueError(f"initial_std must be a float >= 0, got {initial_std!r}")
-        if prior_std is not None and not (isinstance(prior_std, (int, float)) and prior_std > 0):
-            raise ValueError(f"prior_std must be a positive float, got {prior_std!r}")
-        if not (isinstance(grid_size, int) and grid_size >= 16):
-            raise ValueError(f"grid_size must be an integer >= 16, got {grid_size!r}")
-        self.initial_std = float(initial_std)
-        self._prior_std = None if prior_std is None else float(prior_std)
-        self.grid_size = grid_size
+        self.initial_std = check_float("initial_std", initial_std, 0)
+        self._prior_std = check_float("prior_std", prior_std, 0, low_open=True, optional=True)
+        self.grid_size = check_int("grid_size", grid_size, 16)
         self._table: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     # --- the schedule ---------------------------------------------------------------------------

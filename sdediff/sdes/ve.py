@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._validate import check_float
 from .linear import LinearSDE
 
 
@@ -28,12 +29,12 @@ class VESDE(LinearSDE):
     """
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, T: float = 1.0) -> None:
-        if not (isinstance(sigma_min, (int, float)) and sigma_min > 0):
-            raise ValueError(f"sigma_min must be a positive float, got {sigma_min!r}")
-        if not (isinstance(sigma_max, (int, float)) and sigma_max > sigma_min):
-            raise ValueError(f"sigma_max must be a float > sigma_min={sigma_min}, got {sigma_max!r}")
+        sigma_min = check_float("sigma_min", sigma_min, 0, low_open=True)
+        sigma_max = check_float("sigma_max", sigma_max, 0, low_open=True)
+        if not sigma_max > sigma_min:
+            raise ValueError(f"sigma_max must exceed sigma_min, got sigma_min={sigma_min:g}, sigma_max={sigma_max:g}")
         super().__init__(T=T, initial_std=sigma_min, prior_std=sigma_max)
-        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self._log_ratio = math.log(self.sigma_max / self.sigma_min)
 
     def sigma(self, t: Tensor) -> Tensor:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._validate import check_float
 from .linear import LinearSDE
 
 
-def _check_betas(beta_min: float, beta_max: float) -> None:
-    if not (isinstance(beta_min, (int, float)) and beta_min >= 0):
-        raise ValueError(f"beta_min must be a float >= 0, got {beta_min!r}")
-    if not (isinstance(beta_max, (int, float)) and beta_max > 0 and beta_max >= beta_min):
-        raise ValueError(f"beta_max must be a positive float >= beta_min={beta_min}, got {beta_max!r}")
+def _check_betas(beta_min: float, beta_max: float) -> tuple[float, float]:
+    """``(beta_min, beta_max)`` as floats, with 0 <= beta_min <= beta_max and beta_max > 0."""
+    beta_min = check_float("beta_min", beta_min, 0)
+    beta_max = check_float("beta_max", beta_max, 0, low_open=True)
+    if beta_min > beta_max:
+        raise ValueError(f"beta_min must not exceed beta_max, got beta_min={beta_min:g} > beta_max={beta_max:g}")
+    return beta_min, beta_max
 
 
 class VPSDE(LinearSDE):
@@ -35,9 +38,9 @@ class VPSDE(LinearSDE):
     """
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0) -> None:
-        _check_betas(beta_min, beta_max)
+        beta_min, beta_max = _check_betas(beta_min, beta_max)
         super().__init__(T=T, prior_std=1.0)
-        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+        self.beta_min, self.beta_max = beta_min, beta_max
 
     def beta(self, t: Tensor) -> Tensor:
         r""":math:`\beta(t) = \beta_{min} + (t/T)(\beta_{max}-\beta_{min})`."""

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._utils import batch_time
+from .._validate import check_choice, check_float, check_int, check_ints, is_int
 
 TIME_EMBEDDINGS = ("sinusoidal", "fourier")
 
@@ -81,23 +82,15 @@ class FourierEmbedding(nn.Module):
 
 
 def _check_even(n: int, name: str) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2 or n % 2:
+    if not (is_int(n) and n >= 2 and n % 2 == 0):
         raise ValueError(f"{name} must be an even integer >= 2, got {n!r}")
-
-
-def _check_positive(n: int, name: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{name} must be a positive integer, got {n!r}")
-    return n
 
 
 def time_embedding(kind: str, dim: int, fourier_scale: float = 4.0) -> nn.Module:
     """Build the time embedding ``kind`` (``"sinusoidal"`` or ``"fourier"``) with ``dim`` features."""
-    if kind == "sinusoidal":
+    if check_choice("time_embed", kind, TIME_EMBEDDINGS) == "sinusoidal":
         return SinusoidalEmbedding(dim)
-    if kind == "fourier":
-        return FourierEmbedding(dim, scale=fourier_scale)
-    raise ValueError(f"unknown time_embed {kind!r}; known: {', '.join(TIME_EMBEDDINGS)}")
+    return FourierEmbedding(dim, scale=fourier_scale)
 
 
 class _Conditioning(nn.Module):
@@ -108,7 +101,7 @@ class _Conditioning(nn.Module):
         self.embed = time_embedding(kind, embed_dim, fourier_scale)
         self.mlp = nn.Sequential(nn.Linear(embed_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
         if num_classes is not None:
-            _check_positive(num_classes, "num_classes")
+            check_int("num_classes", num_classes)
         self.num_classes = num_classes
         self.classes = None if num_classes is None else nn.Embedding(num_classes + 1, out_dim)
 
@@ -169,9 +162,9 @@ class MLP(_ScoreNet):
     def __init__(self, dim: int, hidden: int = 256, depth: int = 4, time_embed: str = "fourier", embed_dim: int = 64,
                  num_classes: int | None = None, fourier_scale: float = 4.0) -> None:
         super().__init__()
-        _check_positive(dim, "dim")
-        _check_positive(hidden, "hidden")
-        _check_positive(depth, "depth")
+        check_int("dim", dim)
+        check_int("hidden", hidden)
+        check_int("depth", depth)
         self.config: dict[str, Any] = {"dim": dim, "hidden": hidden, "depth": depth, "time_embed": time_embed,
                                        "embed_dim": embed_dim, "num_classes": num_classes, "fourier_scale": fourier_scale}
         self.cond = _Conditioning(time_embed, embed_dim, hidden, num_classes, fourier_scale)
@@ -271,14 +264,11 @@ class UNet(_ScoreNet):
         super().__init__()
         for value, name in ((in_channels, "in_channels"), (base_channels, "base_channels"),
                             (num_res_blocks, "num_res_blocks"), (groups, "groups")):
-            _check_positive(value, name)
-        mults = tuple(channel_mults)
-        if not mults or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in mults):
-            raise ValueError(f"channel_mults must be a non-empty tuple of positive ints, got {channel_mults!r}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+            check_int(name, value)
+        mults = check_ints("channel_mults", channel_mults)
+        dropout = check_float("dropout", dropout, 0, 1, high_open=True)
         _check_even(base_channels, "base_channels")
-        out_channels = in_channels if out_channels is None else _check_positive(out_channels, "out_channels")
+        out_channels = in_channels if out_channels is None else check_int("out_channels", out_channels)
         self.config: dict[str, Any] = {
             "in_channels": in_channels, "base_channels": base_channels, "channel_mults": list(mults),
             "num_res_blocks": num_res_blocks, "time_embed": time_embed, "num_classes": num_classes,

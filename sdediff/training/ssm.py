@@ -84,7 +84,7 @@ def ssm_loss(model: Callable[..., Tensor], x: Tensor, t: Tensor | float | None =
         raise TypeError(f"model must be callable, got {type(model).__name__}")
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise TypeError("x must be a floating-point tensor of shape (batch, ...)")
-    check_int("num_projections", num_projections, 1)
+    check_int("num_projections", num_projections)
     needs_sde = prediction != "score" or weighting != "none"
     if needs_sde and (sde is None or t is None):
         raise ValueError(f"prediction={prediction!r} with weighting={weighting!r} needs sde= and t=")
