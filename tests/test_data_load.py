@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from conftest import gen
+from problems import gen
 
 import sdediff
 from sdediff import features as ft
