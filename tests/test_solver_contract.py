@@ -102,12 +102,15 @@ class TestSolverContract:
             assert torch.equal(x, copy)
 
     def test_a_callback_sees_the_states_and_changes_nothing(self, name):
+        """A callback sees every grid state; for fixed-step solvers it changes no number (adaptive ones must then
+        step onto every grid time, which changes their steps)."""
         sde = sdediff.SubVPSDE()
         x = sde.prior_sample((5, 2), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         seen = []
         plain, _ = run(name, sde, x_init=x)
         observed, _ = run(name, sde, x_init=x, callback=lambda i, t, y: seen.append((i, y.clone())))
-        torch.testing.assert_close(observed.samples, plain.samples, rtol=1e-12, atol=1e-12)
+        if name not in ADAPTIVE:
+            torch.testing.assert_close(observed.samples, plain.samples, rtol=1e-12, atol=1e-12)
         assert [i for i, _ in seen] == list(range(STEPS))
         torch.testing.assert_close(seen[-1][1], observed.samples, rtol=0, atol=0)
 

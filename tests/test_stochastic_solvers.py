@@ -203,7 +203,7 @@ def test_bad_options_raise_clear_errors():
             sdediff.sample(sde, score, (4, 2), solver="sde_dpm_solver", order=order)
     with pytest.raises(ValueError, match="solver_type must be one of 'midpoint', 'heun'"):
         sdediff.sample(sde, score, (4, 2), solver="sde_dpm_solver", solver_type="logrho")
-    with pytest.raises(TypeError, match="lower_order_final"):
+    with pytest.raises(ValueError, match="lower_order_final"):
         sdediff.sample(sde, score, (4, 2), solver="sde_dpm_solver", lower_order_final="yes")
     with pytest.raises(ValueError, match="unknown torchsde method 'rk4'.*euler.*srk"):
         sdediff.sample(sde, score, (4, 2), solver="torchsde:rk4")

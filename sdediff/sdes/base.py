@@ -110,8 +110,8 @@ class SDE(abc.ABC):
         :math:`x - [f(x, t) - g(t)^2 s]\,t`; linear SDEs use Tweedie's formula instead.
         """
         t = batch_time(t, x)
-        g2 = expand_as(self.diffusion(t) ** 2, x)
-        return x - (self.drift(x, t) - g2 * score) * expand_as(t, x)
+        drift = self.reverse(lambda y, s: score, noise_scale=1.0).drift(x, t, score=score)
+        return x - drift * expand_as(t, x)
 
     def reverse(self, score_fn: ScoreFn, noise_scale: float = 1.0,
                 generator: torch.Generator | None = None) -> ReverseProcess:

@@ -120,12 +120,13 @@ def integrate(solver: FixedStepSolver, process: ReverseProcess, x: Tensor, ts: T
               keep_trajectory: bool = False) -> tuple[Tensor, Tensor | None]:
     """The time loop every fixed-step solver shares (without autograd, see :func:`sdediff.sample`).
 
-    Runs the solver over consecutive pairs of ``ts`` with no host synchronisation. Each step copies the
-    first element of every sample of its new state into a preallocated record (the cheapest tensor
-    operation there is). At the end one pass checks the whole final state, and a
-    :class:`FloatingPointError` names the first step whose record went non-finite: non-finite values are
-    absorbing (every update scales the state, and a network spreads a NaN in one element over its
-    sample), so a step that produces them shows in its record or the next one, and always in the final state.
+    Runs the solver over consecutive pairs of ``ts`` with no host synchronisation. Each step writes the
+    sum of the first element of every sample of its new state into a preallocated record of one number
+    per step (a reduction over ``batch`` numbers, so memory grows with the steps by one scalar each). At
+    the end one pass checks the whole final state, and a :class:`FloatingPointError` names the first step
+    whose record went non-finite: non-finite values are absorbing (every update scales the state, and a
+    network spreads a NaN in one element over its sample), so a step that produces them shows in its
+    record or the next one, and always in the final state.
 
     Returns
     -------
@@ -135,19 +136,18 @@ def integrate(solver: FixedStepSolver, process: ReverseProcess, x: Tensor, ts: T
     n = len(ts) - 1
     run = solver.runner(process.sde, ts, x, observed=callback is not None or keep_trajectory)
     first = (slice(None),) + (0,) * (x.dim() - 1)  # x[first]: the first element of every sample, a view
-    records = torch.empty((n, x.shape[0]), dtype=x.dtype, device=x.device)
+    records = torch.empty(n, dtype=x.dtype, device=x.device)
     trajectory = torch.empty((n + 1, *x.shape), dtype=x.dtype, device=x.device) if keep_trajectory else None
     if trajectory is not None:
         trajectory[0].copy_(x)
-    times, record = ts.unbind(), records.unbind()  # views, made once: a step indexes Python tuples
     for i in tqdm(range(n), desc=solver.name, leave=False) if progress else range(n):  # no bar object unless shown
-        x = run.advance(process, x, times[i], times[i + 1])
-        record[i].copy_(x[first])
+        x = run.advance(process, x, ts[i], ts[i + 1])
+        torch.sum(x[first], dim=0, out=records[i])
         if trajectory is not None:
             trajectory[i + 1].copy_(x)
         if callback is not None:
-            callback(i, times[i + 1], x)
-    bad = ~torch.isfinite(records).all(1)
+            callback(i, ts[i + 1], x)
+    bad = ~torch.isfinite(records)
     if bool(bad.any()):
         k = int(bad.nonzero()[0, 0])
         raise FloatingPointError(

@@ -108,9 +108,9 @@ class PredictorCorrector(FixedStepSolver):
 
     def start(self, sde: SDE, ts: Tensor, x: Tensor) -> PCState:
         t = ts.to(work_dtype(ts.device))
-        alpha = sde.discrete_alpha(t[:-1], t[:-1] - t[1:]).to(x).unbind()
+        alpha = sde.discrete_alpha(t[:-1], t[:-1] - t[1:]).to(x)
         predictor = None if self.predictor is None else self.predictor.runner(sde, ts, x, observed=False)
-        return PCState(predictor=predictor, alpha=list(alpha))
+        return PCState(predictor=predictor, alpha=alpha)
 
     def step(self, process: ReverseProcess, state: PCState, x: Tensor, t: Tensor, t_next: Tensor) -> tuple[Tensor, PCState]:
         if state.predictor is not None:
@@ -126,7 +126,7 @@ class PCState:
     and the index of the next step."""
 
     predictor: StepRun | SchemeRun | None
-    alpha: list[Tensor]
+    alpha: Tensor
     index: int = 0
 
 

@@ -340,13 +340,14 @@ class LMS(FixedStepSolver):
 # --- EDM Heun ---------------------------------------------------------------------------------------
 @dataclass
 class EDMHeunState:
-    r"""Per step :math:`i`: the raised time :math:`\hat t_i`, and the coefficients of
-    :math:`\hat x = \rho_i x + \nu_i z`, :math:`\tilde x = A_i\hat x + B_i s_\theta(\hat x, \hat t_i)`,
-    :math:`x_{i+1} = \tfrac12 A_i\hat x + \tfrac12\tilde x + C_i s_\theta(\tilde x, t_{i+1})` (0-d tensors), and the
-    index of the next step."""
+    r"""Per step :math:`i`: the raised time :math:`\hat t_i` (on the samples' device), the coefficients
+    :math:`(\rho_i, \nu_i, A_i, B_i, C_i)` of :math:`\hat x = \rho_i x + \nu_i z`,
+    :math:`\tilde x = A_i\hat x + B_i s_\theta(\hat x, \hat t_i)`,
+    :math:`x_{i+1} = \tfrac12 A_i\hat x + \tfrac12\tilde x + C_i s_\theta(\tilde x, t_{i+1})` (a float64 host table,
+    read a row at a time), and the index of the next step."""
 
-    t_hat: list[Tensor]
-    rows: list[tuple[Tensor, ...]]
+    t_hat: Tensor
+    coef: Tensor
     index: int = 0
 
 
@@ -419,15 +420,15 @@ class EDMHeun(FixedStepSolver):
             noise = self.s_noise * ((s_hat / m_hat) ** 2 - sigma**2).clamp_min(0).sqrt()
         dsigma = (s / m)[1:] - s_hat / m_hat
         coef = torch.stack([m_hat / m[:-1], m_hat * noise, m[1:] / m_hat, -m[1:] * dsigma * s_hat,
-                            -0.5 * m[1:] * dsigma * s[1:]], dim=1).to(x)
-        return EDMHeunState(t_hat=list(t_hat.to(x).unbind()), rows=[tuple(row.unbind()) for row in coef])
+                            -0.5 * m[1:] * dsigma * s[1:]], dim=1)
+        return EDMHeunState(t_hat=t_hat.to(x), coef=coef.to("cpu", torch.float64))
 
     def step(self, process: ReverseProcess, state: EDMHeunState, x: Tensor, t: Tensor,
              t_next: Tensor) -> tuple[Tensor, EDMHeunState]:
-        rho, nu, a, b, c = state.rows[state.index]
+        rho, nu, a, b, c = state.coef[state.index].tolist()
         if self.churn > 0:  # raise the noise level to sigma_hat
             x = rho * x + nu * process.noise(x)
-        x_euler = torch.addcmul(a * x, b, process.score(x, state.t_hat[state.index]))
-        x_next = torch.addcmul(torch.add(0.5 * a * x, x_euler, alpha=0.5), c, process.score(x_euler, t_next))
+        x_euler = torch.add(a * x, process.score(x, state.t_hat[state.index]), alpha=b)
+        x_next = torch.add(torch.add(0.5 * a * x, x_euler, alpha=0.5), process.score(x_euler, t_next), alpha=c)
         state.index += 1
         return x_next, state
