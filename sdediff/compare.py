@@ -194,7 +194,7 @@ def compare_solvers(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solvers: 
                     reference: Sampler | None = None, splits: int = 1, floor_repeats: int = 8,
                     generator: torch.Generator | None = None, reference_generator: torch.Generator | None = None,
                     device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                    progress: bool = False) -> ComparisonResult:
+                    progress: bool = False, report: Callable[[ComparisonRow], None] | None = None) -> ComparisonResult:
     r"""Sample ``n`` points with every candidate from the same prior draws and score them (module docstring).
 
     Random numbers are drawn in a fixed order: the reference sets, the noise floor and (with ``truth``) the
@@ -233,6 +233,8 @@ def compare_solvers(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solvers: 
         Of the prior draws (and so of the samples).
     progress : bool
         Progress bars of the solvers.
+    report : callable, optional
+        Called with each :class:`ComparisonRow` as soon as it is measured (e.g. to print it).
 
     Returns
     -------
@@ -290,6 +292,8 @@ def compare_solvers(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solvers: 
             row.logp_gap_se = float(logp.std() / math.sqrt(len(x)))
             row.mode_error = float((shares.to(exact.weights) - exact.weights).abs().max())
         rows.append(row)
+        if report is not None:
+            report(row)
     return ComparisonResult(rows=rows, samples=samples, x_init=x_init,
                             reference=None if refs is None else torch.cat(refs),
                             noise_floor=None if floor is None else float(floor.mean()),

@@ -134,7 +134,8 @@ def load_run(path: str | os.PathLike, device: torch.device | str | None = None, 
     if checkpoint is None:
         found = latest_checkpoint(directory)
         if found is None:
-            raise ValueError(f"no valid checkpoint (ckpt_*.safetensors) in {directory}")
+            raise ValueError(f"no valid checkpoint (ckpt_*.safetensors) in {directory}; train one there (sdediff train --out "
+                             f"{directory}) or give a checkpoint file")
         ckpt = found
     else:
         ckpt = Path(checkpoint)
