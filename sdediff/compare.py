@@ -182,7 +182,7 @@ class ComparisonResult:
             sw = _number(r.sliced_w2)
             if self.splits > 1 and r.sliced_w2_sd is not None:
                 sw += f" ± {_number(r.sliced_w2_sd)}"
-            table.append({"label": r.label, "steps": "adaptive" if r.steps is None else r.steps, "nfe": f"{r.nfe:g}",
+            table.append({"label": r.label, "steps": "adaptive" if r.steps is None else r.steps, "nfe": f"{round(r.nfe, 1):g}",
                           "seconds": f"{r.seconds:.2f}", "sliced_w2": sw, "noise_floor": _number(r.noise_floor),
                           "logp_gap": _number(r.logp_gap), "logp_gap_se": _number(r.logp_gap_se),
                           "mode_error": _number(r.mode_error)})

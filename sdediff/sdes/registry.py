@@ -28,12 +28,14 @@ def register_sde(cls: S) -> S:
 
     Usable as a class decorator; returns ``cls``. The class should implement :meth:`~sdediff.SDE.to_config`
     so that ``cls(**sde.to_config()["params"])`` rebuilds ``sde``. Registering another class under a name
-    already taken raises ``ValueError`` (registering the same class again does nothing).
+    already taken raises ``ValueError``; registering the same class again, or a new definition of it (same module
+    and qualified name, as when a notebook cell runs twice), replaces the entry.
     """
     if not (isinstance(cls, type) and issubclass(cls, SDE)):
         raise TypeError(f"register_sde expects an SDE subclass, got {cls!r}")
     known = _SDE_CLASSES.get(cls.__name__)
-    if known is not None and known is not cls:
+    redefined = known is not None and (known.__module__, known.__qualname__) == (cls.__module__, cls.__qualname__)
+    if known is not None and known is not cls and not redefined:
         raise ValueError(f"an SDE class named {cls.__name__!r} is already registered ({known.__module__}.{known.__qualname__})")
     _SDE_CLASSES[cls.__name__] = cls
     return cls
