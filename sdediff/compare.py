@@ -32,9 +32,9 @@ from ._validate import check_int
 from .data.mixture import GaussianMixture
 from .likelihood import log_likelihood
 from .metrics import noise_floor, sliced_wasserstein
-from .processes import ScoreFn
 from .sampling import SampleResult, sample
 from .sdes import SDE
+from .sdes.base import ScoreFn
 
 __all__ = ["Candidate", "DEFAULT_SOLVERS", "ComparisonRow", "ComparisonResult", "compare_solvers", "LikelihoodComparison",
            "compare_likelihood", "distance_to_reference", "nearest_class_accuracy", "mean_nfe", "markdown_table"]

@@ -16,8 +16,7 @@ from torch import Tensor
 from .._io import atomic_write, atomic_write_file, json_safe
 from ..compare import distance_to_reference
 from ..data.toy import TOY_CLASSES, TOY_DATASETS, make_toy
-from ..distributed import DistributedEval
-from ..distributed import world_size as _world_size
+from ..distributed import DistributedEval, world_size
 from ..elbo import nll_bound
 from ..runs import Run, load_run
 from ..sdes import VESDE, VPSDE, SubVPSDE
@@ -123,7 +122,7 @@ def sharded_map(device: torch.device, fn: Callable[[int], Any], num_chunks: int,
 
 
 def describe_sharding(chunks: list[slice]) -> str:
-    return f"{len(chunks)} chunk(s) of at most {chunks[0].stop - chunks[0].start} over {_world_size()} process(es)"
+    return f"{len(chunks)} chunk(s) of at most {chunks[0].stop - chunks[0].start} over {world_size()} process(es)"
 
 
 # --- output ---------------------------------------------------------------------------------------------

@@ -16,8 +16,7 @@ from torch import Tensor
 
 from .. import __version__
 from ..data.toy import make_toy, toy_mixture
-from ..distributed import chunk_generator, chunk_slices, local_device, process_rank
-from ..distributed import world_size as _world_size
+from ..distributed import chunk_generator, chunk_slices, local_device, process_rank, world_size
 from ..likelihood import log_likelihood
 from ..metrics import mean_se
 from ..runs import Run
@@ -94,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     nll, nll_se = mean_se(-log_prob)
     doc: dict[str, Any] = {"checkpoint": str(trained.checkpoint), "step": trained.step, "data": data,
                            "split": args.split, "n": len(x), "eps": eps, "trace": trace, "rtol": args.rtol,
-                           "atol": args.atol, "nfe": nfe, "batch_size": args.batch_size, "world_size": _world_size(),
+                           "atol": args.atol, "nfe": nfe, "batch_size": args.batch_size, "world_size": world_size(),
                            "seconds": seconds, "nll": nll, "nll_se": nll_se, "nll_per_dim": nll / d}
     lines = [f"NLL {nll:.4f} ± {nll_se:.4f} nats ({nll / d:.4f} nats/dim), {nfe} NFE, {seconds:.1f} s"]
     if image:

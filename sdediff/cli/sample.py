@@ -16,8 +16,7 @@ from torch import Tensor
 from .. import __version__
 from ..compare import nearest_class_accuracy
 from ..data.toy import TOY_DATASETS, make_toy
-from ..distributed import chunk_generator, chunk_slices, local_device, process_rank
-from ..distributed import world_size as _world_size
+from ..distributed import chunk_generator, chunk_slices, local_device, process_rank, world_size
 from ..guidance import ClassifierFreeNet
 from ..runs import Run
 from ..sampling import sample
@@ -143,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
                            "steps": args.steps, "options": options, "n": n, "eps": args.eps, "seed": args.seed,
                            "denoise": args.denoise, "time_grid": args.time_grid, "nfe": nfe,
                            "nfe_per_sample": nfe_per_sample, "batch_size": args.batch_size,
-                           "world_size": _world_size(), "seconds": seconds, "samples": str(out),
+                           "world_size": world_size(), "seconds": seconds, "samples": str(out),
                            "classes": args.classes, "guidance_scale": args.guidance_scale}
     if calibration is not None:
         doc["calibration"] = calibration
