@@ -9,6 +9,7 @@ from . import data, guidance, metrics, score, solvers, training
 from .elbo import ELBOResult, elbo
 from .likelihood import LikelihoodResult, bits_per_dim, dequantize, log_likelihood
 from .processes import ReverseProcess
+from .runs import Run, load_run
 from .sampling import SampleResult, sample
 from .sdes import SDE, VESDE, VPSDE, LearnedScheduleSDE, LinearSDE, SubVPSDE
 from .simulate import simulate
@@ -26,6 +27,7 @@ __all__ = [
 __all__ += ["simulate", "elbo", "ELBOResult", "LearnedScheduleSDE"]
 __all__ += ["guidance"]
 __all__ += ["calibrate_grid"]
+__all__ += ["load_run", "Run"]
 
 
 def __getattr__(name: str):

@@ -1,11 +1,13 @@
-"""Atomic file writes: a file is either the old version or the new one, never a torn mix."""
+"""Atomic file writes (a file is either the old version or the new one, never a torn mix) and strict JSON."""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -55,3 +57,17 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     """Write ``data`` (text as UTF-8) to ``path`` atomically (see :func:`atomic_write_file`)."""
     payload = data.encode() if isinstance(data, str) else data
     return atomic_write_file(path, lambda tmp: tmp.write_bytes(payload))
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` made fit for strict JSON: non-finite floats become ``None`` (JSON has no NaN or infinity), tuples
+    become lists, dictionary keys strings and paths strings; nested dictionaries and lists are converted throughout."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

@@ -2,6 +2,8 @@
 demo and bench runs at tiny sizes (the full-size demo, which must meet its sliced-W2 target, is slow)."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+import sdediff
 from sdediff import cli
+from sdediff.cli import parser as cli_parser
 from sdediff.config import ConfigError, config_defaults, dump_toml, load_toml
 
 COMMANDS = ("demo", "train", "sample", "likelihood", "bench")
@@ -93,7 +97,7 @@ def test_console_script_exit_codes():
 
 # --- TOML configs ----------------------------------------------------------------------------------------
 def test_config_keys_map_to_flags_and_flags_win(tmp_path):
-    parser, subs = cli._build()
+    parser, subs = cli_parser.build()
     doc = {"batch-size": 32, "lr": 1, "amp": True, "progress": False, "channel_mults": [1, 2, 2], "seed": 4,
            "train": {"seed": 5, "data": "rings"}, "sample": {"solver": "pc"}}
     values = config_defaults(subs["train"], doc, "train", subs)
@@ -104,7 +108,7 @@ def test_config_keys_map_to_flags_and_flags_win(tmp_path):
     assert sample_values == {"solver_option": [("snr", 0.2), ("predictor", "ddpm")]}
     path = tmp_path / "c.toml"
     path.write_text('[train]\nsteps = 7\nlr = 0.5\n')
-    args, _ = cli._parse(["train", "--config", str(path), "--lr", "0.25"])
+    args, _ = cli_parser.parse(["train", "--config", str(path), "--lr", "0.25"])
     assert (args.steps, args.lr) == (7, 0.25)
 
 
@@ -118,7 +122,7 @@ def test_config_keys_map_to_flags_and_flags_win(tmp_path):
     ({"train": 3}, "[train] must be a table"),
 ])
 def test_config_errors(doc, message):
-    _, subs = cli._build()
+    _, subs = cli_parser.build()
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         config_defaults(subs["train"], doc, "train", subs, source="run.toml")
 
@@ -256,6 +260,7 @@ def test_learned_schedule_run_loads_back_with_its_schedule(tmp_path, capsys):
     the CLI with its trained schedule and time input: the same score as the trainer's, and sample/likelihood work."""
     from sdediff import LearnedScheduleSDE
     from sdediff.data import make_toy
+    from sdediff.runs import resolve_time_input
     from sdediff.training import MLP, TrainConfig, Trainer
 
     out = tmp_path / "learned"
@@ -265,14 +270,14 @@ def test_learned_schedule_run_loads_back_with_its_schedule(tmp_path, capsys):
     cfg = TrainConfig(loss="elbo", steps=4, batch_size=32, lr=1e-2, out_dir=str(out), progress=False, device="cpu")
     trainer = Trainer(MLP(dim=2, hidden=32, depth=2), sde, data, config=cfg, time_input=sde.noise_level)
     trainer.fit()
-    loaded = cli._open_run(str(out), None, torch.device("cpu"))
+    loaded = sdediff.load_run(out)
     t = torch.tensor([0.0, 0.3, 1.0])
-    assert isinstance(loaded.sde, LearnedScheduleSDE) and loaded.meta["time_input"] == "sde.noise_level"
+    assert isinstance(loaded.sde, LearnedScheduleSDE) and loaded.metadata["time_input"] == "sde.noise_level"
     assert not torch.equal(sde.gamma(t), LearnedScheduleSDE(num_features=4).gamma(t))  # training moved the schedule
     # the EMA weights come with the EMA schedule, the raw weights with the trained schedule itself
     torch.testing.assert_close(loaded.sde.gamma(t), trainer.ema_sde.gamma(t), rtol=0, atol=0)
     assert not torch.equal(trainer.ema_sde.gamma(t), sde.gamma(t))
-    raw = cli._open_run(str(out), None, torch.device("cpu"), ema=False)
+    raw = sdediff.load_run(out, ema=False)
     torch.testing.assert_close(raw.sde.gamma(t), sde.gamma(t).detach(), rtol=0, atol=0)
     x = data[:8]
     with torch.no_grad():
@@ -285,8 +290,8 @@ def test_learned_schedule_run_loads_back_with_its_schedule(tmp_path, capsys):
     doc = json.loads((tmp_path / "l.json").read_text())
     assert np.isfinite(doc["nll"]) and np.isfinite(doc["nll_bound"])
     assert "LearnedScheduleSDE" in capsys.readouterr().out
-    with pytest.raises(cli.CLIError, match="custom time_input"):  # a callable the checkpoint cannot hold
-        cli._time_input_from_meta(out, {"time_input": "custom"}, loaded.sde)
+    with pytest.raises(ValueError, match="custom time_input"):  # a callable the checkpoint cannot hold
+        resolve_time_input("custom", loaded.sde)
 
 
 # --- demo and bench ---------------------------------------------------------------------------------------
@@ -315,16 +320,72 @@ def test_bench_quick(tmp_path, capsys):
     assert json.loads((tmp_path / "metrics.json").read_text())["n"] == 100
 
 
-def test_bench_runs_the_checkout_scripts(monkeypatch, capsys):
-    scripts = cli._benchmark_scripts()
-    if "overhead" not in scripts:
-        pytest.skip("not a source checkout with benchmarks/overhead.py")
-    calls = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd=None: calls.append((cmd, cwd)) or 0)
-    assert run("bench", "--script", "overhead", "--", "--quick", "--batch", "8") == 0
-    (cmd, cwd), = calls
-    assert cmd[1:] == [str(scripts["overhead"]), "--quick", "--batch", "8"] and Path(cwd) == scripts["overhead"].parents[1]
-    assert run("bench", "--quick", "--", "--batch", "8") == 2
+def test_bench_runs_without_a_source_checkout(tmp_path):
+    """An installed package has no benchmarks/ folder beside it: bench runs from the package alone."""
+    site = tmp_path / "site"
+    shutil.copytree(Path(sdediff.__file__).parent, site / "sdediff", ignore=shutil.ignore_patterns("__pycache__"))
+    assert not (site / "benchmarks").exists()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = tmp_path / "bench"
+    code = "import sys, sdediff.cli; print(sdediff.__file__); sys.exit(sdediff.cli.main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", code, "bench", "--n", "64", "--out", str(out), "--no-plot",
+                           "--no-progress"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(str(site / "sdediff"))  # the copy was imported, not the checkout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["solver"] for r in metrics["solvers"]] == ["euler_maruyama", "pc", "heun", "ode"]
+    assert all(r["finite"] and r["sliced_w2"] > 0 and r["floor"] > 0 for r in metrics["solvers"])
+    assert "| heun |" in done.stdout and (out / "table.md").is_file()
+    # the benchmark scripts' pass-through is gone: extra arguments are an argument error
+    assert run("bench", "--script", "overhead") == 2
+
+
+def test_load_run_of_a_cli_run(moons_run):
+    """sdediff.load_run rebuilds what `sdediff train` wrote: the SDE from its configuration, the EMA network of the
+    newest checkpoint, the records of run.json, and a score that is the network's eps prediction over s(t)."""
+    loaded = sdediff.load_run(moons_run)
+    record = json.loads((moons_run / "run.json").read_text())
+    assert isinstance(loaded.sde, sdediff.VPSDE) and loaded.sde.to_config() == record["sde"]
+    assert loaded.shape == (2,) and loaded.data == "moons" and loaded.seed == 3 and loaded.record == record
+    assert loaded.directory == moons_run and loaded.checkpoint == sorted(moons_run.glob("ckpt_*.safetensors"))[-1]
+    assert loaded.step == loaded.metadata["step"] and loaded.t_eps == 1e-5
+    assert not loaded.net.training and not any(p.requires_grad for p in loaded.net.parameters())
+    from sdediff.training import load_checkpoint
+
+    tensors, _ = load_checkpoint(loaded.checkpoint)
+    for name, value in loaded.net.state_dict().items():
+        assert torch.equal(value, tensors[f"ema.{name}"])
+    x, t = torch.randn(5, 2, generator=torch.Generator().manual_seed(0)), torch.full((5,), 0.4)
+    with torch.no_grad():
+        expected = -loaded.net(x, t) / loaded.sde.marginal_std(t)[:, None]
+        torch.testing.assert_close(loaded.score(x, t), expected)
+    by_file = sdediff.load_run(loaded.checkpoint, ema=False)  # a checkpoint file: its folder is the run folder
+    assert by_file.directory == moons_run and by_file.record == record
+    assert torch.equal(by_file.net.out.weight, tensors["model.out.weight"])
+
+
+def test_load_run_errors(moons_run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such run folder"):
+        sdediff.load_run(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no valid checkpoint"):
+        sdediff.load_run(tmp_path)
+    from sdediff.training import CheckpointError, load_checkpoint, save_checkpoint
+
+    ckpt = sorted(moons_run.glob("ckpt_*.safetensors"))[-1]
+    tensors, meta = load_checkpoint(ckpt)
+    broken = tmp_path / "broken"
+    meta["sde"] = {"class": "MySDE", "params": {}, "repr": "MySDE()"}
+    save_checkpoint(broken / ckpt.name, tensors, meta)
+    with pytest.raises(ValueError, match="unknown SDE class 'MySDE'"):
+        sdediff.load_run(broken)
+    assert run("sample", "--run", broken) == 2  # a run the command line cannot rebuild: an argument error
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(ckpt, bad / ckpt.name)
+    (bad / "run.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="run.json"):
+        sdediff.load_run(bad)
+    assert run("sample", "--run", bad) == 1  # a damaged run: a runtime failure
 
 
 @pytest.mark.slow

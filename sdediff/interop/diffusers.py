@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from .._validate import check_choice
 from ..score import ScoreModel
 from ..sdes.linear import LinearSDE
+from ..sdes.registry import register_sde
 
 __all__ = ["DiscreteVPSDE", "DiffusersModel", "from_diffusers", "scheduler_time_grid", "PREDICTION_TYPES"]
 
@@ -79,6 +80,7 @@ def _alphas_cumprod(value: Any) -> Tensor:
     return out
 
 
+@register_sde
 class DiscreteVPSDE(LinearSDE):
     r"""The VP SDE whose kernel passes through a discrete schedule :math:`\bar\alpha_0 > \dots > \bar\alpha_{N-1}`.
 
@@ -148,6 +150,11 @@ class DiscreteVPSDE(LinearSDE):
             raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps - 1}], got values in "
                              f"[{float(k.min()):g}, {float(k.max()):g}]")
         return (k + 1) / self.num_train_timesteps * self.T
+
+    def to_config(self) -> dict[str, Any]:
+        r"""``{"class": "DiscreteVPSDE", "params": {"alphas_cumprod": [...]}}``: :math:`\bar\alpha_k` as a list of
+        floats (float64 values, which JSON keeps exactly; see :meth:`sdediff.SDE.to_config`)."""
+        return {"class": type(self).__name__, "params": {"alphas_cumprod": self.alphas_cumprod.tolist()}}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_train_timesteps={self.num_train_timesteps})"

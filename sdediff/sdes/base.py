@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -126,6 +127,26 @@ class SDE(abc.ABC):
     def probability_flow(self, score_fn: ScoreFn, generator: torch.Generator | None = None) -> ReverseProcess:
         r"""The probability-flow ODE :math:`dx/dt = f(x,t) - \tfrac12 g(t)^2 \nabla\log p_t(x)`."""
         return self.reverse(score_fn, noise_scale=0.0, generator=generator)
+
+    # --- serialisation ------------------------------------------------------------------------
+    def to_config(self) -> dict[str, Any]:
+        """The SDE's class name and constructor arguments, ``{"class": name, "params": {argument: value}}``.
+
+        Plain JSON values only, so the result can go into a checkpoint or a ``run.json``;
+        :func:`sdediff.sdes.sde_from_config` rebuilds the SDE from it (``type(sde)(**params)``, the class found
+        among the registered ones). The built-in SDEs implement it; a custom SDE that should be saved and rebuilt
+        overrides it and registers its class with :func:`sdediff.sdes.register_sde`. Learned parameters (an
+        ``nn.Module`` SDE's ``state_dict``) are not part of the configuration.
+
+        Raises
+        ------
+        NotImplementedError
+            Here, in the base class: the SDE does not say how to rebuild itself.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define to_config(); to save it and rebuild it, override to_config() to "
+            f"return {{'class': {type(self).__name__!r}, 'params': {{constructor arguments}}}} and register the class "
+            "with sdediff.sdes.register_sde")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(T={self.T})"

@@ -30,6 +30,7 @@ minimise the bound (:meth:`endpoint_parameters`), as :class:`~sdediff.training.T
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +144,11 @@ class LearnedScheduleSDE(nn.Module, LinearSDE):
         r""":math:`g(t) = (\gamma'(t)\operatorname{sigmoid}(\gamma(t)))^{1/2}`."""
         g, dg = self.gamma_and_derivative(t)
         return torch.sqrt(dg * torch.sigmoid(g))
+
+    def to_config(self) -> dict[str, Any]:
+        """``{"class": "LearnedScheduleSDE", "params": self.config}``: the constructor arguments, which rebuild the
+        module before ``load_state_dict`` restores the trained schedule (see :meth:`sdediff.SDE.to_config`)."""
+        return {"class": type(self).__name__, "params": dict(self.config)}
 
     def __repr__(self) -> str:
         with torch.no_grad():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -67,6 +68,11 @@ class VESDE(LinearSDE):
         lo = torch.as_tensor(lo, dtype=t.dtype, device=t.device)
         hi = torch.as_tensor(self.T if hi is None else hi, dtype=t.dtype, device=t.device)
         return torch.minimum(torch.maximum(t, lo), hi)
+
+    def to_config(self) -> dict[str, Any]:
+        """``{"class": ..., "params": {"sigma_min", "sigma_max", "T"}}`` (see :meth:`sdediff.SDE.to_config`)."""
+        return {"class": type(self).__name__,
+                "params": {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "T": self.T}}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, T={self.T})"

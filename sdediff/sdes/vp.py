@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -83,6 +85,10 @@ class VPSDE(LinearSDE):
         lo = torch.as_tensor(lo, dtype=t.dtype, device=t.device)
         hi = torch.as_tensor(self.T if hi is None else hi, dtype=t.dtype, device=t.device)
         return torch.minimum(torch.maximum(t, lo), hi)
+
+    def to_config(self) -> dict[str, Any]:
+        """``{"class": ..., "params": {"beta_min", "beta_max", "T"}}`` (see :meth:`sdediff.SDE.to_config`)."""
+        return {"class": type(self).__name__, "params": {"beta_min": self.beta_min, "beta_max": self.beta_max, "T": self.T}}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(beta_min={self.beta_min}, beta_max={self.beta_max}, T={self.T})"

@@ -190,6 +190,11 @@ def load_state_dict_file(path: str | os.PathLike, device: torch.device | str = "
         from safetensors.torch import load_file
 
         return load_file(str(path), device=str(device))
+    return network_weights(tensors, ema, path)
+
+
+def network_weights(tensors: dict[str, Tensor], ema: bool, path: str | os.PathLike) -> dict[str, Tensor]:
+    """The EMA (``ema.*``) or raw (``model.*``) network weights among a trainer checkpoint's tensors."""
     state = without_prefix("ema" if ema else "model", tensors)
     if not state:
         raise CheckpointError(f"checkpoint {path} has no {'EMA' if ema else 'model'} weights")
@@ -204,15 +209,45 @@ def load_weights(model: nn.Module, path: str | os.PathLike, ema: bool = True) ->
     return model
 
 
-def load_model(path: str | os.PathLike, ema: bool = True, device: torch.device | str = "cpu") -> nn.Module:
+def load_model(path: str | os.PathLike, ema: bool = True, device: torch.device | str = "cpu", *,
+               contents: tuple[dict[str, Tensor], dict[str, Any]] | None = None) -> nn.Module:
     """Rebuild the :class:`~sdediff.training.MLP` or :class:`~sdediff.training.UNet` saved in a trainer
-    checkpoint and load its EMA (default) or raw weights; returned in eval mode."""
+    checkpoint and load its EMA (default) or raw weights; returned in eval mode on ``device``.
+
+    Parameters
+    ----------
+    path : path-like
+        The checkpoint file.
+    ema : bool
+        Load the EMA weights (default) or the raw ones.
+    device : torch.device or str
+        Where the network goes.
+    contents : (tensors, metadata), optional
+        What :func:`load_checkpoint` returned for ``path``, when the caller has read it already (the file is
+        then not read again).
+
+    Raises
+    ------
+    CheckpointError
+        If the file is damaged, holds a model class sdediff cannot rebuild (construct it yourself and call
+        :func:`load_weights`), or its weights do not fit the stored model configuration.
+    """
     from .models import MODELS
 
-    _, meta = load_checkpoint(path)
+    tensors, meta = load_checkpoint(path) if contents is None else contents
     info = meta.get("model") or {}
-    if info.get("class") not in MODELS or "config" not in info:
+    if info.get("class") not in MODELS or not isinstance(info.get("config"), dict):
         raise CheckpointError(f"checkpoint {path} holds a {info.get('class', 'custom')!r} model that sdediff cannot "
                               f"rebuild; construct it yourself and call load_weights(model, path)")
-    model = MODELS[info["class"]](**info["config"]).to(device)
-    return load_weights(model, path, ema=ema).eval()
+    state = network_weights(tensors, ema, path)
+    try:
+        model = MODELS[info["class"]](**info["config"]).to(device)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: its {info['class']} configuration {info['config']} is invalid: "
+                              f"{err}") from err
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {path}: the {'EMA' if ema else 'raw'} weights do not fit its "
+                              f"{info['class']}: {err}") from err
+    return model.eval()

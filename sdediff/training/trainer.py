@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._io import atomic_write
+from .._io import atomic_write, json_safe
 from .._utils import randn
 from .._validate import check_int
 from ..distributed import setup_distributed
@@ -96,24 +96,14 @@ class _Conditioned(nn.Module):
         return self.net(x, t, self.cond)
 
 
-def _json_safe(obj: Any) -> Any:
-    """``obj`` with non-finite floats replaced by ``None`` (strict JSON has no NaN or infinity)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def _describe_sde(sde) -> dict[str, Any]:
-    """Class, constructor arguments (an SDE's own ``config`` dict, e.g. a learned schedule's) and repr of ``sde``."""
-    config = getattr(sde, "config", None)
-    params = dict(config) if isinstance(config, dict) else {
-        k: getattr(sde, k) for k in ("beta_min", "beta_max", "sigma_min", "sigma_max", "T")
-        if isinstance(getattr(sde, k, None), (int, float))}
-    return {"class": type(sde).__name__, "params": params, "repr": repr(sde)}
+    """``sde.to_config()`` (class name and constructor arguments, rebuilt by :func:`sdediff.sdes.sde_from_config`)
+    and its repr; ``params`` is ``None`` for a custom SDE that does not define :meth:`~sdediff.SDE.to_config`."""
+    try:
+        config = sde.to_config()
+    except NotImplementedError:
+        config = {"class": type(sde).__name__, "params": None}
+    return {**config, "repr": repr(sde)}
 
 
 def _describe_time_input(time_input: Callable[[Tensor], Tensor] | None, sde) -> str | None:
@@ -452,7 +442,7 @@ class Trainer:
         doc = {"config": self.config.to_dict(), "step": self.step, "world_size": self.dist.world_size,
                "nonfinite_count": self.nonfinite_count, "steps_per_second": self.steps_per_second,
                "loss": self.history, "log": self.log, "evals": self.evals}
-        text = json.dumps(_json_safe(doc), indent=1, allow_nan=False, default=str)
+        text = json.dumps(json_safe(doc), indent=1, allow_nan=False, default=str)
         path = self.out_dir / "metrics.json"
         return atomic_write(path, text)
 

@@ -1,0 +1,171 @@
+"""``sdediff sample``: samples of a trained run (:func:`sdediff.load_run`) with any registered solver through
+:func:`sdediff.sample`, in chunks shared out among the processes of a torchrun job; writes the samples, a plot and
+a JSON sidecar."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import __version__
+from ..compare import nearest_class_accuracy
+from ..data.toy import TOY_DATASETS, make_toy
+from ..distributed import chunk_generator, chunk_slices, local_device, process_rank, world_size
+from ..guidance import ClassifierFreeNet
+from ..runs import Run
+from ..sampling import sample
+from ..score import ScoreModel
+from ..solvers import calibrate_grid, get_solver
+from .common import (
+    CLIError,
+    add_plot,
+    describe_sharding,
+    held_out_generator,
+    open_run,
+    pick_device,
+    plot_samples,
+    print_written,
+    save_samples,
+    set_threads,
+    sharded_map,
+    toy_metrics,
+    write_json,
+)
+
+
+def solver_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--solver-option`` pairs, checked against the solver's options."""
+    options = dict(args.solver_option or [])
+    try:
+        get_solver(args.solver, **options)
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"--solver {args.solver} with options {options}: {err}") from None
+    return options
+
+
+def sample_labels(run: Run, classes: list[int] | None, scale: float, n: int) -> Tensor | None:
+    """The class of each of the ``n`` samples (``classes`` in equal consecutive blocks), or ``None``: unconditional."""
+    known = getattr(run.net, "num_classes", None)
+    if classes is None:
+        if scale != 0:
+            raise CLIError("--guidance-scale needs --classes, the classes to guide towards")
+        return None
+    if known is None:
+        raise CLIError(f"--classes: {run.checkpoint} holds an unconditional model; train one with --class-cond")
+    if max(classes) >= known:
+        raise CLIError(f"--classes: the model knows classes 0..{known - 1}, got {max(classes)}")
+    return torch.tensor(classes).repeat_interleave(math.ceil(n / len(classes)))[:n]
+
+
+def calibrated_grid(run: Run, args: argparse.Namespace, options: dict[str, Any], device: torch.device,
+                    labels: Tensor | None, progress: bool) -> tuple[Tensor, dict[str, Any]]:
+    """``--time-grid calibrated``: :func:`sdediff.calibrate_grid` for the run's model and the chosen solver on
+    ``--calibration-pilot`` prior draws (seeded apart from the samples; the same grid in every process)."""
+    if labels is not None:
+        raise CLIError("--time-grid calibrated: not available with --classes (calibrate on unconditional runs)")
+    gen = torch.Generator(device).manual_seed(args.seed + 7919)
+    pilot = run.sde.prior_sample((args.calibration_pilot, *run.shape), generator=gen, device=device)
+    start = time.perf_counter()
+    try:  # calibrate_grid checks the solver (deterministic, fixed-step) and the sizes before any work
+        cal = calibrate_grid(run.sde, run.score, pilot, args.steps, args.solver, eps=args.eps,
+                             max_evals=args.calibration_evals, progress=progress, **options)
+    except ValueError as err:
+        raise CLIError(f"--time-grid calibrated: {err} (e.g. unipc, dpm_solver, heun)") from err
+    info = {"times": cal.times.tolist(), "pilot": args.calibration_pilot, "pilot_rmse": cal.rmse, "start": cal.start,
+            "start_rmse": cal.start_rmse[cal.start], "accepted": cal.accepted, "holdout_rmse": cal.holdout_rmse,
+            "start_holdout_rmse": cal.start_holdout_rmse, "evals": cal.evals, "reference_nfe": cal.reference_nfe,
+            "search_nfe": cal.search_nfe, "seconds": time.perf_counter() - start}
+    return cal.times, info
+
+
+def run(args: argparse.Namespace) -> int:
+    """``sdediff sample``: draw samples from a trained run with any solver and save them."""
+    device = local_device(pick_device(args.device))
+    trained = open_run(args.run, args.checkpoint, device, ema=not args.raw_weights)
+    image = len(trained.shape) == 3
+    threads = set_threads(args.threads, device, small=not image)
+    options = solver_options(args)
+    n = args.n or (64 if image else 2000)
+    slug = args.solver.replace(":", "-")
+    out = args.out or trained.directory / f"samples_{slug}_{args.steps}.safetensors"
+    labels = sample_labels(trained, args.classes, args.guidance_scale, n)
+    chunks = chunk_slices(n, args.batch_size)
+    main = process_rank() == 0
+    if main:
+        print(f"sdediff {__version__} sample: {n} samples from {trained.describe()} with {args.solver} "
+              f"({args.steps} steps{', ' + str(options) if options else ''}) on {device}, {threads}; "
+              f"{describe_sharding(chunks)}")
+    time_grid, calibration = args.time_grid, None
+    if time_grid == "calibrated":
+        time_grid, calibration = calibrated_grid(trained, args, options, device, labels, progress=args.progress and main)
+        if main:
+            verdict = "kept" if calibration["accepted"] else f"not better on the held-out quarter: using {calibration['start']}"
+            print(f"calibrated {args.steps}-step grid on {args.calibration_pilot} pilot paths: RMSE "
+                  f"{calibration['pilot_rmse']:.3g} (best standard grid, {calibration['start']}: "
+                  f"{calibration['start_rmse']:.3g}); held-out quarter {calibration['holdout_rmse']:.3g} vs "
+                  f"{calibration['start_holdout_rmse']:.3g}, {verdict}; {calibration['seconds']:.1f} s")
+
+    @torch.no_grad()
+    def draw(k: int) -> tuple[Tensor, Tensor, int]:
+        size = chunks[k].stop - chunks[k].start
+        score = trained.score if labels is None else ScoreModel(
+            ClassifierFreeNet(trained.net, labels[chunks[k]], args.guidance_scale), trained.sde, trained.score.prediction,
+            trained.score.time_input)
+        info = sample(trained.sde, score, (size, *trained.shape), solver=args.solver, steps=args.steps, eps=args.eps,
+                      generator=chunk_generator(args.seed, k, device), device=device, time_grid=time_grid,
+                      denoise=args.denoise, progress=args.progress and main and len(chunks) == 1, return_info=True,
+                      **options)
+        per_sample = info.stats.get("nfe_per_sample")
+        if not isinstance(per_sample, Tensor):
+            per_sample = torch.full((size,), info.nfe)
+        return info.samples.cpu(), per_sample.double().cpu(), info.nfe
+
+    start = time.perf_counter()
+    parts = sharded_map(device, draw, len(chunks), args.progress)
+    if parts is None:  # a torchrun rank other than 0: rank 0 writes the results
+        return 0
+    seconds = time.perf_counter() - start
+    x = torch.cat([part[0] for part in parts])
+    nfe, nfe_per_sample = sum(part[2] for part in parts), float(torch.cat([part[1] for part in parts]).mean())
+    if not bool(torch.isfinite(x).all()):
+        print(f"warning: {int((~torch.isfinite(x)).any(dim=tuple(range(1, x.dim()))).sum())} samples are not finite",
+              file=sys.stderr)
+    save_samples(out, x)
+    written = [out]
+    doc: dict[str, Any] = {"checkpoint": str(trained.checkpoint), "step": trained.step, "solver": args.solver,
+                           "steps": args.steps, "options": options, "n": n, "eps": args.eps, "seed": args.seed,
+                           "denoise": args.denoise, "time_grid": args.time_grid, "nfe": nfe,
+                           "nfe_per_sample": nfe_per_sample, "batch_size": args.batch_size,
+                           "world_size": world_size(), "seconds": seconds, "samples": str(out),
+                           "classes": args.classes, "guidance_scale": args.guidance_scale}
+    if calibration is not None:
+        doc["calibration"] = calibration
+    line = f"{n} samples in {seconds:.2f} s, {nfe_per_sample:.4g} NFE"
+    toy = trained.data in TOY_DATASETS and x.dim() == 2
+    if toy and labels is not None:  # class-conditional: is each sample in the class asked for?
+        ref, ref_labels = make_toy(trained.data, 5000, held_out_generator(trained.seed + 1), dtype=x.dtype,
+                                   return_labels=True)
+        doc.update(nearest_class_accuracy(x, labels, ref, ref_labels))
+        line += f"; {100 * doc['class_accuracy']:.1f}% in the class asked for (nearest held-out point)"
+    elif toy:
+        doc.update(toy_metrics(x, trained.data, held_out_generator(trained.seed + 1)))
+        line += f"; sliced W2 to held-out data {doc['sliced_w2']:.4f} (noise floor {doc['noise_floor']:.4f})"
+    print(line)
+    if args.plot:
+        ref, classes = None, None
+        if toy and labels is not None:
+            ref, ref_labels = make_toy(trained.data, 2000, held_out_generator(trained.seed), return_labels=True)
+            classes = (labels, ref_labels)
+        elif trained.data in TOY_DATASETS:
+            ref = make_toy(trained.data, min(n, 2000), held_out_generator(trained.seed))
+        add_plot(written, plot_samples(out.with_suffix(".png"), x, trained.data, ref,
+                                       f"{args.solver}, {args.steps} steps, NFE {nfe_per_sample:.4g}", classes))
+    written.append(write_json(out.with_suffix(".json"), doc))
+    print_written(written)
+    return 0

@@ -1,0 +1,176 @@
+"""``sdediff train``: fit a score network into a run folder (checkpoints, metrics.json, run.json, config.toml and a
+sample plot), through :class:`sdediff.training.Trainer`."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import __version__
+from .._io import atomic_write
+from ..config import dump_toml
+from ..data.toy import TOY_CLASSES, make_toy
+from ..runs import read_run_record, resume_conflicts, run_record
+from .common import (
+    CLIError,
+    add_plot,
+    command_options,
+    fmt,
+    held_out_generator,
+    make_sde,
+    num_classes,
+    pick_device,
+    plot_samples,
+    print_written,
+    set_threads,
+    toy_metrics,
+    toy_train,
+    write_json,
+)
+
+# Defaults that depend on the data: 2-D toy sets (MLP) or 8x8 digits (UNet).
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {  # the digits values are those of benchmarks/digits_nll.py
+    "2d": {"steps": 4000, "batch_size": 512, "lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.995,
+           "weighting": "simple", "t_sampling": "uniform", "eval_samples": 2000, "eval_nll_points": 256},
+    "image": {"steps": 2500, "batch_size": 128, "lr": 1e-3, "warmup_steps": 200, "ema_decay": 0.999,
+              "weighting": "likelihood", "t_sampling": "importance", "eval_samples": 64, "eval_nll_points": 64},
+}
+
+
+def train_data(data: str, n_train: int, seed: int) -> tuple[Tensor, Any, Tensor, tuple[int, ...]]:
+    """``(train, transform, held_out, shape)`` of a data set name."""
+    if data == "digits":
+        from ..data.digits import digits_to_model, load_digits
+
+        train, _ = load_digits("train")
+        test, _ = load_digits("test")
+        return train, digits_to_model, test, tuple(train.shape[1:])
+    held = make_toy(data, 20_000, held_out_generator(seed))
+    return toy_train(data, n_train, seed), None, held, (2,)
+
+
+def build_model(args: argparse.Namespace, shape: tuple[int, ...]) -> torch.nn.Module:
+    """The network of ``--model`` (auto: a UNet for images, an MLP otherwise) with its options."""
+    from ..training import MLP, UNet
+
+    kind = args.model if args.model != "auto" else ("unet" if len(shape) == 3 else "mlp")
+    embed: dict[str, Any] = {} if args.time_embed is None else {"time_embed": args.time_embed}
+    if args.class_cond:
+        embed["num_classes"] = num_classes(args.data)
+    if kind == "unet":
+        if len(shape) != 3:
+            raise CLIError(f"--model unet needs image data (C, H, W); {args.data} has shape {shape}")
+        return UNet(in_channels=shape[0], base_channels=args.base_channels, channel_mults=tuple(args.channel_mults),
+                    num_res_blocks=args.num_res_blocks, **embed)
+    return MLP(math.prod(shape), hidden=args.hidden, depth=args.depth, **embed)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``sdediff train``: fit a score network, write checkpoints, metrics and a sample plot to ``--out``."""
+    from ..training import TrainConfig, Trainer, latest_checkpoint, list_checkpoints, seed_everything
+
+    image = args.data == "digits"
+    for key, value in TRAIN_PRESETS["image" if image else "2d"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    device = pick_device(args.device)
+    threads = set_threads(args.threads, device, small=not image)
+    out = Path(args.out) if args.out else Path("runs") / f"{args.data}-{args.sde}"
+    sde = make_sde(args)
+    train, transform, held, shape = train_data(args.data, args.n_train, args.seed)
+    labels = None
+    if args.class_cond:
+        if num_classes(args.data) is None:
+            raise CLIError(f"--class-cond needs labelled data (digits, {', '.join(TOY_CLASSES)}); {args.data} has "
+                           "no labels")
+        if image:
+            from ..data.digits import load_digits
+
+            labels = load_digits("train")[1]
+        else:
+            labels = toy_train(args.data, args.n_train, args.seed, labels=True)[1]
+    seed_everything(args.seed)
+    net = build_model(args, shape)
+    options = command_options(args)
+    options["out"] = str(out)
+    record = run_record("train", args.data, shape, args.seed, None if image else args.n_train, sde, net, options)
+
+    if list_checkpoints(out) and not args.resume:
+        raise CLIError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another --out")
+    old = read_run_record(out) if args.resume else None
+    changed = resume_conflicts(old, record) if old is not None else []
+    if changed:
+        raise CLIError(f"--resume: {out} was trained with other {', '.join(changed)} "
+                       f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); use the same options "
+                       f"(e.g. --config {out / 'config.toml'}) or another --out")
+
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                      warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
+                      grad_clip=args.grad_clip or None, ema_decay=args.ema_decay, amp=args.amp, seed=args.seed,
+                      prediction=args.prediction, weighting=args.weighting, t_sampling=args.t_sampling,
+                      t_eps=args.t_eps, log_every=args.log_every, eval_every=args.eval_every,
+                      eval_samples=args.eval_samples, eval_solver=args.eval_solver,
+                      eval_sample_steps=args.eval_sample_steps, eval_nll_points=args.eval_nll_points,
+                      ckpt_every=args.ckpt_every, keep_checkpoints=args.keep_checkpoints, out_dir=str(out),
+                      progress=args.progress, device=str(device),
+                      cond_drop_prob=args.cond_drop_prob if args.class_cond else 0.0)
+    captured: dict[str, Tensor | None] = {"samples": None}
+
+    def eval_fn(trainer: Trainer, samples: Tensor | None) -> dict[str, Any]:
+        captured["samples"] = samples
+        if samples is None or image:
+            return {}
+        return toy_metrics(samples, args.data, held_out_generator(args.seed + 1 + trainer.step))
+
+    trainer = Trainer(net, sde, train, labels, config=cfg, transform=transform, eval_data=held, eval_fn=eval_fn)
+    write_json(out / "run.json", record)
+    atomic_write(out / "config.toml", dump_toml(
+        {k: v for k, v in options.items() if k not in ("resume",)},
+        header=f"sdediff train options of this run (sdediff {__version__}); rerun or continue with\n"
+               f"  sdediff train --config {out / 'config.toml'} --resume"))
+    print(f"sdediff {__version__} train: {args.data} {tuple(train.shape)}, {sde!r}, {type(net).__name__} "
+          f"({sum(p.numel() for p in net.parameters()):,} parameters), {args.steps} steps of batch {args.batch_size} "
+          f"on {device}, {threads}; run folder {out}")
+    start = time.perf_counter()
+    try:
+        trainer.fit(resume=args.resume)
+    finally:
+        trainer.close()
+    seconds = time.perf_counter() - start
+    result: dict[str, Any] = {}
+    if args.eval_samples or args.eval_nll_points:
+        if trainer.evals and trainer.evals[-1]["step"] == trainer.step and captured["samples"] is not None:
+            result = trainer.evals[-1]
+        else:
+            print("final evaluation: sampling and held-out NLL ...", flush=True)
+            result = trainer.evaluate()
+        if image and "nll" in result:
+            from ..data.digits import digits_bits_per_dim
+
+            result["bits_per_dim"] = float(digits_bits_per_dim(torch.tensor(-result["nll"])))
+            result["bits_per_dim_bound"] = float(digits_bits_per_dim(torch.tensor(-result["nll_bound"])))
+        trainer.write_metrics()
+    written = [latest_checkpoint(out), out / "metrics.json", out / "run.json", out / "config.toml"]
+    if captured["samples"] is not None and args.plot:
+        ref = held[: captured["samples"].shape[0]] if not image else None
+        add_plot(written, plot_samples(out / "samples.png", captured["samples"], args.data, ref,
+                                       f"{args.data}, step {trainer.step}, {args.eval_solver} {args.eval_sample_steps} steps"))
+    recent = [v for v in trainer.history[-100:] if math.isfinite(v)]
+    summary = [f"trained to step {trainer.step} in {seconds:.1f} s (loss {fmt(sum(recent) / max(len(recent), 1))})"]
+    if "nll" in result:
+        line = f"held-out NLL {result['nll']:.4f} nats (bound {result['nll_bound']:.4f})"
+        if image:
+            line += f" = {result['bits_per_dim']:.3f} bits/dim (bound {result['bits_per_dim_bound']:.3f})"
+        summary.append(line + f" on {args.eval_nll_points} points")
+    if "sliced_w2" in result:
+        summary.append(f"sliced W2 of {args.eval_samples} samples to held-out data {result['sliced_w2']:.4f} "
+                       f"(noise floor {result['noise_floor']:.4f})")
+    print("\n".join(summary))
+    print_written(written)
+    return 0

@@ -1,0 +1,245 @@
+"""Trained runs: a folder of trainer checkpoints (and the ``run.json`` that ``sdediff train`` writes), loaded back as
+an SDE, a network and its score function by :func:`load_run`.
+
+A run folder holds ``ckpt_*.safetensors`` files written by :class:`~sdediff.training.Trainer` (see
+:mod:`sdediff.training.checkpoint`) and, when the command line trained it, ``run.json``: the data set, the sample
+shape, the seed, the size of the training set, the SDE and model configurations and the command's options
+(:func:`run_record`). A checkpoint alone is enough for a run trained in Python on vectors with an
+:class:`~sdediff.training.MLP` (the shape is the MLP's dimension). Nothing in these files is executed: the SDE is
+rebuilt by :func:`sdediff.sdes.sde_from_config` from its registered class and the network by
+:func:`sdediff.training.load_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._io import json_safe
+from .score import ScoreModel
+from .sdes import SDE, sde_from_config
+from .training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model
+
+__all__ = ["Run", "load_run", "run_record", "read_run_record", "resume_conflicts", "resolve_time_input", "RUN_FORMAT",
+           "RUN_IDENTITY"]
+
+#: the ``format`` field of a ``run.json``
+RUN_FORMAT = "sdediff-run"
+RUN_VERSION = 1
+#: the ``run.json`` fields that fix what a run is: resuming it with other values would mix two runs
+RUN_IDENTITY = ("data", "shape", "seed", "n_train", "sde", "model")
+
+
+@dataclass
+class Run:
+    """A trained run as :func:`load_run` returns it.
+
+    Attributes
+    ----------
+    sde : SDE
+        The forward SDE (a learned schedule with its trained, or EMA, state).
+    score : ScoreModel
+        The score function: the network with its prediction and time input (``score(x, t)``).
+    net : nn.Module
+        The network, in eval mode with gradients off.
+    shape : tuple of int
+        The shape of one sample, e.g. ``(2,)`` or ``(1, 8, 8)``.
+    data : str or None
+        The name of the data set it was trained on (from ``run.json``; ``None`` without one).
+    step : int or None
+        The training step of the checkpoint.
+    seed : int
+        The run's seed (``run.json``, else the training configuration's).
+    t_eps : float
+        The smallest training time (the natural start of its likelihood ODE).
+    directory : Path
+        The run folder.
+    checkpoint : Path
+        The checkpoint file loaded.
+    record : dict or None
+        The contents of ``run.json`` (``None`` without one).
+    metadata : dict
+        The checkpoint's metadata (training configuration, model and SDE description, loss log, ...).
+    """
+
+    sde: SDE
+    score: ScoreModel
+    net: nn.Module
+    shape: tuple[int, ...]
+    data: str | None
+    step: int | None
+    seed: int
+    t_eps: float
+    directory: Path
+    checkpoint: Path
+    record: dict[str, Any] | None
+    metadata: dict[str, Any]
+
+    def describe(self) -> str:
+        """One line: checkpoint, step, network class, SDE and data set."""
+        return f"{self.checkpoint} (step {self.step}, {type(self.net).__name__}, {self.sde!r}, data {self.data})"
+
+
+def load_run(path: str | os.PathLike, device: torch.device | str | None = None, ema: bool = True, *,
+             checkpoint: str | os.PathLike | None = None) -> Run:
+    """Load a trained run: its SDE, network and score function, and what the run folder records about it.
+
+    Parameters
+    ----------
+    path : path-like
+        A run folder (its newest valid checkpoint is used; a folder whose ``checkpoints/`` subfolder holds the
+        run, as ``sdediff demo`` writes it, works too) or a checkpoint file (its folder is the run folder).
+    device : torch.device or str, optional
+        Where the network and a learned schedule go (default: the CPU).
+    ema : bool
+        Use the EMA weights (default), with the EMA state of a learned schedule where the checkpoint has one, or
+        the raw weights with the trained schedule.
+    checkpoint : path-like, optional
+        A checkpoint file to use instead of the folder's newest.
+
+    Returns
+    -------
+    Run
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` (or ``checkpoint``) does not exist.
+    ValueError
+        If the folder has no valid checkpoint, the checkpoint's SDE cannot be rebuilt (a class that is not
+        registered, see :func:`sdediff.sdes.register_sde`), its network was fed a custom time input, or the sample
+        shape is unknown (no ``run.json`` and not an MLP).
+    CheckpointError
+        If the checkpoint or ``run.json`` is damaged, holds a network sdediff cannot rebuild, or weights or a
+        schedule state that do not fit.
+    """
+    import sdediff.interop.diffusers  # noqa: F401  (registers DiscreteVPSDE, so a run trained on one loads back)
+
+    device = torch.device("cpu" if device is None else device)
+    path = Path(path)
+    if path.is_dir():
+        directory = _find_run_dir(path)
+    elif path.is_file():
+        directory = path.parent
+        checkpoint = path if checkpoint is None else checkpoint
+    else:
+        raise FileNotFoundError(f"{path}: no such run folder or checkpoint file")
+    if checkpoint is None:
+        found = latest_checkpoint(directory)
+        if found is None:
+            raise ValueError(f"no valid checkpoint (ckpt_*.safetensors) in {directory}; train one there (sdediff train --out "
+                             f"{directory}) or give a checkpoint file")
+        ckpt = found
+    else:
+        ckpt = Path(checkpoint)
+    tensors, meta = load_checkpoint(ckpt)
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {ckpt} has no training configuration (not written by sdediff's Trainer)")
+    record = read_run_record(directory)
+    sde = _restore_sde(ckpt, meta.get("sde") or {}, tensors, device, ema)
+    net = load_model(ckpt, ema=ema, device=device, contents=(tensors, meta)).requires_grad_(False)
+    if record is not None:
+        shape = tuple(int(n) for n in record["shape"])
+    elif type(net).__name__ == "MLP":
+        shape = (int(net.config["dim"]),)
+    else:
+        raise ValueError(f"{directory} has no run.json, so the sample shape of this {type(net).__name__} is unknown; "
+                         "use a folder written by 'sdediff train'")
+    score = ScoreModel(net, sde, meta.get("prediction", config.get("prediction")),
+                       resolve_time_input(meta.get("time_input"), sde, ckpt))
+    seed = int((record or {}).get("seed", config.get("seed", 0)))
+    step = meta.get("step")
+    return Run(sde=sde, score=score, net=net, shape=shape, data=(record or {}).get("data"),
+               step=None if step is None else int(step), seed=seed, t_eps=float(config.get("t_eps", 1e-5)),
+               directory=directory, checkpoint=ckpt, record=record, metadata=meta)
+
+
+def _find_run_dir(path: Path) -> Path:
+    """``path`` itself, or its ``checkpoints/`` subfolder when that holds the run (as ``sdediff demo`` writes it)."""
+    if not (path / "run.json").is_file() and (path / "checkpoints" / "run.json").is_file():
+        return path / "checkpoints"
+    return path
+
+
+def _restore_sde(path: Path, desc: dict[str, Any], tensors: dict[str, Tensor], device: torch.device, ema: bool) -> SDE:
+    """The checkpoint's SDE from its configuration; a learned schedule (an ``nn.Module``) gets its trained state
+    (``sde.*`` tensors) or, with ``ema``, its EMA state (``ema_sde.*``, which the EMA weights go with) where present."""
+    try:
+        sde = sde_from_config(desc)
+    except ValueError as err:
+        raise ValueError(f"checkpoint {path}: its SDE {desc.get('repr', desc.get('class'))!r} cannot be rebuilt: "
+                         f"{err}") from err
+    if isinstance(sde, nn.Module):
+        prefix = "ema_sde." if ema and any(k.startswith("ema_sde.") for k in tensors) else "sde."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            sde.load_state_dict(state)
+        except RuntimeError as err:
+            raise CheckpointError(f"checkpoint {path}: its {type(sde).__name__} schedule cannot be restored "
+                                  f"({'no sde.* tensors' if not state else err})") from err
+        sde = sde.to(device).eval().requires_grad_(False)
+    return sde
+
+
+def resolve_time_input(description: str | None, sde: SDE,
+                       source: str | os.PathLike = "the checkpoint") -> Callable[[Tensor], Tensor] | None:
+    """The network's time input recorded by the trainer: ``None`` (the network sees ``t``) or ``"sde.NAME"``, a
+    method of the SDE (e.g. a learned schedule's ``noise_level``).
+
+    Raises
+    ------
+    ValueError
+        For ``"custom"`` (any other callable, which a checkpoint cannot hold) or a method the SDE does not have.
+    """
+    if description is None:
+        return None
+    name = description[len("sde."):] if description.startswith("sde.") else None
+    if name is None or not callable(getattr(sde, name, None)):
+        raise ValueError(f"{source} was trained with a custom time_input ({description!r}) that cannot be rebuilt "
+                         "from the file; wrap the network yourself: ScoreModel(net, sde, prediction, time_input)")
+    return getattr(sde, name)
+
+
+# --- run.json --------------------------------------------------------------------------------------------
+def run_record(command: str, data: str, shape: Sequence[int], seed: int, n_train: int | None, sde: SDE,
+               net: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
+    """The ``run.json`` document of a run trained by ``command``: format, data set, sample shape, seed, training set
+    size (``None`` for a fixed data set), the SDE's :meth:`~sdediff.SDE.to_config`, the model's class and
+    configuration, the sdediff version and the command's ``options``."""
+    from . import __version__
+
+    return {"format": RUN_FORMAT, "version": RUN_VERSION, "command": command, "data": data, "shape": list(shape),
+            "seed": seed, "n_train": n_train, "sde": sde.to_config(),
+            "model": {"class": type(net).__name__, "config": getattr(net, "config", None)}, "sdediff": __version__,
+            "args": json_safe(options)}
+
+
+def read_run_record(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``run.json`` of a run folder, or ``None`` where there is none (or it is not an sdediff run record).
+
+    Raises
+    ------
+    CheckpointError
+        If ``run.json`` exists but is not valid JSON.
+    """
+    path = Path(directory) / "run.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is damaged (not valid JSON): {err}") from err
+    return record if isinstance(record, dict) and record.get("format") == RUN_FORMAT else None
+
+
+def resume_conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The :data:`RUN_IDENTITY` fields in which two run records differ (resuming across them would mix two runs)."""
+    return [k for k in RUN_IDENTITY if json_safe(old.get(k)) != json_safe(new.get(k))]
