@@ -10,7 +10,7 @@ from .elbo import ELBOResult, elbo
 from .likelihood import LikelihoodResult, bits_per_dim, dequantize, log_likelihood
 from .processes import ReverseProcess
 from .sampling import SampleResult, sample
-from .sdes import SDE, VESDE, VPSDE, LearnedScheduleSDE, LinearSDE, SubVPSDE
+from .sdes import SDE, VESDE, VPSDE, LearnedScheduleSDE, LinearSDE, SDECheck, SubVPSDE, check_sde
 from .simulate import simulate
 from .solvers import available_solvers, calibrate_grid, register_solver
 from .training import MLP, TrainConfig, Trainer, UNet, dsm_loss
@@ -26,6 +26,7 @@ __all__ = [
 __all__ += ["simulate", "elbo", "ELBOResult", "LearnedScheduleSDE"]
 __all__ += ["guidance"]
 __all__ += ["calibrate_grid"]
+__all__ += ["check_sde", "SDECheck"]
 
 
 def __getattr__(name: str):

@@ -72,7 +72,7 @@ class LinearSDE(SDE):
             raise ValueError(f"prior_std must be a positive float, got {prior_std!r}")
         if not (isinstance(grid_size, int) and grid_size >= 16):
             raise ValueError(f"grid_size must be an integer >= 16, got {grid_size!r}")
-        self.initial_std = float(initial_std)
+        self._initial_std = float(initial_std)
         self._prior_std = None if prior_std is None else float(prior_std)
         self.grid_size = grid_size
         self._table: dict[tuple[torch.device, torch.dtype], Tensor] = {}
@@ -113,6 +113,11 @@ class LinearSDE(SDE):
             early = self.log_snr(mid) > log_snr  # the log-SNR decreases with t: mid is still too early
             lo, hi = torch.where(early, mid, lo), torch.where(early, hi, mid)
         return 0.5 * (lo + hi)
+
+    @property
+    def initial_std(self) -> float:
+        """``s(0)``, the noise already present at ``t = 0`` (where the numerical kernel starts)."""
+        return self._initial_std
 
     @property
     def prior_std(self) -> float:
