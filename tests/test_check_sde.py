@@ -184,6 +184,16 @@ class WrongMean(sdediff.VPSDE):
         return torch.exp(0.9 * self.log_mean_coeff(t))
 
 
+class WrongLogSNR(sdediff.VPSDE):
+    def log_snr(self, t):
+        return 0.9 * super().log_snr(t)
+
+
+class WrongTimeOfLogSNR(sdediff.VPSDE):
+    def time_of_log_snr(self, log_snr, lo=0.0, hi=None):
+        return 0.9 * super().time_of_log_snr(log_snr, lo, hi)
+
+
 class WidePrior(sdediff.VPSDE):
     def prior_sample(self, shape, generator=None, device=None, dtype=None):
         return 2 * super().prior_sample(shape, generator, device, dtype)
@@ -219,6 +229,8 @@ class CubicDeclaredOU(DeclaredOU):
     (CubicDrift, "drift additivity"),
     (CubicDrift, "drift = drift_coef(t) x"),
     (WrongMean, "d log m/dt"),
+    (WrongLogSNR, "log-SNR"),
+    (WrongTimeOfLogSNR, "time_of_log_snr"),
     (WidePrior, "prior std"),
     (WrongPriorDensity, "prior_log_prob"),
     (lambda: DeclaredOU(std_factor=1.1), "d(s^2)/dt"),

@@ -254,18 +254,18 @@ def check_times(T: float, num_times: int) -> Tensor:
     return T * torch.unique(u)
 
 
-def per_time(value: Tensor | float, t: Tensor) -> Tensor:
+def _per_time(value: Tensor | float, t: Tensor) -> Tensor:
     """A time coefficient (``(batch,)``, 0-d or a float) as a float64 ``(batch,)`` tensor."""
     return torch.as_tensor(value, dtype=F64).expand_as(t)
 
 
-def b_scale(b: Tensor) -> Tensor:
+def _b_scale(b: Tensor) -> Tensor:
     """The per-sample largest magnitude of ``b`` (the scale of a per-sample comparison), broadcast like ``b``."""
     return expand_as(b.abs().flatten(1).amax(1), b)
 
 
 # --- the drift: shape, batch independence, linearity -----------------------------------------------------------------
-def check_drift(ck: _Checker, declared_linear: bool) -> bool:
+def _check_drift(ck: _Checker, declared_linear: bool) -> bool:
     """Check the drift's and diffusion's shapes and batch independence; return whether the drift is linear in ``x``."""
     sde, n = ck.sde, 16
     x, y, t = ck.randn(n, *ck.event_shape), ck.randn(n, *ck.event_shape), ck.uniform_times(n)
@@ -280,44 +280,51 @@ def check_drift(ck: _Checker, declared_linear: bool) -> bool:
     f = f.to(F64)
     k, rev = n // 2 - 1, torch.arange(n - 1, -1, -1)
     ck.compare("drift batch independence", f, torch.cat([sde.drift(x[:k], t[:k]), sde.drift(x[k:], t[k:])]).to(F64),
-               declared_by="drift on the whole batch", implied_by="drift on two parts of it", scale=b_scale(f))
+               declared_by="drift on the whole batch", implied_by="drift on two parts of it", scale=_b_scale(f))
     ck.compare("drift batch independence", f, sde.drift(x[rev], t[rev]).to(F64)[rev], declared_by="drift on the batch",
-               implied_by="drift on the batch in reverse order", scale=b_scale(f))
+               implied_by="drift on the batch in reverse order", scale=_b_scale(f))
     ck.compare("diffusion batch independence", g.to(F64), torch.cat([sde.diffusion(t[:k]), sde.diffusion(t[k:])]).to(F64),
                declared_by="diffusion on the whole batch", implied_by="diffusion on two parts of it")
     c = expand_as(4 * torch.rand(n, generator=ck.generator, dtype=F64) - 2, x)
     f_y = sde.drift(y, t).to(F64)
     pairs = {"drift homogeneity": (sde.drift(c * x, t).to(F64), c * f, "drift(c x, t)", "c drift(x, t)"),
              "drift additivity": (sde.drift(x + y, t).to(F64), f + f_y, "drift(x + y, t)", "drift(x, t) + drift(y, t)")}
-    scale = b_scale(f) + b_scale(f_y) + b_scale(c * f)
+    scale = _b_scale(f) + _b_scale(f_y) + _b_scale(c * f)
     if not declared_linear:  # the drift may be anything: linearity only decides how the moments are taken
         return all(bool(((a - b).abs() <= ck.atol + ck.rtol * scale).all()) for a, b, _, _ in pairs.values())
     for quantity, (declared, implied, declared_by, implied_by) in pairs.items():
         ck.compare(quantity, declared, implied, declared_by=declared_by, implied_by=implied_by, times=t, scale=scale)
-    ck.compare("drift = drift_coef(t) x", f, expand_as(per_time(sde.drift_coef(t), t), x) * x, declared_by="drift(x, t)",
-               implied_by="drift_coef(t) x", times=t, scale=b_scale(f))
+    ck.compare("drift = drift_coef(t) x", f, expand_as(_per_time(sde.drift_coef(t), t), x) * x, declared_by="drift(x, t)",
+               implied_by="drift_coef(t) x", times=t, scale=_b_scale(f))
     return True
 
 
 # --- the kernel of a LinearSDE ---------------------------------------------------------------------------------------
-def check_linear_kernel(ck: _Checker, sde: LinearSDE, times: Tensor) -> _Gaussian:
+def _check_linear_kernel(ck: _Checker, sde: LinearSDE, times: Tensor) -> _Gaussian:
     """``d log m/dt = a``, ``d(s^2)/dt = 2 a s^2 + g^2``, ``m(0) = 1``, ``s(0) = initial_std``; ``marginal`` vs the kernel."""
     m, dm, m_ok = ck.derivative(sde.mean_coeff, times, "d log m/dt")
     s, ds, s_ok = ck.derivative(sde.marginal_std, times, "d(s^2)/dt")
-    a, g = per_time(sde.drift_coef(times), times), per_time(sde.diffusion(times), times)
+    a, g = _per_time(sde.drift_coef(times), times), _per_time(sde.diffusion(times), times)
     ck.compare("d log m/dt", dm / m, a, times=times, mask=m_ok, declared_by="mean_coeff", implied_by="drift_coef")
     ck.compare("d(s^2)/dt", 2 * s * ds, 2 * a * s**2 + g**2, times=times, mask=s_ok, declared_by="marginal_std",
                implied_by="2 a s^2 + g^2 from drift_coef and diffusion")
+    lam = 2 * (m.log() - s.log())
+    if type(sde).log_snr is not LinearSDE.log_snr:
+        ck.compare("log-SNR", _per_time(sde.log_snr(times), times), lam, times=times, declared_by="log_snr",
+                   implied_by="2 log(m/s) from mean_coeff and marginal_std")
+    if type(sde).time_of_log_snr is not LinearSDE.time_of_log_snr:
+        ck.compare("time_of_log_snr", _per_time(sde.time_of_log_snr(lam), times), times, times=times,
+                   declared_by="time_of_log_snr(2 log(m/s))", implied_by="the time itself")
     zero = torch.zeros(1, dtype=F64)
-    ck.compare("m(0)", per_time(sde.mean_coeff(zero), zero), 1.0, declared_by="mean_coeff(0)", implied_by="m(0) = 1")
-    ck.compare("s(0)", per_time(sde.marginal_std(zero), zero), sde.initial_std, declared_by="marginal_std(0)",
+    ck.compare("m(0)", _per_time(sde.mean_coeff(zero), zero), 1.0, declared_by="mean_coeff(0)", implied_by="m(0) = 1")
+    ck.compare("s(0)", _per_time(sde.marginal_std(zero), zero), sde.initial_std, declared_by="marginal_std(0)",
                implied_by="initial_std")
     if type(sde).marginal is not LinearSDE.marginal:
         x0 = ck.randn(len(times), *ck.event_shape)
         mean, std = sde.marginal(x0, times)
         ck.compare("marginal mean", mean.to(F64), expand_as(m, x0) * x0, times=times, declared_by="marginal(x0, t)",
-                   implied_by="mean_coeff(t) x0", scale=b_scale(expand_as(m, x0) * x0))
-        ck.compare("marginal std", per_time(std, times), s, times=times, declared_by="marginal(x0, t)",
+                   implied_by="mean_coeff(t) x0", scale=_b_scale(expand_as(m, x0) * x0))
+        ck.compare("marginal std", _per_time(std, times), s, times=times, declared_by="marginal(x0, t)",
                    implied_by="marginal_std(t)")
     end = torch.full((1,), sde.T, dtype=F64)
     return _Gaussian(torch.zeros(ck.dim, dtype=F64), float(sde.marginal_std(end)), float(sde.mean_coeff(end)),
@@ -325,7 +332,7 @@ def check_linear_kernel(ck: _Checker, sde: LinearSDE, times: Tensor) -> _Gaussia
 
 
 # --- a declared marginal of a general SDE ------------------------------------------------------------------------------
-def drift_moments(ck: _Checker, mu: Tensor, s: Tensor, t: Tensor, z: Tensor,
+def _drift_moments(ck: _Checker, mu: Tensor, s: Tensor, t: Tensor, z: Tensor,
                   exact: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""Estimates of :math:`E[f(x, t)]` (``(rows, D)``) and of :math:`E[(x-\mu)f^\top + f(x-\mu)^\top]` (``(rows, D, D)``)
     for :math:`x = \mu + s z`, averaged over the antithetic pairs :math:`\pm z` of ``z`` (``(pairs, D)``), with their
@@ -346,7 +353,7 @@ def drift_moments(ck: _Checker, mu: Tensor, s: Tensor, t: Tensor, z: Tensor,
     return mean, e.std(0) / math.sqrt(p), cov, ((cov_sq - cov**2).clamp_min(0) / (p - 1)).sqrt()
 
 
-def check_declared_marginal(ck: _Checker, times: Tensor, linear: bool) -> _Gaussian:
+def _check_declared_marginal(ck: _Checker, times: Tensor, linear: bool) -> _Gaussian:
     """The moment equations for the Gaussian kernel ``marginal(x0, t)`` of a general SDE, at 4 starting points."""
     sde, dim, b0 = ck.sde, ck.dim, 4
     x0 = 2 * ck.randn(b0, *ck.event_shape)
@@ -362,7 +369,7 @@ def check_declared_marginal(ck: _Checker, times: Tensor, linear: bool) -> _Gauss
     value, deriv, ok = ck.derivative(declared, t, "the derivative of marginal(x0, t)")
     mu, s, dmu, ds2 = value[:, :dim], value[:, dim], deriv[:, :dim], 2 * value[:, dim] * deriv[:, dim]
     mean0 = sde.marginal(x0, torch.zeros(b0, dtype=F64))[0].to(F64)
-    ck.compare("mean at t=0", mean0, x0, declared_by="marginal(x0, 0)", implied_by="x0", scale=b_scale(x0))
+    ck.compare("mean at t=0", mean0, x0, declared_by="marginal(x0, 0)", implied_by="x0", scale=_b_scale(x0))
     if linear:  # the cubature points ±sqrt(D) e_k give the moments of a linear drift exactly
         z, how = math.sqrt(dim) * torch.eye(dim, dtype=F64), "exact for the linear drift"
     else:
@@ -370,13 +377,13 @@ def check_declared_marginal(ck: _Checker, times: Tensor, linear: bool) -> _Gauss
         ck.unchecked.append("the Gaussian shape of marginal(x0, t) beyond its mean and variance (the drift is "
                                    "not linear, so only the first two moment equations are compared)")
     per_row = max(1, (2 ** 22) // (len(z) * dim * max(dim, 2)))
-    parts = [drift_moments(ck, mu[i:i + per_row], s[i:i + per_row], t[i:i + per_row], z, linear)
+    parts = [_drift_moments(ck, mu[i:i + per_row], s[i:i + per_row], t[i:i + per_row], z, linear)
              for i in range(0, len(t), per_row)]
     e_f, e_se, cov, cov_se = (torch.cat(p) for p in zip(*parts, strict=True))
-    g2 = per_time(sde.diffusion(t), t) ** 2
+    g2 = _per_time(sde.diffusion(t), t) ** 2
     k = ck.num_se
     ck.compare("d mean/dt", dmu, e_f, times=t, mask=ok, extra_tol=k * e_se, declared_by="marginal(x0, t) mean",
-               implied_by=f"E[f(x_t, t)], {how}", scale=b_scale(dmu) + b_scale(e_f))
+               implied_by=f"E[f(x_t, t)], {how}", scale=_b_scale(dmu) + _b_scale(e_f))
     diag = torch.diagonal(cov, dim1=1, dim2=2)
     ck.compare("d(s^2)/dt", ds2[:, None].expand(-1, dim), diag + g2[:, None], times=t, mask=ok,
                extra_tol=k * torch.diagonal(cov_se, dim1=1, dim2=2), declared_by="marginal(x0, t) std",
@@ -393,7 +400,7 @@ def check_declared_marginal(ck: _Checker, times: Tensor, linear: bool) -> _Gauss
     return _Gaussian(mean_t.reshape(-1).to(F64), float(std_t), float(signal.abs().max()), "marginal(0, T)")
 
 
-def implied_linear_kernel(ck: _Checker, times: Tensor) -> _Gaussian | None:
+def _implied_linear_kernel(ck: _Checker, times: Tensor) -> _Gaussian | None:
     """For an SDE with a linear drift and no declared marginal: the kernel at ``T`` its drift and diffusion imply
     (integrated by :class:`LinearSDE` from a noise-free start), or ``None`` if the drift is not ``a(t) x``."""
     sde, dim = ck.sde, ck.dim
@@ -411,7 +418,7 @@ def implied_linear_kernel(ck: _Checker, times: Tensor) -> _Gaussian | None:
     def drift_coef(tt: Tensor) -> Tensor:
         return sde.drift(torch.ones(len(tt), *ck.event_shape, dtype=F64), tt).to(F64).reshape(len(tt), -1)[:, 0]
 
-    kernel = LinearSDE(drift_coef=drift_coef, diffusion=lambda tt: per_time(sde.diffusion(tt), tt), T=sde.T)
+    kernel = LinearSDE(drift_coef=drift_coef, diffusion=lambda tt: _per_time(sde.diffusion(tt), tt), T=sde.T)
     end = torch.full((1,), sde.T, dtype=F64)
     ck.unchecked.append(f"the drift and diffusion against a marginal: {type(sde).__name__} declares none; the "
                                "prior is compared with the kernel its linear drift and diffusion imply, integrated from "
@@ -421,7 +428,7 @@ def implied_linear_kernel(ck: _Checker, times: Tensor) -> _Gaussian | None:
 
 
 # --- the prior -------------------------------------------------------------------------------------------------------
-def check_prior(ck: _Checker, ref: _Gaussian | None) -> None:
+def _check_prior(ck: _Checker, ref: _Gaussian | None) -> None:
     """``prior_sample`` (reproducible, mean, std) and ``prior_log_prob`` against the marginal at ``T``, or against each
     other through Stein's identities when there is no Gaussian marginal to compare with."""
     sde, n, shape = ck.sde, ck.num_samples, (ck.num_samples, *ck.event_shape)
@@ -440,7 +447,7 @@ def check_prior(ck: _Checker, ref: _Gaussian | None) -> None:
                          f"{getattr(log_p, 'shape', type(log_p).__name__)}")
     flat = z.reshape(n, -1)
     if ref is None:
-        check_prior_stein(ck, z)
+        _check_prior_stein(ck, z)
         ck.unchecked.append("the prior against p_T: there is no Gaussian marginal at T to compare it with")
         return
     mean, std = flat.mean(0), flat.std(0)
@@ -463,7 +470,7 @@ def check_prior(ck: _Checker, ref: _Gaussian | None) -> None:
             "data, which the prior leaves out; the prior was compared with the marginal at T for x0 = 0 only")
 
 
-def check_prior_stein(ck: _Checker, z: Tensor) -> None:
+def _check_prior_stein(ck: _Checker, z: Tensor) -> None:
     r"""Stein's identities for the prior: :math:`E[\nabla\log p(z)] = 0`, :math:`E[z\cdot\nabla\log p(z)]/D = -1`."""
     zz = z.detach().clone().requires_grad_(True)
     try:
@@ -496,9 +503,9 @@ def check_sde(sde: SDE, *, num_times: int = 64, rtol: float = 1e-4, atol: float 
 
     - every SDE: ``drift`` and ``diffusion`` return the documented shapes and do not depend on the rest of the batch;
     - a :class:`~sdediff.LinearSDE`: the drift is linear, ``drift(x, t) = drift_coef(t) x``,
-      :math:`d\log m/dt = a` and :math:`d(s^2)/dt = 2as^2 + g^2` at the times of :func:`check_times`,
-      :math:`m(0) = 1`, :math:`s(0) = ` ``initial_std``, and an overridden ``marginal`` against ``mean_coeff`` and
-      ``marginal_std``;
+      :math:`d\log m/dt = a` and :math:`d(s^2)/dt = 2as^2 + g^2` at the times of ``check_times``,
+      :math:`m(0) = 1`, :math:`s(0) = ` ``initial_std``, and an overridden ``marginal``, ``log_snr`` or
+      ``time_of_log_snr`` against ``mean_coeff`` and ``marginal_std``;
     - an SDE that overrides ``marginal(x0, t)``: its mean at ``t = 0``, and
       :math:`d\mu/dt = E[f]`, :math:`d(s^2)/dt = 2E[(x_i - \mu_i) f_i] + g^2` per coordinate and
       :math:`0 = E[(x_i - \mu_i) f_j + (x_j - \mu_j) f_i]` (exact for a linear drift, Monte Carlo otherwise);
@@ -558,17 +565,17 @@ def check_sde(sde: SDE, *, num_times: int = 64, rtol: float = 1e-4, atol: float 
     ck = _Checker(sde, event_shape, rtol, atol, num_se, num_samples, prior_rtol, generator)
     times = check_times(sde.T, num_times)
     with torch.no_grad():
-        linear = check_drift(ck, declared_linear=isinstance(sde, LinearSDE))
+        linear = _check_drift(ck, declared_linear=isinstance(sde, LinearSDE))
         if isinstance(sde, LinearSDE):
-            ref: _Gaussian | None = check_linear_kernel(ck, sde, times)
+            ref: _Gaussian | None = _check_linear_kernel(ck, sde, times)
         elif type(sde).marginal is not SDE.marginal:
-            ref = check_declared_marginal(ck, times, linear)
+            ref = _check_declared_marginal(ck, times, linear)
         elif linear:
-            ref = implied_linear_kernel(ck, times)
+            ref = _implied_linear_kernel(ck, times)
         else:
             ref = None
             ck.unchecked.append(f"the drift and diffusion against a marginal: {type(sde).__name__} declares no "
                                        "marginal(x0, t) and its drift is not linear, so there is nothing to compare "
                                        "them with")
-        check_prior(ck, ref)
+        _check_prior(ck, ref)
     return SDECheck(repr(sde), ck.failures, ck.checked, ck.unchecked)
