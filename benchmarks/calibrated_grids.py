@@ -13,7 +13,9 @@ benchmark's). For each NFE budget:
 * for transparency, k-diffusion's ``dpmpp_2m`` on a grid calibrated for it the same way (through
   ``calibrate_grid``'s function interface): a k-diffusion user could do that with our tool.
 
-Writes ``calibrated_grids.{md,json,png}`` into ``benchmarks/results/``.
+Writes ``calibrated_grids.{md,json}`` into ``benchmarks/results/`` and the plot into
+``docs/img/calibrated_grids.png``, where the solver guide shows it (``--quick``, ``--tag`` or ``--out``: all three
+into that folder).
 
     python benchmarks/calibrated_grids.py                    # full run (hours on one CPU thread: split it as below)
     python benchmarks/calibrated_grids.py --quick            # smoke run
@@ -269,14 +271,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(results: dict[str, Any], stem: Path) -> int:
-    """Print the table and write ``stem.{md,json,png}`` atomically."""
-    text = markdown(results)
-    atomic_write(stem.with_suffix(".md"), text + "\n")
+    """Print the table and write ``stem.{md,json}`` and the plot (:func:`common.plot_path`) atomically."""
+    png = common.plot_path(stem.parent, stem.name, "calibrated_grids")
+    plotted = plot(results, png)
+    md = stem.with_suffix(".md")
+    text = common.with_plot(markdown(results), md, png) if plotted else markdown(results)
+    atomic_write(md, text + "\n")
     atomic_write(stem.with_suffix(".json"), json.dumps(results, indent=1, default=str) + "\n")
-    plotted = plot(results, stem.with_suffix(".png"))
     print()
     print(text)
-    print(f"\nwrote {stem}.md, .json" + (", .png" if plotted else " (no matplotlib: no plot)"))
+    print(f"\nwrote {stem}.md, .json" + (f", {png}" if plotted else " (no matplotlib: no plot)"))
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -31,6 +32,25 @@ from sdediff.interop.kdiffusion import KDiffusionDenoiser, load_sampling, sigma_
 from sdediff.solvers import get_solver
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: the plots the documentation shows live here, once: a full run into RESULTS_DIR writes them here directly
+DOCS_IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
+
+
+def plot_path(out: Path, stem: str, docs_name: str) -> Path:
+    """Where a benchmark writes its plot: ``docs/img/<docs_name>.png`` when the run's output stem is ``docs_name`` (a
+    full run) and its folder is the default results folder (the docs show that plot, and it is stored only there),
+    else ``<out>/<stem>.png`` next to the run's other outputs."""
+    if stem == docs_name and out.resolve() == RESULTS_DIR:
+        return DOCS_IMG / f"{docs_name}.png"
+    return out / f"{stem}.png"
+
+
+def with_plot(text: str, md: Path, png: Path) -> str:
+    """The markdown ``text`` of the results page ``md`` with a last paragraph showing the plot ``png`` (a relative link:
+    it renders wherever the repository is browsed)."""
+    link = Path(os.path.relpath(png.resolve(), md.resolve().parent)).as_posix()
+    return f"{text.rstrip()}\n\nPlot: ![{png.stem}]({link})\n"
+
 
 # --------------------------------------------------------------------------------------------------
 # Solver specs

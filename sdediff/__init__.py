@@ -11,7 +11,7 @@ from .likelihood import LikelihoodResult, bits_per_dim, dequantize, log_likeliho
 from .processes import ReverseProcess
 from .runs import Run, load_run
 from .sampling import SampleResult, sample
-from .sdes import SDE, VESDE, VPSDE, LearnedScheduleSDE, LinearSDE, SubVPSDE
+from .sdes import SDE, VESDE, VPSDE, LearnedScheduleSDE, LinearSDE, SDECheck, SubVPSDE, check_sde
 from .simulate import simulate
 from .solvers import available_solvers, calibrate_grid, register_solver
 from .training import MLP, TrainConfig, Trainer, UNet, dsm_loss
@@ -28,6 +28,7 @@ __all__ += ["simulate", "elbo", "ELBOResult", "LearnedScheduleSDE"]
 __all__ += ["guidance"]
 __all__ += ["calibrate_grid"]
 __all__ += ["load_run", "Run"]
+__all__ += ["check_sde", "SDECheck"]
 
 
 def __getattr__(name: str):

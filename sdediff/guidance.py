@@ -1,4 +1,5 @@
-r"""Controllable generation: guided score functions that every solver uses unchanged (MATH.md §6).
+r"""Controllable generation: guided score functions that every solver uses unchanged (Song et al., 2021, *Score-Based
+Generative Modeling through Stochastic Differential Equations*, §5; the docs' Guidance tutorial).
 
 Bayes' rule in score form, :math:`\nabla_x\log p_t(x \mid y) = \nabla_x\log p_t(x) + \nabla_x\log p_t(y \mid x)`,
 turns conditioning into a change of the score function. Each function here takes a score function

@@ -34,7 +34,7 @@ def setup():
 
 
 def _by_label(records, label):
-    return sorted((r for r in records if r["label"] == label), key=lambda r: r.get("target") or 0)
+    return sorted((r for r in records if r["label"] == label), key=lambda r: r.get("budget") or 0)
 
 
 def test_reference_is_tight_and_fixed_step_errors_converge(setup):
@@ -158,7 +158,8 @@ def test_accuracy_script_end_to_end(tmp_path, capsys):
     assert (tmp_path / "accuracy_per_nfe_quick.png").stat().st_size > 1000
     results = json.loads((tmp_path / "accuracy_per_nfe_quick.json").read_text())
     assert {r["label"] for r in results["records"]} == {"heun", "heun (karras grid)", "heun (log-SNR grid)"}
-    assert "| heun | sdediff | " in (tmp_path / "accuracy_per_nfe_quick.md").read_text()
+    md = (tmp_path / "accuracy_per_nfe_quick.md").read_text()
+    assert "| heun | sdediff | " in md and "Plot: ![accuracy_per_nfe_quick](accuracy_per_nfe_quick.png)" in md
     assert "set_num_threads(1)" in capsys.readouterr().out
 
 
@@ -175,6 +176,21 @@ def test_calibrated_grids_script_end_to_end_and_merge(tmp_path):
     assert cal.main(["--merge", str(tmp_path / "calibrated_grids_quick_part.json"), "--out", str(tmp_path)]) == 0
     text = (tmp_path / "calibrated_grids.md").read_text()
     assert "| VP d=2 | 5 | `" in text and "then --merge" in text
+    assert (tmp_path / "calibrated_grids.png").is_file()  # --out elsewhere: the plot stays with the tables
+
+
+def test_plots_of_full_runs_are_stored_once_in_the_docs(tmp_path):
+    """A full run into benchmarks/results/ writes the plot the docs show into docs/img/ (its only copy) and links it
+    from the results page; any other run keeps its plot next to its tables."""
+    docs_png = common.DOCS_IMG / "accuracy_per_nfe.png"
+    assert common.plot_path(common.RESULTS_DIR, "accuracy_per_nfe", "accuracy_per_nfe") == docs_png
+    assert common.plot_path(common.RESULTS_DIR, "accuracy_per_nfe_quick", "accuracy_per_nfe").parent == common.RESULTS_DIR
+    assert common.plot_path(tmp_path, "accuracy_per_nfe", "accuracy_per_nfe") == tmp_path / "accuracy_per_nfe.png"
+    text = common.with_plot("# t\n\n| a |\n", common.RESULTS_DIR / "accuracy_per_nfe.md", docs_png)
+    assert text == "# t\n\n| a |\n\nPlot: ![accuracy_per_nfe](../../docs/img/accuracy_per_nfe.png)\n"
+    for name in ("accuracy_per_nfe", "calibrated_grids"):
+        assert (common.DOCS_IMG / f"{name}.png").is_file() and not (common.RESULTS_DIR / f"{name}.png").exists()
+        assert f"](../../docs/img/{name}.png)" in (common.RESULTS_DIR / f"{name}.md").read_text()
 
 
 @pytest.mark.parametrize("script", [acc, ovh])

@@ -1,4 +1,4 @@
-"""Guidance (MATH.md §6) against analytic truth.
+"""Guidance (docs/guidance.md) against analytic truth.
 
 * Classifier guidance with the exact noisy-class posterior of a Gaussian mixture is Bayes' rule: at scale 1
   it equals the exact score of the chosen component, and sampling with it reproduces that component.

@@ -1,4 +1,4 @@
-"""Exact likelihoods, bits/dim and dequantisation against analytic truth (MATH.md §5).
+"""Exact likelihoods, bits/dim and dequantisation against analytic truth (docs/likelihood.md).
 
 The reference is :class:`sdediff.data.GaussianMixture`: under any linear SDE p_t is again a mixture with
 known density and score. The probability flow with the exact score is then exactly the flow of p_t, so

@@ -1,4 +1,4 @@
-"""The denoising score-matching loss against analytic truth (MATH.md §2).
+"""The denoising score-matching loss against analytic truth (docs/training.md, The loss).
 
 Truth used here: for data N(0, v I) in D dimensions and the kernel x = m x0 + s eps, the noisy marginal is
 N(0, sigma^2 I) with sigma^2 = m^2 v + s^2, the exact score is -x / sigma^2, and

@@ -1,4 +1,4 @@
-"""Reverse-time processes and the probability flow against analytic truth (MATH.md §3).
+"""Reverse-time processes and the probability flow against analytic truth (docs/concepts.md, Reverse-time processes).
 
 Gaussian data N(0, v I) make everything linear: p_t = N(0, V(t) I) with V = m^2 v + s^2, the score is
 -x / V, and the probability flow maps quantiles to quantiles, x_t = sqrt(V(t) / V(T)) x_T.
@@ -32,7 +32,7 @@ def gaussian_score(sde):
 
 
 def hand_coefficients(name, t):
-    """(a(t), g(t)^2) of f = a x written out from the defaults of MATH.md §1 (VP: beta = 0.1 + 19.9 t)."""
+    """(a(t), g(t)^2) of f = a x written out from the defaults of sdediff.VPSDE and VESDE (VP: beta = 0.1 + 19.9 t)."""
     if name == "ve":
         sigma = 0.01 * 5000.0**t
         return torch.zeros_like(t), sigma**2 * 2 * math.log(5000.0)

@@ -1,4 +1,4 @@
-"""Samplers against the exact marginals of a Gaussian mixture (MATH.md §3-4).
+"""Samplers against the exact marginals of a Gaussian mixture (docs/sampling.md).
 
 With the exact mixture score, every sampler's output should be indistinguishable from exact samples of
 p_eps: the sliced-W2 distance to an exact sample of the same size is within twice the sampling-noise floor

@@ -1,4 +1,4 @@
-"""Prediction conversions (score, eps, x0, v, flow) against analytic truth (MATH.md §2).
+"""Prediction conversions (score, eps, x0, v, flow) against analytic truth (docs/concepts.md, Scores, noise, data and velocity).
 
 Truth used here, independent of the library's formulas:
 

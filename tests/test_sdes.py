@@ -1,4 +1,4 @@
-"""Forward SDEs against their closed forms (MATH.md §1)."""
+"""Forward SDEs against their closed forms (docs/concepts.md, Forward SDEs and their kernels)."""
 
 import math
 

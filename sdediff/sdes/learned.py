@@ -123,6 +123,11 @@ class LearnedScheduleSDE(nn.Module, LinearSDE):
         lo, hi = self.init_range
         return (self.gamma(t) - lo) / (hi - lo)
 
+    @property
+    def initial_std(self) -> float:
+        r""":math:`s(0) = \operatorname{sigmoid}(\gamma_{min})^{1/2}` with the current :math:`\gamma_{min}`."""
+        return float(torch.sigmoid(self.gamma_min.detach().double()).sqrt())
+
     def mean_coeff(self, t: Tensor) -> Tensor:
         r""":math:`m(t) = \operatorname{sigmoid}(-\gamma)^{1/2}`."""
         return torch.exp(0.5 * F.logsigmoid(-self.gamma(t)))

@@ -67,7 +67,7 @@ class LinearSDE(SDE):
             self.drift_coef = drift_coef  # type: ignore[method-assign]
         if diffusion is not None:
             self.diffusion = diffusion  # type: ignore[method-assign]
-        self.initial_std = check_float("initial_std", initial_std, 0)
+        self._initial_std = check_float("initial_std", initial_std, 0)
         self._prior_std = check_float("prior_std", prior_std, 0, low_open=True, optional=True)
         self.grid_size = check_int("grid_size", grid_size, 16)
         self._table: dict[tuple[torch.device, torch.dtype], Tensor] = {}
@@ -108,6 +108,11 @@ class LinearSDE(SDE):
             early = self.log_snr(mid) > log_snr  # the log-SNR decreases with t: mid is still too early
             lo, hi = torch.where(early, mid, lo), torch.where(early, hi, mid)
         return 0.5 * (lo + hi)
+
+    @property
+    def initial_std(self) -> float:
+        """``s(0)``, the noise already present at ``t = 0`` (where the numerical kernel starts)."""
+        return self._initial_std
 
     @property
     def prior_std(self) -> float:

@@ -1,6 +1,6 @@
 r"""Fast stochastic samplers: DDPM ancestral sampling, SDE-DPM-Solver++ and torchsde's SDE solvers.
 
-Notation: the kernel of a linear SDE is :math:`N(m(t)x_0, s(t)^2 I)`, the half log-SNR is
+Notation as on the docs' Concepts page: the kernel of a linear SDE is :math:`N(m(t)x_0, s(t)^2 I)`, the half log-SNR is
 :math:`\lambda(t) = \log(m(t)/s(t))` (half of :meth:`LinearSDE.log_snr`), and
 :math:`\hat x_0 = (x + s^2 s_\theta(x,t))/m` is Tweedie's data prediction. Times run backwards, from
 ``t`` to ``t_next < t``; :math:`\lambda` increases along the way.

@@ -1,7 +1,8 @@
 r"""Denoising score matching (DSM) for linear SDEs, with the ε ("simple") and likelihood weightings.
 
 For a linear SDE with kernel :math:`x_t = m(t)\,x_0 + s(t)\,\varepsilon` the conditional score is
-:math:`\nabla\log p_{0t}(x_t|x_0) = -\varepsilon/s`, and the DSM objective (MATH.md §2) is
+:math:`\nabla\log p_{0t}(x_t|x_0) = -\varepsilon/s`, and the DSM objective (Vincent, 2011; Song et al., 2021,
+§3.3) is
 
 .. math::  L(\theta) = E_t\,E_{x_0}\,E_\varepsilon\big[\lambda(t)\,\|s_\theta(x_t, t) + \varepsilon/s(t)\|^2\big].
 
