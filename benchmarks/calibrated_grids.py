@@ -1,4 +1,4 @@
-"""Calibrated time grids (``sdediff.solvers.calibrate_grid``) against the standard grids and k-diffusion.
+"""Calibrated time grids (``sdediff.calibrate_grid``) against the standard grids and k-diffusion.
 
 Same problems as ``accuracy_per_nfe.py`` (Gaussian mixtures with the exact score, VP/VE, d = 2 and 64,
 float64; the same evaluation starts x_T and reference end points, so its standard-grid figures match that
@@ -43,9 +43,9 @@ from torch import Tensor
 
 import sdediff
 from sdediff._io import atomic_write, atomic_write_file
+from sdediff.calibrate import calibrate_grid
 from sdediff.interop.kdiffusion import sigma_of_time
 from sdediff.solvers import grids
-from sdediff.solvers.calibrate import calibrate_grid
 
 
 def _load(name: str, file: str):

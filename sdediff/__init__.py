@@ -6,6 +6,8 @@ pluggable solvers behind :func:`sample`, and exact likelihoods through :func:`lo
 """
 
 from . import data, guidance, metrics, score, solvers, training
+from .calibrate import CalibratedGrid, calibrate_grid
+from .compare import ComparisonResult, compare_solvers
 from .elbo import ELBOResult, elbo
 from .likelihood import LikelihoodResult, bits_per_dim, dequantize, log_likelihood
 from .processes import ReverseProcess
@@ -13,22 +15,19 @@ from .runs import Run, load_run
 from .sampling import SampleResult, sample
 from .sdes import SDE, VESDE, VPSDE, LearnedScheduleSDE, LinearSDE, SDECheck, SubVPSDE, check_sde
 from .simulate import simulate
-from .solvers import available_solvers, calibrate_grid, register_solver
+from .solvers import available_solvers, register_solver
 from .training import MLP, TrainConfig, Trainer, UNet, dsm_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SDE", "LinearSDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseProcess", "sample", "SampleResult",
-    "log_likelihood", "LikelihoodResult", "bits_per_dim", "dequantize", "available_solvers",
-    "register_solver", "Trainer", "TrainConfig", "dsm_loss", "MLP", "UNet", "data", "metrics", "score", "solvers",
-    "training", "__version__",
+    "SDE", "LinearSDE", "VPSDE", "SubVPSDE", "VESDE", "LearnedScheduleSDE", "check_sde", "SDECheck",
+    "ReverseProcess", "sample", "SampleResult", "available_solvers", "register_solver",
+    "log_likelihood", "LikelihoodResult", "bits_per_dim", "dequantize", "elbo", "ELBOResult", "simulate",
+    "calibrate_grid", "CalibratedGrid", "compare_solvers", "ComparisonResult", "load_run", "Run",
+    "Trainer", "TrainConfig", "dsm_loss", "MLP", "UNet",
+    "data", "guidance", "metrics", "score", "solvers", "training", "__version__",
 ]
-__all__ += ["simulate", "elbo", "ELBOResult", "LearnedScheduleSDE"]
-__all__ += ["guidance"]
-__all__ += ["calibrate_grid"]
-__all__ += ["load_run", "Run"]
-__all__ += ["check_sde", "SDECheck"]
 
 
 def __getattr__(name: str):

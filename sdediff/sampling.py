@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +10,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._validate import check_float, check_int, check_ints
 from .processes import CountedScore, ScoreFn
 from .sdes.base import SDE
 from .solvers.base import Callback, Solver, get_solver
@@ -46,16 +46,7 @@ class SampleResult:
 
 def check_eps(eps: float, sde: SDE) -> float:
     """Validate the final time ``eps`` in ``(0, T)``."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or not 0 < eps < sde.T:
-        raise ValueError(f"eps must be a float in (0, T={sde.T}), got {eps!r}")
-    return float(eps)
-
-
-def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    shape = tuple(shape)
-    if not shape or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
-        raise ValueError(f"shape must be a non-empty tuple of positive ints (batch, ...), got {shape!r}")
-    return shape
+    return check_float("eps", eps, 0.0, sde.T, low_open=True, high_open=True)
 
 
 def _check_x_init(x_init: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -137,14 +128,12 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solver: str | Solv
     """
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be an sdediff.SDE, got {type(sde).__name__}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    check_int("steps", steps)
     eps = check_eps(eps, sde)
     the_solver = get_solver(solver, **solver_options)
-    shape = _check_shape(shape)
+    shape = check_ints("shape", shape)
     n = shape[0]
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    check_int("batch_size", batch_size, optional=True)
     chunk = min(batch_size or n, n)
     if chunk < n and keep_trajectory:
         raise ValueError("keep_trajectory needs the whole batch at once; drop batch_size or sample fewer points")

@@ -1,4 +1,4 @@
-"""Calibrated time grids (sdediff/solvers/calibrate.py) against truth.
+"""Calibrated time grids (sdediff.calibrate) against truth.
 
 The "network" is the exact score of a 2-D Gaussian mixture; errors are pathwise RMSE against a tight
 reference solve. The calibrated grid is fitted on one batch of prior draws and judged on another.
@@ -9,8 +9,8 @@ import torch
 from problems import EPS, MIXTURE, T64, gen
 
 import sdediff
+from sdediff.calibrate import calibrate_grid
 from sdediff.solvers import grids
-from sdediff.solvers.calibrate import calibrate_grid
 
 STEPS = 6
 

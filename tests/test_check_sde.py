@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import gen
+from problems import gen
 
 import sdediff
 from sdediff.data import GaussianMixture

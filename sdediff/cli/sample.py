@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import __version__
+from ..calibrate import calibrate_grid
 from ..compare import nearest_class_accuracy
 from ..data.toy import TOY_DATASETS, make_toy
 from ..distributed import chunk_generator, chunk_slices, local_device, process_rank, world_size
@@ -21,7 +22,7 @@ from ..guidance import ClassifierFreeNet
 from ..runs import Run
 from ..sampling import sample
 from ..score import ScoreModel
-from ..solvers import calibrate_grid, get_solver
+from ..solvers import get_solver
 from .common import (
     CLIError,
     add_plot,

@@ -6,7 +6,6 @@ Importing this package registers the built-in solvers (one module per family).
 from . import (
     adaptive_ode,
     adaptive_sde,
-    calibrate,
     correctors,
     exponential,
     grids,
@@ -20,7 +19,6 @@ from . import (
 from .adaptive_ode import AdaptiveRungeKutta
 from .adaptive_sde import AdaptiveReverseSDE
 from .base import FixedStepSolver, Solution, Solver, StepRun, available_solvers, get_solver, integrate, register_solver
-from .calibrate import CalibratedGrid, calibrate_grid
 from .correctors import AnnealedLangevin, LangevinCorrector, PredictorCorrector
 from .exponential import DDIM, LMS, DPMSolver, EDMHeun
 from .ode import AdaptiveODE, Euler, Heun
@@ -35,7 +33,6 @@ __all__ = [
     "EulerMaruyama", "ReverseDiffusion", "Ancestral", "LangevinCorrector", "PredictorCorrector",
     "AnnealedLangevin", "Euler", "Heun", "AdaptiveODE", "DPMSolver", "DDIM", "LMS", "EDMHeun",
     "AdaptiveRungeKutta", "AdaptiveReverseSDE", "DDPM", "SDEDPMSolver", "TorchSDE", "UniPC",
-    "CalibratedGrid", "calibrate_grid",
-    "grids", "adaptive_ode", "adaptive_sde", "per_sample", "calibrate", "correctors", "exponential", "ode", "sde",
+    "grids", "adaptive_ode", "adaptive_sde", "per_sample", "correctors", "exponential", "ode", "sde",
     "stochastic", "tables", "unipc",
 ]

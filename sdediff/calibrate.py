@@ -40,10 +40,12 @@ from scipy.optimize import minimize
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..sdes.base import SDE
-from ..sdes.linear import require_linear
-from .base import FixedStepSolver, Solver, get_solver
-from .grids import GRIDS
+from ._validate import check_float, check_int
+from .sampling import sample
+from .sdes.base import SDE
+from .sdes.linear import require_linear
+from .solvers.base import FixedStepSolver, Solver, get_solver
+from .solvers.grids import GRIDS
 
 __all__ = ["CalibratedGrid", "calibrate_grid"]
 
@@ -153,16 +155,12 @@ def calibrate_grid(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x_T: 
         split for ``holdout``), a reference of the wrong shape, unknown start grids or a non-positive budget.
     """
     sde = require_linear(sde, "calibrate_grid")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ValueError(f"steps must be an integer >= 2 (a 1-step grid has nothing to calibrate), got {steps!r}")
+    check_int("steps", steps, 2)
     if not isinstance(x_T, Tensor) or x_T.dim() < 1 or x_T.shape[0] < 1:
         raise ValueError("x_T must be a tensor of pilot starts with shape (batch, ...), batch >= 1")
-    if not 0 < eps < sde.T:
-        raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
-    if isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 1:
-        raise ValueError(f"max_evals must be a positive integer, got {max_evals!r}")
-    if not 0 <= holdout < 1:
-        raise ValueError(f"holdout must lie in [0, 1), got {holdout!r}")
+    check_float("eps", eps, 0, sde.T, low_open=True, high_open=True)
+    check_int("max_evals", max_evals)
+    check_float("holdout", holdout, 0, 1, high_open=True)
     n_hold = math.ceil(holdout * x_T.shape[0])
     if x_T.shape[0] - n_hold < 1 or (holdout > 0 and n_hold < 1):
         raise ValueError(f"x_T has {x_T.shape[0]} pilot starts, too few to keep a share of {holdout} for the holdout")
@@ -248,8 +246,6 @@ def _is_function(solver: object) -> bool:
 
 def _sample(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, solver: str | Solver, steps: int,
             eps: float, time_grid: Tensor | None, options: dict[str, Any]) -> Any:
-    from ..sampling import sample  # sampling imports the solvers package: import at call time
-
     return sample(sde, score_fn, x_T.shape, solver=solver, steps=steps, eps=eps, x_init=x_T, return_info=True,
                   time_grid="uniform" if time_grid is None else time_grid, **options)
 
