@@ -358,29 +358,39 @@ def test_usable_as_pc_predictor():
 
 
 def test_no_host_sync_inside_step(monkeypatch):
-    """step() never moves a tensor value to the host: every such Tensor method raises while it runs."""
+    """A step never reads a value of the state, the score or the grid to the host: every such Tensor method raises
+    while a step runs (``StepRun.advance`` for step solvers, ``SchemeRun.advance`` for coefficient tables). The one
+    exception is by design: the float64 coefficient tables that live on the host, read a row at a time. Sampling runs
+    in float32 here, so every other tensor is float32 and guarded."""
     sde = sdediff.VPSDE()
 
     def score(x, t):
         m, s = bcast(sde.mean_coeff(t), x), bcast(sde.marginal_std(t), x)
         return -x / (m**2 * 0.5 + s**2)
 
-    def forbidden(*args, **kwargs):
-        raise AssertionError("host sync inside step")
+    def guard(name):
+        original = getattr(torch.Tensor, name)
 
-    for solver, options in SOLVERS:
-        the_solver = sdediff.solvers.get_solver(solver, **options)
-        step = the_solver.step
+        def checked(self, *args, **kwargs):
+            if not (self.dtype == torch.float64 and self.device.type == "cpu"):
+                raise AssertionError(f"host sync inside step: Tensor.{name} on a {self.dtype} tensor")
+            return original(self, *args, **kwargs)
 
-        def guarded(*args, step=step):
+        return checked
+
+    for run_class in (sdediff.solvers.StepRun, sdediff.solvers.SchemeRun):
+        advance = run_class.advance
+
+        def guarded(*args, advance=advance):
             with monkeypatch.context() as mp:
                 for attr in ("__bool__", "__float__", "__int__", "item", "tolist", "cpu", "numpy"):
-                    mp.setattr(torch.Tensor, attr, forbidden)
-                return step(*args)
+                    mp.setattr(torch.Tensor, attr, guard(attr))
+                return advance(*args)
 
-        the_solver.step = guarded
-        x = sdediff.sample(sde, score, (8, 3), solver=the_solver, steps=6, generator=gen(0))
-        assert torch.isfinite(x).all()
+        monkeypatch.setattr(run_class, "advance", guarded)
+    for solver, options in SOLVERS:
+        x = sdediff.sample(sde, score, (8, 3), solver=solver, steps=6, generator=gen(0), **options)
+        assert torch.isfinite(x).all() and x.dtype == torch.float32
 
 
 @pytest.mark.gpu
