@@ -50,11 +50,9 @@ name            method                                                       NFE
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -63,7 +61,17 @@ from ..processes import ReverseProcess
 from ..sdes.base import SDE
 from ..sdes.linear import LinearSDE, require_linear
 from .base import FixedStepSolver, register_solver
-from .tables import LinearScheme, exp_coefficients, kernel, phi_terms, rows_from_stages, work_dtype
+from .tables import (
+    LinearScheme,
+    exp_coefficients,
+    gauss_legendre,
+    kernel,
+    lagrange_basis,
+    phi_terms,
+    rows_from_stages,
+    sigma_multistep_scheme,
+    work_dtype,
+)
 
 __all__ = ["DPMSolver", "DDIM", "LMS", "EDMHeun", "phi_terms", "adams_bashforth_weights", "prediction_coefficients"]
 
@@ -266,34 +274,19 @@ class DDIM(FixedStepSolver):
 
 
 # --- linear multistep in sigma ----------------------------------------------------------------------
-@functools.cache
-def _gauss_legendre(points: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.polynomial.legendre.leggauss(points)
-
-
 def adams_bashforth_weights(sigma: Tensor, order: int) -> Tensor:
     r"""Variable-step Adams–Bashforth weights on the grid ``sigma`` (any device), shape ``(N, order)``.
 
     Row ``i`` holds :math:`b_{ij} = \int_{\sigma_i}^{\sigma_{i+1}} L_{ij}(\sigma)\,d\sigma`, with :math:`L_{ij}`
     the Lagrange basis polynomials on the nodes :math:`\sigma_i, \sigma_{i-1}, \dots, \sigma_{i-k+1}`,
-    :math:`k = \min(\text{order}, i + 1)` (columns ``j >= k`` are zero). The integrals are exact:
-    Gauss–Legendre quadrature with ``order`` points integrates the degree ``k - 1`` polynomials exactly.
-    All steps at once: :math:`L_{ij}(q) = \prod_{l \ne j,\ l < k} (q - \sigma_{i-l}) / (\sigma_{i-j} - \sigma_{i-l})`.
+    :math:`k = \min(\text{order}, i + 1)` (columns ``j >= k`` are zero;
+    :func:`~sdediff.solvers.tables.lagrange_basis`). The integrals are exact: Gauss–Legendre quadrature with
+    ``order`` points integrates the degree ``k - 1`` polynomials exactly.
     """
-    n = len(sigma) - 1
-    u, w = (torch.from_numpy(v).to(sigma) for v in _gauss_legendre(order))
+    u, w = gauss_legendre(order, sigma)
     half = 0.5 * (sigma[1:] - sigma[:-1])
     q = (0.5 * (sigma[1:] + sigma[:-1]))[:, None] + half[:, None] * u  # (N, order) quadrature nodes per step
-    cols = torch.arange(order, device=sigma.device)
-    back = torch.arange(n, device=sigma.device)[:, None] - cols  # (N, order): i, i - 1, .., i - order + 1
-    used = back >= 0  # step i has nodes j < k = min(order, i + 1)
-    nodes = sigma[back.clamp(min=0)]
-    factor = used[:, None, :] & (cols[:, None] != cols[None, :])  # (N, j, l): l is a factor of L_ij
-    num = torch.where(factor[..., None], q[:, None, None, :] - nodes[:, None, :, None], 1.0)  # (N, j, l, order)
-    den = torch.where(factor, nodes[:, :, None] - nodes[:, None, :], 1.0)
-    basis = (num / den[..., None]).prod(2)  # (N, j, order): L_ij at the quadrature nodes
-    return torch.where(used, half[:, None] * (basis * w).sum(-1), 0.0)
-
+    return half[:, None] * (lagrange_basis(sigma, order, q) * w).sum(-1)
 
 
 @register_solver("lms")
@@ -332,9 +325,7 @@ class LMS(FixedStepSolver):
         prediction :math:`d_i = \hat\epsilon_i = -s_i\,\nabla\log p_{t_i}(x_i)`."""
         t = ts.to(work_dtype(ts.device))
         m, s, _ = kernel(sde, t)
-        w = m[1:, None] * adams_bashforth_weights(s / m, self.order)
-        zero = torch.zeros_like(s[:-1])
-        return LinearScheme(times=t[:-1], a=m[1:] / m[:-1], b=-w[:, 0] * s[:-1], w=w[:, 1:], p=zero, q=-s[:-1])
+        return sigma_multistep_scheme(t, m, s, adams_bashforth_weights(s / m, self.order))
 
 
 # --- EDM Heun ---------------------------------------------------------------------------------------
