@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._validate import check_bool, check_choice, check_float
+from .._validate import check_choice, check_float
 from ..processes import ReverseProcess
 from ..sdes.base import SDE
 from ..sdes.linear import LinearSDE, require_linear
@@ -112,7 +112,13 @@ class DPMSolver(FixedStepSolver):
 
     with :math:`D_{01} = (P_0 - P_{-1})/h_1`, :math:`D_{12} = (P_{-1} - P_{-2})/h_2`,
     :math:`D_{012} = (D_{01} - D_{12})/(h_1 + h_2)`. The first steps use lower orders (order ``min(order,
-    i + 1)`` at step ``i``).
+    i + 1)`` at step ``i``). A second-order step takes one of two forms (named as in diffusers'
+    ``DPMSolverMultistepScheduler``): ``"heun"`` integrates the line through :math:`P_{-1}, P_0` exactly,
+    :math:`c_2 P'`; ``"midpoint"`` replaces :math:`c_2` by :math:`\tfrac h2 c_1` (:math:`c_2 = \tfrac h2 c_1 + O(h^3)`),
+
+    .. math::  x_t = a\,x_s + c_1\Big(P_0 + \frac{h}{2h_1}(P_0 - P_{-1})\Big),
+
+    which is diffusers' default and k-diffusion's ``sample_dpmpp_2m``. Both are second order.
 
     **singlestep** (``order`` NFE per step): intermediate points at :math:`\lambda_s + r h`, reached by
     lower-order steps from :math:`x_s` (their times found by bisection once, in ``start``):
@@ -131,10 +137,17 @@ class DPMSolver(FixedStepSolver):
         Reuse past predictions (1 NFE per step, default) or take ``order`` stages per step.
     prediction : {"data", "noise"}
         Expand :math:`\hat x_0` (DPM-Solver++, default) or :math:`\hat\epsilon` (DPM-Solver).
-    lower_order_final : bool
-        Multistep only: on grids of fewer than 15 steps, use order ``min(order, N - i)`` for the last
-        steps (standard practice; it makes few-step sampling more stable). With 15 steps or more it has no
-        effect, so the asymptotic order is kept.
+    solver_type : {"heun", "midpoint"}
+        Multistep only: the form of the second-order steps (default ``"heun"``; those of an order-3 run too,
+        as in diffusers).
+    lower_order_final : bool or "diffusers"
+        Multistep only. ``True`` (default): on grids of fewer than 15 steps, use order ``min(order, N - i)``
+        for the last steps (standard practice; it makes few-step sampling more stable); with 15 steps or more
+        it has no effect, so the asymptotic order is kept. This is diffusers' rule for a loop that ends at
+        its last noise level (``final_sigmas_type="sigma_min"``). ``"diffusers"``: diffusers' rule for its
+        default loop, which ends with a first-order step to :math:`\sigma = 0` (sdediff's ``denoise=True``) and
+        counts it: the grid's last step has order at most 2 when :math:`N + 1 < 15`, no other step is lowered.
+        ``False``: never lower the order (k-diffusion's ``sample_dpmpp_2m``).
 
     Notes
     -----
@@ -145,15 +158,22 @@ class DPMSolver(FixedStepSolver):
     ORDERS = (1, 2, 3)
     METHODS = ("multistep", "singlestep")
     PREDICTIONS = ("data", "noise")
+    SOLVER_TYPES = ("heun", "midpoint")
     #: grids shorter than this use lower orders on their final steps when ``lower_order_final``
     LOWER_ORDER_FINAL_BELOW = 15
 
-    def __init__(self, order: int = 2, method: str = "multistep", prediction: str = "data",
-                 lower_order_final: bool = True) -> None:
+    def __init__(self, order: int = 2, method: str = "multistep", prediction: str = "data", solver_type: str = "heun",
+                 lower_order_final: bool | str = True) -> None:
         self.order = check_choice("order", order, self.ORDERS)
         self.method = check_choice("method", method, self.METHODS)
         self.prediction = check_choice("prediction", prediction, self.PREDICTIONS)
-        self.lower_order_final = check_bool("lower_order_final", lower_order_final)
+        self.solver_type = check_choice("solver_type", solver_type, self.SOLVER_TYPES)
+        if self.method == "singlestep" and self.solver_type != "heun":
+            raise ValueError(f"solver_type={solver_type!r} is a form of the multistep method; drop it with "
+                             "method='singlestep'")
+        if not (isinstance(lower_order_final, bool) or lower_order_final == "diffusers"):
+            raise ValueError(f"lower_order_final must be True, False or 'diffusers', got {lower_order_final!r}")
+        self.lower_order_final = lower_order_final
 
     def coefficients(self, sde: LinearSDE, ts: Tensor) -> LinearScheme:
         t = ts.to(work_dtype(ts.device))
@@ -166,7 +186,10 @@ class DPMSolver(FixedStepSolver):
         return LinearScheme(times=t[:-1], a=a + w[:, 0] * p, b=w[:, 0] * q, w=w[:, 1:self.order], p=p, q=q)
 
     def _order_at(self, i: int, n: int) -> int:
+        """The order of step ``i`` of ``n`` (class docstring: ``lower_order_final``)."""
         order = min(self.order, i + 1)
+        if self.lower_order_final == "diffusers":
+            return min(order, 2) if i == n - 1 and n + 1 < self.LOWER_ORDER_FINAL_BELOW else order
         if self.lower_order_final and n < self.LOWER_ORDER_FINAL_BELOW:
             order = min(order, n - i)
         return order
@@ -175,7 +198,8 @@ class DPMSolver(FixedStepSolver):
         r"""Per step, ``a`` and ``(w_0, w_1, w_2)`` with :math:`x_t = a\,x_s + w_0 P_0 + w_1 P_{-1} + w_2 P_{-2}`.
 
         The divided differences of the class docstring, multiplied out: order 1 has :math:`w_0 = c_1`;
-        order 2 :math:`w_0 = c_1 + c_2/h_1`, :math:`w_1 = -c_2/h_1`; order 3, with
+        order 2 :math:`w_0 = c_1 + c_2/h_1`, :math:`w_1 = -c_2/h_1` (:math:`c_2 \to \tfrac h2 c_1` for ``"midpoint"``);
+        order 3, with
         :math:`e = (c_2 h_1 + 2c_3)/(h_1 + h_2)`, :math:`w_0 = c_1 + (c_2 + e)/h_1`,
         :math:`w_1 = -(c_2 + e)/h_1 - e/h_2`, :math:`w_2 = e/h_2`.
         """
@@ -188,7 +212,8 @@ class DPMSolver(FixedStepSolver):
         c1, c2, c3 = (c[:, j] if j < c.shape[1] else torch.zeros_like(a) for j in range(3))
         e = (c2 * h1 + 2 * c3) / (h1 + h2)
         zero = torch.zeros_like(a)
-        w2 = torch.stack([c1 + c2 / h1, -c2 / h1, zero], dim=1)
+        c2_second = c2 if self.solver_type == "heun" else 0.5 * h * c1  # the second-order steps' form
+        w2 = torch.stack([c1 + c2_second / h1, -c2_second / h1, zero], dim=1)
         w3 = torch.stack([c1 + (c2 + e) / h1, -(c2 + e) / h1 - e / h2, e / h2], dim=1)
         return a, torch.where(order == 1, torch.stack([c1, zero, zero], dim=1), torch.where(order == 2, w2, w3))
 
