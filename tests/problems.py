@@ -10,12 +10,14 @@
   data N(MEAN, V I) with its closed-form probability flow: ``gaussian_score``, ``gaussian_flow``, ``gaussian_flow_error``.
 * ``custom_linear_sde``: a linear SDE with no closed-form kernel.
 * Counting and seeding checks for solvers: ``Counted``, ``assert_nfe_counts``, ``assert_seeded``.
-* ``load_benchmark``: a script of benchmarks/ loaded as a module.
+* ``load_benchmark``: a script of benchmarks/ loaded as a module; ``Float64Torch``: torch with float32 read as float64,
+  for a peer's module that casts to float32.
 """
 
 import importlib.util
 import math
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -45,6 +47,17 @@ def load_benchmark(name: str):
         sys.modules[module_name] = module
         spec.loader.exec_module(module)
     return sys.modules[module_name]
+
+
+class Float64Torch(types.ModuleType):
+    """torch with float32 read as float64. diffusers' DPMSolverMultistepScheduler.step casts the sample to
+    torch.float32; with this module in the scheduler module's namespace (monkeypatch its ``torch``) the cast keeps
+    float64, so a loop runs in float64 throughout and compares with sdediff's to rounding."""
+
+    float32 = torch.float64
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
 
 
 class Counted:

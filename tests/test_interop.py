@@ -8,11 +8,10 @@ import copy
 import math
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
-from problems import MIXTURE, T64, gaussian_flow_error, gen
+from problems import MIXTURE, T64, Float64Torch, gaussian_flow_error, gen
 
 import sdediff
 from sdediff.interop.diffusers import DiffusersModel, DiscreteVPSDE, from_diffusers, scheduler_time_grid
@@ -316,16 +315,6 @@ def test_ddpm_fixed_large_trailing_adds_noise_to_its_last_step(unet64):
 
 
 # --- diffusers' multistep and Heun schedulers, in float64 -------------------------------------------------------
-class _Float64Torch(types.ModuleType):
-    """torch with float32 read as float64. DPMSolverMultistepScheduler.step casts the sample to torch.float32; with
-    this module in its namespace the cast keeps float64, so both loops run in float64 and agree to rounding."""
-
-    float32 = torch.float64
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-
 def _sigma(scheduler, k):
     """sqrt((1 - alpha_bar_k) / alpha_bar_k) in float64."""
     ac = scheduler.alphas_cumprod.double()[torch.as_tensor(k).long()]
@@ -334,7 +323,7 @@ def _sigma(scheduler, k):
 
 def _float64_loop(monkeypatch, model, scheduler, x, scaled=False):
     """The scheduler's own loop in float64 (``scaled``: the model sees ``scale_model_input``, as for Heun)."""
-    monkeypatch.setattr(sys.modules[type(scheduler).__module__], "torch", _Float64Torch("torch"))
+    monkeypatch.setattr(sys.modules[type(scheduler).__module__], "torch", Float64Torch("torch"))
     with torch.no_grad():
         for k in scheduler.timesteps:
             model_in = scheduler.scale_model_input(x, k) if scaled else x
