@@ -118,7 +118,9 @@ class DPMSolver(FixedStepSolver):
 
     .. math::  x_t = a\,x_s + c_1\Big(P_0 + \frac{h}{2h_1}(P_0 - P_{-1})\Big),
 
-    which is diffusers' default and k-diffusion's ``sample_dpmpp_2m``. Both are second order.
+    which is diffusers' default and k-diffusion's ``sample_dpmpp_2m``. Both are second order. (diffusers'
+    third-order multistep step and k-diffusion's ``sample_dpmpp_3m_sde`` weigh the second difference by
+    :math:`c_3 D_{012}`, half the :math:`c_3 P''` above, and converge at order 2: ``tests/test_third_order.py``.)
 
     **singlestep** (``order`` NFE per step): intermediate points at :math:`\lambda_s + r h`, reached by
     lower-order steps from :math:`x_s` (their times found by bisection once, in ``start``):
