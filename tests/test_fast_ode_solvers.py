@@ -348,7 +348,8 @@ def test_bad_options_raise_clear_errors():
 
 SOLVERS = [("dpm_solver", {"order": 3}), ("dpm_solver", {"order": 3, "method": "singlestep", "prediction": "noise"}),
            ("ddim", {}), ("ddim", {"eta": 1.0}), ("lms", {}), ("edm_heun", {}), ("edm_heun", {"churn": 10.0}),
-           ("unipc", {"order": 3}), ("unipc", {"order": 2, "prediction": "noise", "variant": "bh1"})]
+           ("unipc", {"order": 3}), ("unipc", {"order": 2, "prediction": "noise", "variant": "bh1"}),
+           ("ipndm", {}), ("deis", {}), ("dpm_solver", {"solver_type": "midpoint"})]
 
 
 def test_any_shape_float32_and_trajectory():
