@@ -45,6 +45,8 @@ CONVERGENCE = [
     ("dpm_solver", {"order": 2}, 2, MS, "log_snr", 0.3),
     ("dpm_solver", {"order": 3}, 3, MS, "log_snr", 0.3),
     ("dpm_solver", {"order": 2, "prediction": "noise"}, 2, MS, "log_snr", 0.3),
+    ("dpm_solver", {"order": 2, "solver_type": "midpoint"}, 2, MS, "log_snr", 0.3),
+    ("dpm_solver", {"order": 2, "solver_type": "midpoint", "prediction": "noise"}, 2, MS, "log_snr", 0.3),
     ("dpm_solver", {"order": 3, "prediction": "noise"}, 3, MS, "log_snr", 0.3),
     ("dpm_solver", {"order": 2, "method": "singlestep"}, 2, SS, "log_snr", 0.3),
     ("dpm_solver", {"order": 3, "method": "singlestep"}, 3, SS, "log_snr", 0.3),
@@ -302,6 +304,24 @@ def test_lower_order_final_only_on_short_grids():
         assert torch.equal(a, b) == same, steps
 
 
+def test_lower_order_final_rules_per_step():
+    """The order of each step, read off the coefficient table (the history columns a row uses): True lowers the
+    last steps to N - i below 15 steps, "diffusers" lowers only the last to 2 below 14 (it counts its final step to
+    sigma = 0), False never; the warm start is the same for all."""
+    sde = sdediff.VPSDE()
+
+    def orders(steps, rule):
+        scheme = sdediff.solvers.get_solver("dpm_solver", order=3, lower_order_final=rule).coefficients(
+            sde, sdediff.solvers.grids.log_snr(sde, steps, 1e-3).to(T64))
+        return [1 + int((row != 0).sum()) for row in scheme.w]
+
+    assert orders(10, True) == [1, 2, 3, 3, 3, 3, 3, 3, 2, 1]
+    assert orders(10, "diffusers") == [1, 2, 3, 3, 3, 3, 3, 3, 3, 2]
+    assert orders(10, False) == [1, 2] + [3] * 8
+    assert orders(13, "diffusers")[-1] == 2 and orders(14, "diffusers")[-1] == 3 and orders(14, True)[-1] == 1
+    assert orders(15, True) == orders(15, "diffusers") == orders(15, False)
+
+
 def test_bad_options_raise_clear_errors():
     sde = sdediff.VPSDE()
     score = MIXTURE.score_fn(sde)
@@ -310,6 +330,8 @@ def test_bad_options_raise_clear_errors():
            ("dpm_solver", {"method": "adaptive"}, "method.*multistep.*singlestep"),
            ("dpm_solver", {"prediction": "v"}, "prediction.*data.*noise"),
            ("dpm_solver", {"lower_order_final": "yes"}, "lower_order_final"),
+           ("dpm_solver", {"solver_type": "bh2"}, "solver_type.*heun.*midpoint"),
+           ("dpm_solver", {"solver_type": "midpoint", "method": "singlestep"}, "multistep"),
            ("ddim", {"eta": -0.1}, "eta"), ("ddim", {"eta": float("nan")}, "eta"),
            ("lms", {"order": 5}, "order"), ("lms", {"order": 0}, "order"),
            ("edm_heun", {"churn": -1.0}, "churn"), ("edm_heun", {"s_noise": -1.0}, "s_noise"),
@@ -326,7 +348,8 @@ def test_bad_options_raise_clear_errors():
 
 SOLVERS = [("dpm_solver", {"order": 3}), ("dpm_solver", {"order": 3, "method": "singlestep", "prediction": "noise"}),
            ("ddim", {}), ("ddim", {"eta": 1.0}), ("lms", {}), ("edm_heun", {}), ("edm_heun", {"churn": 10.0}),
-           ("unipc", {"order": 3}), ("unipc", {"order": 2, "prediction": "noise", "variant": "bh1"})]
+           ("unipc", {"order": 3}), ("unipc", {"order": 2, "prediction": "noise", "variant": "bh1"}),
+           ("ipndm", {}), ("deis", {}), ("dpm_solver", {"solver_type": "midpoint"})]
 
 
 def test_any_shape_float32_and_trajectory():
