@@ -14,6 +14,9 @@ def batch_time(t: Tensor | float, x: Tensor) -> Tensor:
     A Python float or a 0-d tensor is broadcast to every sample; a 1-d tensor must have
     ``x.shape[0]`` entries.
     """
+    if isinstance(t, Tensor) and t.dim() == 1 and t.shape[0] == x.shape[0] and t.dtype == x.dtype \
+            and t.device == x.device:
+        return t  # already a (batch,) time of x's dtype and device: the solvers' common case, kept cheap
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     if t.dim() == 0:
         return t.expand(x.shape[0])

@@ -11,7 +11,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._validate import check_float, check_int, check_ints
-from .processes import CountedScore, ScoreFn
+from .processes import ScoreFn
 from .sdes.base import SDE
 from .solvers.base import Callback, Solver, get_solver
 from .solvers.grids import GridFn, make_grid
@@ -141,8 +141,7 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solver: str | Solv
         x_init = _check_x_init(x_init, shape)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    score = CountedScore(score_fn)
-    process = sde.reverse(score, the_solver.noise_scale, generator=generator)
+    process = sde.reverse(score_fn, the_solver.noise_scale, generator=generator)  # counts every evaluation
     pieces, stats, trajectory, ts = [], {}, None, None
     starts = range(0, n, chunk)
     for start in tqdm(starts, desc="chunks", leave=False) if progress and chunk < n else starts:
@@ -159,12 +158,12 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solver: str | Solv
                                     keep_trajectory=keep_trajectory)
         x, trajectory = solution.x, solution.trajectory
         if denoise:
-            x = sde.denoise(x, ts[-1], score(x, ts[-1]))
+            x = sde.denoise(x, ts[-1], process.score(x, ts[-1]))
         pieces.append(x)
         for key, value in solution.stats.items():
             stats.setdefault(key, []).append(value)
     x = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     if return_info or keep_trajectory:
         stats = {k: (torch.cat(v) if isinstance(v[0], Tensor) else v if len(v) > 1 else v[0]) for k, v in stats.items()}
-        return SampleResult(samples=x, nfe=score.nfe, times=ts, trajectory=trajectory, stats=stats)
+        return SampleResult(samples=x, nfe=process.nfe, times=ts, trajectory=trajectory, stats=stats)
     return x

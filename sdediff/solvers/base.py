@@ -109,8 +109,9 @@ class StepRun:
     solver: FixedStepSolver
     state: Any
 
-    def advance(self, process: ReverseProcess, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        x, self.state = self.solver.step(process, self.state, x, t, t_next)
+    def advance(self, process: ReverseProcess, x: Tensor, ts: Tensor, i: int) -> Tensor:
+        """Step ``i`` of the grid ``ts``: from ``ts[i]`` to ``ts[i + 1]``."""
+        x, self.state = self.solver.step(process, self.state, x, ts[i], ts[i + 1])
         return x
 
 
@@ -135,14 +136,14 @@ def integrate(solver: FixedStepSolver, process: ReverseProcess, x: Tensor, ts: T
     """
     n = len(ts) - 1
     run = solver.runner(process.sde, ts, x, observed=callback is not None or keep_trajectory)
-    first = (slice(None),) + (0,) * (x.dim() - 1)  # x[first]: the first element of every sample, a view
     records = torch.empty(n, dtype=x.dtype, device=x.device)
     trajectory = torch.empty((n + 1, *x.shape), dtype=x.dtype, device=x.device) if keep_trajectory else None
     if trajectory is not None:
         trajectory[0].copy_(x)
     for i in tqdm(range(n), desc=solver.name, leave=False) if progress else range(n):  # no bar object unless shown
-        x = run.advance(process, x, ts[i], ts[i + 1])
-        torch.sum(x[first], dim=0, out=records[i])
+        x = run.advance(process, x, ts, i)
+        firsts = x.as_strided((x.shape[0],), (x.stride(0),), x.storage_offset())  # each sample's first element
+        torch.sum(firsts, dim=0, out=records[i])
         if trajectory is not None:
             trajectory[i + 1].copy_(x)
         if callback is not None:

@@ -110,11 +110,11 @@ class PredictorCorrector(FixedStepSolver):
         t = ts.to(work_dtype(ts.device))
         alpha = sde.discrete_alpha(t[:-1], t[:-1] - t[1:]).to(x)
         predictor = None if self.predictor is None else self.predictor.runner(sde, ts, x, observed=False)
-        return PCState(predictor=predictor, alpha=alpha)
+        return PCState(predictor=predictor, alpha=alpha, ts=ts)
 
     def step(self, process: ReverseProcess, state: PCState, x: Tensor, t: Tensor, t_next: Tensor) -> tuple[Tensor, PCState]:
         if state.predictor is not None:
-            x = state.predictor.advance(process, x, t, t_next)
+            x = state.predictor.advance(process, x, state.ts, state.index)
         x = self.corrector.correct(process, x, t_next, state.alpha[state.index])
         state.index += 1
         return x, state
@@ -122,11 +122,12 @@ class PredictorCorrector(FixedStepSolver):
 
 @dataclass
 class PCState:
-    """The predictor's own run (its state or coefficient table), the corrector's :math:`\alpha_i` per step,
-    and the index of the next step."""
+    """The predictor's own run (its state or coefficient table), the corrector's :math:`\alpha_i` per step, the
+    grid, and the index of the next step."""
 
     predictor: StepRun | SchemeRun | None
     alpha: Tensor
+    ts: Tensor
     index: int = 0
 
 

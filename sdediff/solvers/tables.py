@@ -200,12 +200,16 @@ class SchemeRun:
     r"""Runs a :class:`LinearScheme`: the one shared update of the linear solvers.
 
     Each row makes one score evaluation and at most ``2 + K`` passes over the state (the prediction, when
-    a later row needs it, and the combination). Without observers the states go into two buffers that
-    alternate, and the predictions into a ring of ``K + 1`` buffers, so a run allocates nothing per step;
-    the caller's start state is never written. With ``observed`` (a callback or a trajectory sees the
-    states) every reported state is a new tensor, which the observer may keep. The coefficients stay in
-    one float64 table on the host, read a row at a time as Python numbers: a row makes no host
-    synchronisation, and memory grows with the number of steps only by the table's few numbers per row.
+    a later row needs it, and the combination). Without observers the update writes into the state
+    itself when the state is one of this run's own buffers (and the score does not share its memory),
+    else into a second buffer; the predictions go into a ring of ``K + 1`` buffers, so a run allocates
+    nothing per step, and the caller's start state is never written. With ``observed`` (a callback or a
+    trajectory sees the states) every reported state is a new tensor, which the observer may keep. The
+    coefficients stay in one float64 table on the host, read a row at a time as Python numbers (the
+    first factor of each product also as a 0-d tensor on the state's device, which PyTorch multiplies
+    faster than a Python number): a
+    row makes no host synchronisation, and memory grows with the number of steps only by the table's few
+    numbers per row.
     """
 
     def __init__(self, scheme: LinearScheme, x: Tensor, observed: bool = True) -> None:
@@ -214,8 +218,9 @@ class SchemeRun:
         zero = torch.zeros_like(scheme.a)
         report = scheme.report if scheme.report is not None else scheme.w.new_zeros((n, 0))
         columns = [scheme.a, scheme.b, zero if scheme.noise is None else scheme.noise, scheme.p, scheme.q]
-        self.table = torch.cat([torch.stack(columns, 1), scheme.w, report], 1).detach().to("cpu", torch.float64)
-        self.times = scheme.times.to(device=x.device, dtype=x.dtype)
+        self.table = torch.cat([torch.stack(columns, 1), scheme.w, report], 1).detach().to("cpu", torch.float64).numpy()
+        self.a, self.p, self.q = (v.to(device=x.device, dtype=x.dtype) for v in (scheme.a, scheme.p, scheme.q))
+        self.times = scheme.times.to(device=x.device, dtype=x.dtype)[:, None].expand(n, x.shape[0])
         host_w, d = scheme.w.detach().cpu().numpy(), report.detach().cpu().numpy()
         self.width = ((host_w != 0) * np.arange(1, k + 1)).max(1, initial=0).tolist()  # history columns a row uses
         self.report_width = ((d != 0) * np.arange(1, d.shape[1] + 1)).max(1, initial=0).tolist()
@@ -235,8 +240,8 @@ class SchemeRun:
         self.carried: Tensor | None = None  # the carried state, where the reported one differs
         self.reported: Tensor | None = None
 
-    def advance(self, process: ReverseProcess, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        """Take one grid step (``rows_per_step`` rows) from ``x``; ``t``, ``t_next`` are the scheme's own."""
+    def advance(self, process: ReverseProcess, x: Tensor, ts: Tensor, i: int) -> Tensor:
+        """Take grid step ``i`` (``rows_per_step`` rows) from ``x``; the scheme holds its own times."""
         if self.carried is not None and x is self.reported:
             x = self.carried  # continue from the carried state, not from the reported one
         self.carried = self.reported = None
@@ -261,9 +266,9 @@ class SchemeRun:
         if self.keep[r]:
             out = self.spare.pop() if self.spare else torch.empty_like(x)
             if self.score_only:
-                torch.mul(score, coef[4], out=out)
+                torch.mul(score, self.q[r], out=out)
             else:
-                torch.mul(x, coef[3], out=out).add_(score, alpha=coef[4])
+                torch.mul(x, self.p[r], out=out).add_(score, alpha=coef[4])
         self.history.insert(0, out)
         if len(self.history) > self.scheme.w.shape[1] + 1:
             oldest = self.history.pop()
@@ -280,17 +285,22 @@ class SchemeRun:
             self._keep_prediction(x, score, r, coef)
         self.row = r + 1
         last = r % self.scheme.rows_per_step == self.scheme.rows_per_step - 1
-        out = None if (self.observed and last) else self._free_buffer(x)
-        out = torch.mul(x, coef[0], out=out).add_(score, alpha=coef[1])
+        out = None if (self.observed and last) else self._target(x, score)
+        out = torch.mul(x, self.a[r], out=out).add_(score, alpha=coef[1])
         for j in range(self.width[r]):
             out.add_(self.history[j + 1], alpha=coef[5 + j])
         if self.stochastic:
             out.add_(process.noise(x), alpha=coef[2])
         return out
 
-    def _free_buffer(self, x: Tensor) -> Tensor:
-        """One of the two state buffers that is not ``x`` (allocated on first use)."""
-        if len(self.buffers) < 2:
+    def _target(self, x: Tensor, score: Tensor) -> Tensor:
+        """Where row's new state goes: ``x`` itself when it is one of this run's buffers (nobody else holds it,
+        and the update reads each element once) unless the score shares its memory, else the other buffer."""
+        own = any(x is b for b in self.buffers)
+        if own and score.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+            return x
+        free = [b for b in self.buffers if b is not x]
+        if not free:
             self.buffers.append(torch.empty_like(x))
-            return self.buffers[-1]
-        return self.buffers[0] if self.buffers[0] is not x else self.buffers[1]
+            free = self.buffers[-1:]
+        return free[0]
