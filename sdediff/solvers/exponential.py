@@ -417,6 +417,23 @@ class EDMHeun(FixedStepSolver):
         """Whether the solver draws noise (``churn > 0``)."""
         return self.churn > 0
 
+    def coefficients(self, sde: LinearSDE, ts: Tensor) -> LinearScheme | None:
+        r"""Without churn, the step as two rows of the shared update: with :math:`A = m_{i+1}/m_i`,
+        :math:`B = -m_{i+1}(\sigma_{i+1} - \sigma_i)s_i`, :math:`C = -\tfrac12 m_{i+1}(\sigma_{i+1} - \sigma_i)s_{i+1}`,
+        :math:`\tilde x = A x + B s_0` and :math:`x_{i+1} = \tfrac12 A x + \tfrac12\tilde x + C s_1 = A x + \tfrac B2 s_0
+        + C s_1`. ``None`` with churn (the step below draws and raises the noise level first)."""
+        if self.churn > 0:
+            return None
+        t = ts.to(work_dtype(ts.device))
+        m, s, _ = kernel(sde, t)
+        a, dsigma = m[1:] / m[:-1], (s / m).diff()
+        b, c = -m[1:] * dsigma * s[:-1], -0.5 * m[1:] * dsigma * s[1:]
+        beta = t.new_zeros((len(a), 3, 2))
+        beta[:, 1, 0], beta[:, 2, 0], beta[:, 2, 1] = b, 0.5 * b, c
+        zero, one = torch.zeros_like(beta[:, 0]), torch.ones_like(beta[:, 0])
+        return rows_from_stages(torch.stack([t[:-1], t[1:]], 1), torch.stack([torch.ones_like(a), a, a], 1), beta,
+                                zero, one)
+
     def start(self, sde: SDE, ts: Tensor, x: Tensor) -> EDMHeunState:
         r"""The raised levels :math:`\hat\sigma_i` and their times (by bisection), and the step's coefficients in
         ``x``: with :math:`d\sigma = \sigma_{i+1} - \hat\sigma_i`, :math:`\rho = \hat m/m_i`,
