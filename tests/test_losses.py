@@ -20,7 +20,7 @@ from problems import T64, V, exact_model, gaussian_data, gen, kernel
 import sdediff
 from sdediff import score as sc
 from sdediff.training import MLP, dsm_loss, nll_bound, sample_time
-from sdediff.training.losses import _importance_table
+from sdediff.training.losses import importance_table
 
 
 def mean_se(x):
@@ -138,7 +138,7 @@ def test_importance_sampling_for_ve_is_uniform():
     # for VE, g^2/s^2 = 2 log(sigma_max/sigma_min) is constant: q is uniform and every weight is 1
     t, w = sample_time(sdediff.VESDE(), 1000, t_sampling="importance", t_eps=1e-5, generator=gen(13), dtype=T64)
     torch.testing.assert_close(w, torch.ones_like(w), rtol=1e-9, atol=0)
-    grid, cdf, _ = _importance_table(sdediff.VESDE(), 1e-5)
+    grid, cdf, _ = importance_table(sdediff.VESDE(), 1e-5)
     torch.testing.assert_close(cdf, (grid - 1e-5) / (1 - 1e-5), rtol=0, atol=1e-9)
 
 

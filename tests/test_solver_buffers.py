@@ -15,7 +15,7 @@ from problems import EPS, MIXTURE, NARROW, T64, gen
 
 import sdediff
 from sdediff.solvers.grids import make_grid
-from sdediff.solvers.tables import kernel as _kernel
+from sdediff.solvers.tables import kernel
 from sdediff.solvers.unipc import unipc_coefficients
 
 
@@ -46,7 +46,7 @@ def test_adaptive_ode_linear_path_equals_generic_path(method, dtype):
 
 def unipc_reference(sde, score_fn, x, ts, order, prediction, variant, corrector):
     """UniPC written out of place from its coefficients (module docstring of sdediff.solvers.unipc)."""
-    m, s, lam = _kernel(sde, ts.to(T64))
+    m, s, lam = kernel(sde, ts.to(T64))
     a, w, v = unipc_coefficients(lam, m, s, order, prediction, variant)
     n, steps = x.shape[0], len(ts) - 1
 

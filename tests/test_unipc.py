@@ -15,7 +15,7 @@ import torch
 from problems import MIXTURE, OU, SDES, T64, custom_linear_sde, gen, ode_reference, rms_error
 
 import sdediff
-from sdediff.solvers.tables import kernel as _kernel
+from sdediff.solvers.tables import kernel
 from sdediff.solvers.unipc import unipc_coefficients
 
 STEPS = (100, 200, 400)
@@ -85,7 +85,7 @@ def test_weights_integrate_polynomials_in_lambda_exactly(prediction):
     :math:`[\lambda_i, \lambda_{i+1}]`; the order-4 predictor (4 nodes) for p <= 3, its corrector (5 nodes) for p <= 4."""
     sde = sdediff.VESDE()
     ts = sdediff.solvers.grids.make_grid(sde, 9, 1e-3, "log_snr", dtype=T64)
-    m, s, lam = _kernel(sde, ts)
+    m, s, lam = kernel(sde, ts)
     order = 4
     _, w, v = unipc_coefficients(lam, m, s, order, prediction, lower_order_final=False)
     for i in range(order - 1, len(ts) - 1):
@@ -121,7 +121,7 @@ def test_corrector_and_step_ratio_rule():
     err = float((runs[True] - ref).pow(2).mean().sqrt())
     assert err < 0.1, err
     ts = sdediff.solvers.grids.make_grid(sde, 20, 1e-3, "uniform", dtype=T64)
-    m, s, lam = _kernel(sde, ts)
+    m, s, lam = kernel(sde, ts)
     _, w, _ = unipc_coefficients(lam, m, s, 3, "data")
     assert (w[-1, 1:] == 0).all() and (w[-3, 1:] != 0).all()  # the last step is first order here
 

@@ -54,8 +54,15 @@ def check_t_eps(t_eps: float, sde) -> float:
     return check_float("t_eps", t_eps, 0, sde.T, low_open=True, high_open=True)
 
 
-def _importance_table(sde, t_eps: float, device: torch.device | None = None) -> tuple[Tensor, Tensor, float]:
-    r"""``(t_grid, F, Z)``: the CDF :math:`F` of :math:`q \propto g^2/s^2` on a float64 grid, and :math:`Z`."""
+def importance_table(sde, t_eps: float, device: torch.device | None = None) -> tuple[Tensor, Tensor, float]:
+    r"""The importance distribution of the likelihood weighting, :math:`q(t) \propto g(t)^2/s(t)^2` on
+    :math:`[t_\epsilon, T]`, tabulated once per ``(sde, t_eps, device)``.
+
+    Returns
+    -------
+    (t_grid, F, Z) : a float64 grid of times, the CDF :math:`F` of :math:`q` on it, and the normaliser
+    :math:`Z = \int g^2/s^2\,dt`.
+    """
     per_sde = _TABLES.setdefault(sde, {})
     device = torch.device(device or "cpu")
     if (t_eps, device) in per_sde:
@@ -118,7 +125,7 @@ def sample_time(sde, n: int, *, t_sampling: str = "uniform", t_eps: float = 1e-5
         t = t_eps + (sde.T - t_eps) * u
         weight = torch.ones_like(u)
     else:
-        grid, cdf, _ = _importance_table(sde, t_eps, draw_device)
+        grid, cdf, _ = importance_table(sde, t_eps, draw_device)
         i = (torch.searchsorted(cdf, u, right=True) - 1).clamp(0, len(grid) - 2)
         dF, dt = cdf[i + 1] - cdf[i], grid[i + 1] - grid[i]
         t = grid[i] + (u - cdf[i]) / dF * dt
