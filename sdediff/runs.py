@@ -160,6 +160,9 @@ def load_run(path: str | os.PathLike, device: torch.device | str | None = None, 
     if step is not None and not is_int(step):
         raise CheckpointError(f"checkpoint {ckpt} is damaged: its metadata's step is {step!r}, not an integer")
     sde = _restore_sde(ckpt, meta.get("sde") or {}, tensors, device, ema)
+    if not t_eps < sde.T:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: its smallest training time t_eps={t_eps:g} is not below "
+                              f"the SDE's end time T={sde.T:g}")
     net = load_model(ckpt, ema=ema, device=device, contents=(tensors, meta)).requires_grad_(False)
     if shape is None and type(net).__name__ == "MLP":
         shape = (int(net.config["dim"]),)

@@ -88,9 +88,11 @@ def make_grid(sde: SDE, steps: int, eps: float, grid: str | GridFn | Sequence[fl
     else:
         try:
             ts = torch.as_tensor(grid, dtype=torch.float64).cpu()
-        except (TypeError, ValueError, RuntimeError) as err:
+        except (TypeError, ValueError, RuntimeError):
+            ts = None
+        if ts is None or ts.dim() == 0:
             raise TypeError(f"time_grid must be a grid name ({', '.join(GRIDS)}), a callable (sde, steps, eps) or a "
-                            f"sequence of times, got {type(grid).__name__}") from err
+                            f"sequence of times, got {grid!r}")
     if not bool(torch.isfinite(ts).all()):
         raise ValueError("time_grid holds NaN or infinite times")
     if ts.dim() != 1 or len(ts) < 2:
