@@ -120,8 +120,12 @@ def load_run(path: str | os.PathLike, device: torch.device | str | None = None, 
         registered, see :func:`sdediff.sdes.register_sde`), its network was fed a custom time input, or the sample
         shape is unknown (no ``run.json`` and not an MLP).
     CheckpointError
-        If the checkpoint or ``run.json`` is damaged, holds a network sdediff cannot rebuild, or weights or a
-        schedule state that do not fit.
+        If the checkpoint or ``run.json`` is damaged: unreadable, a network sdediff cannot rebuild, a model or SDE
+        configuration its class rejects or that claims more than the weights in the file (checked before anything
+        is allocated), metadata of the wrong kind (a prediction, step, seed or ``t_eps`` that is not valid), weights
+        or a schedule state that do not fit, or a checkpoint whose model or SDE is not the one ``run.json``
+        describes (a folder that mixes two runs), or a ``run.json`` shape that is not a list of positive integers
+        or does not fit the network.
     """
     import sdediff.interop.diffusers  # noqa: F401  (registers DiscreteVPSDE, so a run trained on one loads back)
 
@@ -227,9 +231,10 @@ def _restore_sde(path: Path, desc: dict[str, Any], tensors: dict[str, Tensor], d
                           state, f"checkpoint {path}: its {desc['class']} schedule")
     try:
         sde = sde_from_config(desc)
-    except ValueError as err:
-        raise ValueError(f"checkpoint {path}: its SDE {desc.get('repr', desc.get('class'))!r} cannot be rebuilt: "
-                         f"{err}") from err
+    except ValueError as err:  # a class that is not registered is the user's to register; bad parameters are damage
+        kind = ValueError if cls is None else CheckpointError
+        raise kind(f"checkpoint {path}: its SDE {desc.get('repr', desc.get('class'))!r} cannot be rebuilt: "
+                   f"{err}") from err
     if isinstance(sde, nn.Module):
         try:
             sde.load_state_dict(state)
