@@ -124,16 +124,16 @@ def check_bool(name: str, value: Any) -> bool:
 
 
 def check_dtype(name: str, dtype: Any, *, optional: bool = True) -> torch.dtype | None:
-    """``dtype`` if it is a real floating-point ``torch.dtype`` (``torch.float32``, ``torch.float64``, ...):
-    :class:`TypeError` for anything that is not a ``torch.dtype``, :class:`ValueError` for an integer, boolean or
-    complex one. With ``optional=True``, ``None`` is returned as is."""
+    """``dtype`` if it is a real floating-point ``torch.dtype`` (``torch.float32``, ``torch.float64``, ...), else a
+    :class:`TypeError` (for anything that is not a ``torch.dtype``, and for an integer, boolean or complex one: the
+    wrong kind of number, as for a tensor of that dtype). With ``optional=True``, ``None`` is returned as is."""
     if dtype is None and optional:
         return None
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"{name} must be a torch floating-point dtype such as torch.float32 or torch.float64"
                         f"{' or None' if optional else ''}, got {dtype!r}")
     if not dtype.is_floating_point:
-        raise ValueError(f"{name} must be a real floating-point dtype such as torch.float32 or torch.float64, got {dtype}")
+        raise TypeError(f"{name} must be a real floating-point dtype such as torch.float32 or torch.float64, got {dtype}")
     return dtype
 
 
