@@ -152,6 +152,8 @@ def load_run(path: str | os.PathLike, device: torch.device | str | None = None, 
         raise CheckpointError(f"checkpoint {ckpt} has no training configuration (not written by sdediff's Trainer)")
     record = read_run_record(directory)
     shape = None if record is None else _record_shape(record, directory)
+    if record is not None and not isinstance(record.get("data"), (str, type(None))):
+        raise CheckpointError(f"{directory / 'run.json'} is damaged: its data set is {record.get('data')!r}, not a name")
     if shape is not None:
         _check_record_matches(record, shape, meta, ckpt, directory)
     try:
@@ -160,9 +162,11 @@ def load_run(path: str | os.PathLike, device: torch.device | str | None = None, 
         prediction = check_choice("prediction", meta.get("prediction", config.get("prediction", "eps")), PREDICTIONS)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {ckpt} is damaged: its metadata's {err}") from None
-    step = meta.get("step")
+    step, time_input = meta.get("step"), meta.get("time_input")
     if step is not None and not is_int(step):
         raise CheckpointError(f"checkpoint {ckpt} is damaged: its metadata's step is {step!r}, not an integer")
+    if time_input is not None and not isinstance(time_input, str):
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: its metadata's time_input is {time_input!r}, not a name")
     sde = _restore_sde(ckpt, meta.get("sde") or {}, tensors, device, ema)
     if not t_eps < sde.T:
         raise CheckpointError(f"checkpoint {ckpt} is damaged: its smallest training time t_eps={t_eps:g} is not below "
@@ -173,7 +177,7 @@ def load_run(path: str | os.PathLike, device: torch.device | str | None = None, 
     elif shape is None:
         raise ValueError(f"{directory} has no run.json, so the sample shape of this {type(net).__name__} is unknown; "
                          "use a folder written by 'sdediff train'")
-    score = ScoreModel(net, sde, prediction, resolve_time_input(meta.get("time_input"), sde, ckpt))
+    score = ScoreModel(net, sde, prediction, resolve_time_input(time_input, sde, ckpt))
     return Run(sde=sde, score=score, net=net, shape=shape, data=(record or {}).get("data"), step=step, seed=seed,
                t_eps=t_eps, directory=directory, checkpoint=ckpt, record=record, metadata=meta)
 
@@ -192,16 +196,16 @@ def _check_record_matches(record: dict[str, Any], shape: tuple[int, ...], meta: 
                           directory: Path) -> None:
     """Refuse a checkpoint whose model or SDE is not the one ``run.json`` describes (a folder that mixes runs), or
     whose network does not take samples of the recorded ``shape``."""
-    for key, fields in (("model", ("class", "config")), ("sde", ("class", "params"))):
+    for key, label, fields in (("model", "the model", ("class", "config")), ("sde", "the SDE", ("class", "params"))):
         described, held = record.get(key), meta.get(key)
         if not isinstance(described, dict) or not isinstance(held, dict):
             continue  # a run.json or checkpoint without that description: nothing to compare
         if any(json_safe(described.get(f)) != json_safe(held.get(f)) for f in fields):
             shown = [f"{d.get('class')}({d.get(fields[1])})" for d in (held, described)]
-            raise CheckpointError(f"{ckpt} holds a {key} {shown[0]}, but {directory / 'run.json'} describes "
+            raise CheckpointError(f"{ckpt} holds {label} {shown[0]}, but {directory / 'run.json'} describes "
                                   f"{shown[1]}: the folder mixes two runs; pass --checkpoint with one of the "
                                   "run's own checkpoints, or move the other one out")
-    model = meta.get("model") or {}
+    model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
     config = model.get("config") if isinstance(model.get("config"), dict) else {}
     if model.get("class") == "MLP" and is_int(config.get("dim")) and math.prod(shape) != config["dim"]:
         raise CheckpointError(f"{directory / 'run.json'} is damaged: its sample shape {list(shape)} has "
@@ -232,7 +236,7 @@ def _restore_sde(path: Path, desc: dict[str, Any], tensors: dict[str, Tensor], d
     try:
         sde = sde_from_config(desc)
     except ValueError as err:  # a class that is not registered is the user's to register; bad parameters are damage
-        kind = ValueError if cls is None else CheckpointError
+        kind = ValueError if cls is None and isinstance(desc.get("class"), str) else CheckpointError
         raise kind(f"checkpoint {path}: its SDE {desc.get('repr', desc.get('class'))!r} cannot be rebuilt: "
                    f"{err}") from err
     if isinstance(sde, nn.Module):
@@ -302,10 +306,11 @@ def resumed_record(old: dict[str, Any], new: dict[str, Any], checkpoint: str | N
     """The ``run.json`` of a run resumed from ``checkpoint`` with the options of ``new``: ``old`` unchanged (what the
     run was started with), plus an entry in its ``"resumes"`` list with the checkpoint's name, the sdediff version and
     the options that differ from the original ones (``{option: [original, new]}``), so the history is kept."""
-    before, after = old.get("args") or {}, new.get("args") or {}
+    before = old.get("args") if isinstance(old.get("args"), dict) else {}
+    after, history = new.get("args") or {}, old.get("resumes") if isinstance(old.get("resumes"), list) else []
     changed = {k: [before.get(k), v] for k, v in after.items() if k != "resume" and json_safe(before.get(k)) != json_safe(v)}
     entry = {"checkpoint": checkpoint, "sdediff": new.get("sdediff"), "changed_args": changed}
-    return {**old, "resumes": [*old.get("resumes", []), entry]}
+    return {**old, "resumes": [*history, entry]}
 
 
 def resume_conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

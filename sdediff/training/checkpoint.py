@@ -141,6 +141,8 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
         metadata = json.loads(header["sdediff"])
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} has unreadable metadata: {err}") from err
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"checkpoint {path} has damaged metadata: a JSON {type(metadata).__name__}, not an object")
     return {k: v.to(device) for k, v in tensors.items()}, metadata
 
 
@@ -302,6 +304,8 @@ def load_model(path: str | os.PathLike, ema: bool = True, device: torch.device |
 
     tensors, meta = load_checkpoint(path) if contents is None else contents
     info = meta.get("model") or {}
+    if not isinstance(info, dict):
+        raise CheckpointError(f"checkpoint {path} is damaged: its model description is {info!r}, not a mapping")
     if info.get("class") not in MODELS or not isinstance(info.get("config"), dict):
         raise CheckpointError(f"checkpoint {path} holds a {info.get('class', 'custom')!r} model that sdediff cannot "
                               f"rebuild; construct it yourself and call load_weights(model, path)")
