@@ -246,13 +246,6 @@ def sample_file(path: Path, n: int) -> Iterator[Callable[[Tensor], None]]:
             raise RuntimeError(f"{path}: {count} of {n} samples were written")
 
 
-def save_samples(path: Path, x: Tensor) -> Path:
-    """Write samples atomically as ``.safetensors`` (key ``"samples"``), ``.pt`` or ``.npy`` (see :func:`sample_file`)."""
-    with sample_file(path, len(x)) as put:
-        put(x)
-    return path
-
-
 def print_written(paths: Sequence[Path | None]) -> None:
     print("wrote " + ", ".join(str(p) for p in paths if p is not None))
 
