@@ -34,6 +34,7 @@ from __future__ import annotations
 import errno
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 
 from ..config import ConfigError
@@ -70,7 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, command = parse(argv)
         debug = debug or bool(getattr(args, "debug", False))
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            if not debug:  # a warning is one line too, not the file and source line warnings.showwarning prints
+                warnings.showwarning = _one_line_warning
+            return int(args.func(args) or 0)
     except SystemExit as exit_:  # argparse errors (2), --help and --version (0)
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except CLIError as err:
@@ -90,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 1
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"sdediff: warning: {message}", file=sys.stderr if file is None else file)
 
 
 #: errors whose message says all there is to say (sdediff's own kinds, a missing file, a missing package)
