@@ -1,8 +1,10 @@
 """Validation of scalar arguments: one place for the checks every public function makes.
 
-Each check returns the value in its canonical type (``int``, ``float``, ``bool``) or raises a
-:class:`ValueError` (:class:`TypeError` for a value of the wrong kind where the message says so) that names
-the argument. Booleans are never accepted as numbers (``True`` is an ``int`` to Python, not to a user).
+Each check returns the value in its canonical type (``int``, ``float``, ``bool``) or raises an error that
+names the argument and says what it must be: :class:`TypeError` for a value of the wrong type (``2.5`` for an
+integer, ``"yes"`` for a flag, ``4`` for a shape), :class:`ValueError` for a value of the right type outside
+its range (``0`` steps, ``nan``, an unknown name). Booleans are never accepted as numbers (``True`` is an
+``int`` to Python, not to a user).
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import math
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+import torch
+
 C = TypeVar("C")
 
-__all__ = ["check_int", "check_ints", "check_float", "check_choice", "check_bool", "is_int", "is_number"]
+__all__ = ["check_int", "check_ints", "check_float", "check_choice", "check_bool", "check_dtype", "check_device",
+           "is_int", "is_number"]
 
 
 def is_int(value: Any) -> bool:
@@ -35,12 +40,8 @@ def check_int(name: str, value: Any, minimum: int | None = 1, maximum: int | Non
     """
     if value is None and optional:
         return None
-    ok = is_int(value)
-    if ok and minimum is not None and value < minimum:
-        ok = False
-    if ok and maximum is not None and value > maximum:
-        ok = False
-    if not ok:
+    typed = is_int(value)
+    if not typed or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         if minimum == 1 and maximum is None:
             what = "a positive integer"
         elif minimum == 0 and maximum is None:
@@ -51,19 +52,24 @@ def check_int(name: str, value: Any, minimum: int | None = 1, maximum: int | Non
             what = f"an integer <= {maximum}"
         else:
             what = f"an integer in [{minimum}, {maximum}]"
-        raise ValueError(f"{name} must be {what}{' or None' if optional else ''}, got {value!r}")
+        error = ValueError if typed else TypeError
+        raise error(f"{name} must be {what}{' or None' if optional else ''}, got {value!r}")
     return int(value)
 
 
 def check_ints(name: str, values: Any, minimum: int = 1) -> tuple[int, ...]:
-    """``values`` (a non-empty sequence of ``int``, each ``>= minimum``; a shape, channel multipliers) as a tuple."""
+    """``values`` (a non-empty sequence of ``int``, each ``>= minimum``; a shape, channel multipliers) as a tuple.
+
+    :class:`TypeError` for a value that is not a sequence of integers (``4``, ``"ab"``, ``(2, 1.0)``),
+    :class:`ValueError` for an empty one or one with an integer below ``minimum``."""
     try:
-        out = tuple(values)
+        out = tuple(values) if not isinstance(values, (str, bytes)) else None
     except TypeError:
-        out = ()
-    if not out or not all(is_int(v) and v >= minimum for v in out):
+        out = None
+    typed = out is not None and all(is_int(v) for v in out)
+    if not typed or not out or not all(v >= minimum for v in out):
         what = "positive integers" if minimum == 1 else f"integers >= {minimum}"
-        raise ValueError(f"{name} must be a non-empty sequence of {what}, got {values!r}")
+        raise (ValueError if typed else TypeError)(f"{name} must be a non-empty sequence of {what}, got {values!r}")
     return out
 
 
@@ -77,7 +83,8 @@ def check_float(name: str, value: Any, low: float | None = None, high: float | N
     """
     if value is None and optional:
         return None
-    ok = is_number(value) and not math.isnan(value) and (math.isfinite(value) or not finite)
+    typed = is_number(value)
+    ok = typed and not math.isnan(value) and (math.isfinite(value) or not finite)
     if ok and low is not None and (value < low or (low_open and value == low)):
         ok = False
     if ok and high is not None and (value > high or (high_open and value == high)):
@@ -95,20 +102,57 @@ def check_float(name: str, value: Any, low: float | None = None, high: float | N
         else:
             what = " and ".join(parts)
         kind = "a finite float" if finite else "a float (inf allowed)"
-        raise ValueError(f"{name} must be {kind}{' ' + what if what else ''}{' or None' if optional else ''}, "
-                         f"got {value!r}")
+        raise (ValueError if typed else TypeError)(
+            f"{name} must be {kind}{' ' + what if what else ''}{' or None' if optional else ''}, got {value!r}")
     return float(value)
 
 
 def check_choice(name: str, value: Any, allowed: Sequence[C]) -> C:
-    """``value`` if it is one of ``allowed`` and of the same type as its first entry (no ``True`` for ``1``)."""
+    """``value`` if it is one of ``allowed`` and of the same type as its first entry (no ``True`` for ``1``):
+    :class:`TypeError` for another type, :class:`ValueError` for a value of that type that is not allowed."""
     if type(value) is not type(allowed[0]) or value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+        error = ValueError if type(value) is type(allowed[0]) else TypeError
+        raise error(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
     return value
 
 
 def check_bool(name: str, value: Any) -> bool:
     """``value`` if it is ``True`` or ``False`` (not ``1``, ``"yes"`` or ``None``)."""
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
+        raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+def check_dtype(name: str, dtype: Any, *, optional: bool = True) -> torch.dtype | None:
+    """``dtype`` if it is a real floating-point ``torch.dtype`` (``torch.float32``, ``torch.float64``, ...), else a
+    :class:`TypeError` (for anything that is not a ``torch.dtype``, and for an integer, boolean or complex one: the
+    wrong kind of number, as for a tensor of that dtype). With ``optional=True``, ``None`` is returned as is."""
+    if dtype is None and optional:
+        return None
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name} must be a torch floating-point dtype such as torch.float32 or torch.float64"
+                        f"{' or None' if optional else ''}, got {dtype!r}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"{name} must be a real floating-point dtype such as torch.float32 or torch.float64, got {dtype}")
+    return dtype
+
+
+def check_device(name: str, device: Any, *, optional: bool = True) -> torch.device | None:
+    """``device`` as a ``torch.device`` that exists on this machine (``"cuda"`` without CUDA is refused with a
+    :class:`ValueError` here, not deep inside torch); :class:`TypeError` for a value that is not a device, a string
+    or an index. With ``optional=True``, ``None`` is returned as is."""
+    if device is None and optional:
+        return None
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"{name} must be a torch.device, a device string such as 'cpu' or 'cuda:0', or an index, "
+                        f"got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"{name}={device!r} is not a device name: {err}") from None
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as err:  # torch raises AssertionError for CUDA in a CPU-only build
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{name}={device!r} is not available on this machine ({reason})") from None
+    return dev

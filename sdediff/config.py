@@ -96,6 +96,9 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {err}") from err
     except toml.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+    except UnicodeDecodeError as err:  # TOML is UTF-8 text
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8 "
+                          "TOML") from None
 
 
 def _option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ._io import atomic_write_file
+from ._io import save_safetensors
 from ._validate import check_float, check_int
 
 __all__ = ["ClassifierConfig", "FeatureClassifier", "train_classifier", "extract_features", "class_probabilities",
@@ -275,11 +275,9 @@ def classifier_score(probs: Tensor) -> ClassifierScore:
 
 def save_classifier(classifier: FeatureClassifier, path: str | Path) -> Path:
     """Write the weights as ``.safetensors`` (atomically), with the :class:`ClassifierConfig` as JSON metadata."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().contiguous().cpu() for k, v in classifier.state_dict().items()}
     metadata = {"sdediff_classifier": json.dumps(asdict(classifier.config))}
-    return atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return save_safetensors(path, tensors, metadata)
 
 
 def load_classifier(path: str | Path, device: torch.device | str | None = None) -> FeatureClassifier:

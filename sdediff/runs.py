@@ -13,6 +13,7 @@ rebuilt by :func:`sdediff.sdes.sde_from_config` from its registered class and th
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,12 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from ._io import json_safe
-from .score import ScoreModel
+from ._validate import check_choice, check_float, check_int, is_int
+from .score import PREDICTIONS, ScoreModel
 from .sdes import SDE, sde_from_config
-from .training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model
+from .sdes.registry import registered_sde_class
+from .training.checkpoint import CheckpointError, check_module_fits, latest_checkpoint, load_checkpoint, load_model
 
-__all__ = ["Run", "load_run", "run_record", "read_run_record", "resume_conflicts", "resolve_time_input", "RUN_FORMAT",
-           "RUN_IDENTITY"]
+__all__ = ["Run", "load_run", "run_record", "read_run_record", "resume_conflicts", "resumed_record", "resolve_time_input",
+           "RUN_FORMAT", "RUN_IDENTITY"]
 
 #: the ``format`` field of a ``run.json``
 RUN_FORMAT = "sdediff-run"
@@ -117,8 +120,12 @@ def load_run(path: str | os.PathLike, device: torch.device | str | None = None, 
         registered, see :func:`sdediff.sdes.register_sde`), its network was fed a custom time input, or the sample
         shape is unknown (no ``run.json`` and not an MLP).
     CheckpointError
-        If the checkpoint or ``run.json`` is damaged, holds a network sdediff cannot rebuild, or weights or a
-        schedule state that do not fit.
+        If the checkpoint or ``run.json`` is damaged: unreadable, a network sdediff cannot rebuild, a model or SDE
+        configuration its class rejects or that claims more than the weights in the file (checked before anything
+        is allocated), metadata of the wrong kind (a prediction, step, seed or ``t_eps`` that is not valid), weights
+        or a schedule state that do not fit, or a checkpoint whose model or SDE is not the one ``run.json``
+        describes (a folder that mixes two runs), or a ``run.json`` shape that is not a list of positive integers
+        or does not fit the network.
     """
     import sdediff.interop.diffusers  # noqa: F401  (registers DiscreteVPSDE, so a run trained on one loads back)
 
@@ -144,22 +151,68 @@ def load_run(path: str | os.PathLike, device: torch.device | str | None = None, 
     if not isinstance(config, dict):
         raise CheckpointError(f"checkpoint {ckpt} has no training configuration (not written by sdediff's Trainer)")
     record = read_run_record(directory)
+    shape = None if record is None else _record_shape(record, directory)
+    if record is not None and not isinstance(record.get("data"), (str, type(None))):
+        raise CheckpointError(f"{directory / 'run.json'} is damaged: its data set is {record.get('data')!r}, not a name")
+    if shape is not None:
+        _check_record_matches(record, shape, meta, ckpt, directory)
+    try:
+        t_eps = check_float("t_eps", config.get("t_eps", 1e-5), 0, low_open=True)
+        seed = check_int("seed", (record or {}).get("seed", config.get("seed", 0)), None)
+        prediction = check_choice("prediction", meta.get("prediction", config.get("prediction", "eps")), PREDICTIONS)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: its metadata's {err}") from None
+    step, time_input = meta.get("step"), meta.get("time_input")
+    if step is not None and not is_int(step):
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: its metadata's step is {step!r}, not an integer")
+    if time_input is not None and not isinstance(time_input, str):
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: its metadata's time_input is {time_input!r}, not a name")
     sde = _restore_sde(ckpt, meta.get("sde") or {}, tensors, device, ema)
+    if not t_eps < sde.T:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: its smallest training time t_eps={t_eps:g} is not below "
+                              f"the SDE's end time T={sde.T:g}")
     net = load_model(ckpt, ema=ema, device=device, contents=(tensors, meta)).requires_grad_(False)
-    if record is not None:
-        shape = tuple(int(n) for n in record["shape"])
-    elif type(net).__name__ == "MLP":
+    if shape is None and type(net).__name__ == "MLP":
         shape = (int(net.config["dim"]),)
-    else:
+    elif shape is None:
         raise ValueError(f"{directory} has no run.json, so the sample shape of this {type(net).__name__} is unknown; "
                          "use a folder written by 'sdediff train'")
-    score = ScoreModel(net, sde, meta.get("prediction", config.get("prediction")),
-                       resolve_time_input(meta.get("time_input"), sde, ckpt))
-    seed = int((record or {}).get("seed", config.get("seed", 0)))
-    step = meta.get("step")
-    return Run(sde=sde, score=score, net=net, shape=shape, data=(record or {}).get("data"),
-               step=None if step is None else int(step), seed=seed, t_eps=float(config.get("t_eps", 1e-5)),
-               directory=directory, checkpoint=ckpt, record=record, metadata=meta)
+    score = ScoreModel(net, sde, prediction, resolve_time_input(time_input, sde, ckpt))
+    return Run(sde=sde, score=score, net=net, shape=shape, data=(record or {}).get("data"), step=step, seed=seed,
+               t_eps=t_eps, directory=directory, checkpoint=ckpt, record=record, metadata=meta)
+
+
+def _record_shape(record: dict[str, Any], directory: Path) -> tuple[int, ...]:
+    """The sample shape of a ``run.json``: a non-empty list of positive integers, one sample (a 2-D point ``[2]``,
+    an image ``[C, H, W]``)."""
+    shape = record.get("shape")
+    if not isinstance(shape, list) or not shape or not all(is_int(n) and n > 0 for n in shape):
+        raise CheckpointError(f"{directory / 'run.json'} is damaged: its shape must be a list of positive integers "
+                              f"(the shape of one sample, e.g. [2] or [1, 8, 8]), got {shape!r}")
+    return tuple(shape)
+
+
+def _check_record_matches(record: dict[str, Any], shape: tuple[int, ...], meta: dict[str, Any], ckpt: Path,
+                          directory: Path) -> None:
+    """Refuse a checkpoint whose model or SDE is not the one ``run.json`` describes (a folder that mixes runs), or
+    whose network does not take samples of the recorded ``shape``."""
+    for key, label, fields in (("model", "the model", ("class", "config")), ("sde", "the SDE", ("class", "params"))):
+        described, held = record.get(key), meta.get(key)
+        if not isinstance(described, dict) or not isinstance(held, dict):
+            continue  # a run.json or checkpoint without that description: nothing to compare
+        if any(json_safe(described.get(f)) != json_safe(held.get(f)) for f in fields):
+            shown = [f"{d.get('class')}({d.get(fields[1])})" for d in (held, described)]
+            raise CheckpointError(f"{ckpt} holds {label} {shown[0]}, but {directory / 'run.json'} describes "
+                                  f"{shown[1]}: the folder mixes two runs; pass --checkpoint with one of the "
+                                  "run's own checkpoints, or move the other one out")
+    model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    config = model.get("config") if isinstance(model.get("config"), dict) else {}
+    if model.get("class") == "MLP" and is_int(config.get("dim")) and math.prod(shape) != config["dim"]:
+        raise CheckpointError(f"{directory / 'run.json'} is damaged: its sample shape {list(shape)} has "
+                              f"{math.prod(shape)} elements, but the checkpoint's MLP takes {config['dim']}")
+    if model.get("class") == "UNet" and (len(shape) != 3 or shape[0] != config.get("in_channels")):
+        raise CheckpointError(f"{directory / 'run.json'} is damaged: its sample shape {list(shape)} is not an image "
+                              f"with the {config.get('in_channels')} channel(s) of the checkpoint's UNet")
 
 
 def _find_run_dir(path: Path) -> Path:
@@ -172,14 +225,21 @@ def _find_run_dir(path: Path) -> Path:
 def _restore_sde(path: Path, desc: dict[str, Any], tensors: dict[str, Tensor], device: torch.device, ema: bool) -> SDE:
     """The checkpoint's SDE from its configuration; a learned schedule (an ``nn.Module``) gets its trained state
     (``sde.*`` tensors) or, with ``ema``, its EMA state (``ema_sde.*``, which the EMA weights go with) where present."""
+    if not isinstance(desc, dict):
+        raise CheckpointError(f"checkpoint {path} is damaged: its SDE description is {desc!r}, not a mapping")
+    prefix = "ema_sde." if ema and any(k.startswith("ema_sde.") for k in tensors) else "sde."
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    cls = registered_sde_class(desc.get("class"))
+    if state and isinstance(cls, type) and issubclass(cls, nn.Module) and isinstance(desc.get("params"), dict):
+        check_module_fits(lambda **params: sde_from_config({"class": desc["class"], "params": params}), desc["params"],
+                          state, f"checkpoint {path}: its {desc['class']} schedule")
     try:
         sde = sde_from_config(desc)
-    except ValueError as err:
-        raise ValueError(f"checkpoint {path}: its SDE {desc.get('repr', desc.get('class'))!r} cannot be rebuilt: "
-                         f"{err}") from err
+    except ValueError as err:  # a class that is not registered is the user's to register; bad parameters are damage
+        kind = ValueError if cls is None and isinstance(desc.get("class"), str) else CheckpointError
+        raise kind(f"checkpoint {path}: its SDE {desc.get('repr', desc.get('class'))!r} cannot be rebuilt: "
+                   f"{err}") from err
     if isinstance(sde, nn.Module):
-        prefix = "ema_sde." if ema and any(k.startswith("ema_sde.") for k in tensors) else "sde."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             sde.load_state_dict(state)
         except RuntimeError as err:
@@ -228,7 +288,7 @@ def read_run_record(directory: str | os.PathLike) -> dict[str, Any] | None:
     Raises
     ------
     CheckpointError
-        If ``run.json`` exists but is not valid JSON.
+        If ``run.json`` exists but is not valid UTF-8 JSON, or not a JSON object.
     """
     path = Path(directory) / "run.json"
     if not path.is_file():
@@ -237,7 +297,20 @@ def read_run_record(directory: str | os.PathLike) -> dict[str, Any] | None:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is damaged (not valid JSON): {err}") from err
-    return record if isinstance(record, dict) and record.get("format") == RUN_FORMAT else None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path} is damaged: it holds a JSON {type(record).__name__}, not a run record")
+    return record if record.get("format") == RUN_FORMAT else None
+
+
+def resumed_record(old: dict[str, Any], new: dict[str, Any], checkpoint: str | None) -> dict[str, Any]:
+    """The ``run.json`` of a run resumed from ``checkpoint`` with the options of ``new``: ``old`` unchanged (what the
+    run was started with), plus an entry in its ``"resumes"`` list with the checkpoint's name, the sdediff version and
+    the options that differ from the original ones (``{option: [original, new]}``), so the history is kept."""
+    before = old.get("args") if isinstance(old.get("args"), dict) else {}
+    after, history = new.get("args") or {}, old.get("resumes") if isinstance(old.get("resumes"), list) else []
+    changed = {k: [before.get(k), v] for k, v in after.items() if k != "resume" and json_safe(before.get(k)) != json_safe(v)}
+    entry = {"checkpoint": checkpoint, "sdediff": new.get("sdediff"), "changed_args": changed}
+    return {**old, "resumes": [*history, entry]}
 
 
 def resume_conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

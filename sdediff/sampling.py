@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._validate import check_float, check_int, check_ints
+from ._utils import all_finite
+from ._validate import check_bool, check_device, check_dtype, check_float, check_int, check_ints
 from .processes import ScoreFn
 from .sdes.base import SDE
 from .solvers.base import Callback, Solver, get_solver
@@ -55,7 +56,9 @@ def _check_x_init(x_init: Tensor, shape: tuple[int, ...]) -> Tensor:
     if tuple(x_init.shape) != shape:
         raise ValueError(f"x_init has shape {tuple(x_init.shape)}, expected shape {shape}")
     if not x_init.is_floating_point():
-        raise TypeError(f"x_init must be a floating-point tensor, got {x_init.dtype}")
+        raise TypeError(f"x_init must be a real floating-point tensor, got {x_init.dtype}")
+    if not all_finite(x_init):
+        raise ValueError("x_init holds NaN or infinite values; every solver needs a finite starting state")
     return x_init
 
 
@@ -106,7 +109,7 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solver: str | Solv
         Finish with one noise-free denoising step to ``t = 0`` (Tweedie's
         :math:`\hat x_0 = (x + s^2 s_\theta)/m` for linear SDEs); costs one score evaluation.
     progress : bool
-        Show a tqdm progress bar.
+        Show a tqdm progress bar (over the steps; over the chunks with ``batch_size``).
     callback : callable, optional
         ``callback(i, t, x)`` after each step ``i`` with the new time and state (for plots).
     return_info : bool
@@ -114,10 +117,11 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solver: str | Solv
     keep_trajectory : bool
         Store the state at every grid time in ``SampleResult.trajectory`` (implies ``return_info``).
     batch_size : int, optional
-        Run the solver on chunks of at most this many samples, one after the other, so memory stays
-        bounded however many samples are asked for (the output itself is still ``shape``). The
-        chunks draw from ``generator`` in turn, so results depend on ``batch_size``; ``callback``
-        is called for every chunk.
+        Run the solver on chunks of at most this many samples, one after the other, each written into
+        one output tensor allocated once: the peak memory is the output plus one chunk's working memory
+        (the output itself is still ``shape``). The chunks draw from ``generator`` in turn, so results
+        depend on ``batch_size``; ``callback`` is called for every chunk, and ``progress`` shows a bar over
+        the chunks.
     **solver_options
         Passed to the solver (e.g. ``snr=``, ``corrector_steps=`` for ``"pc"``; ``rtol=``, ``atol=``,
         ``method=`` for ``"ode"``; ``noise_scale=`` for ``"euler_maruyama"``).
@@ -128,12 +132,19 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solver: str | Solv
     """
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be an sdediff.SDE, got {type(sde).__name__}")
+    if not callable(score_fn):
+        raise TypeError(f"score_fn must be callable (x, t) -> tensor like x, got {type(score_fn).__name__}")
     check_int("steps", steps)
     eps = check_eps(eps, sde)
     the_solver = get_solver(solver, **solver_options)
     shape = check_ints("shape", shape)
     n = shape[0]
     check_int("batch_size", batch_size, optional=True)
+    for name, flag in (("denoise", denoise), ("progress", progress), ("return_info", return_info),
+                       ("keep_trajectory", keep_trajectory)):
+        check_bool(name, flag)
+    dtype = check_dtype("dtype", dtype)
+    device = check_device("device", device)
     chunk = min(batch_size or n, n)
     if chunk < n and keep_trajectory:
         raise ValueError("keep_trajectory needs the whole batch at once; drop batch_size or sample fewer points")
@@ -141,8 +152,10 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solver: str | Solv
         x_init = _check_x_init(x_init, shape)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable (i, t, x) or None, got {type(callback).__name__}")
     process = sde.reverse(score_fn, the_solver.noise_scale, generator=generator)  # counts every evaluation
-    pieces, stats, trajectory, ts = [], {}, None, None
+    out, stats, trajectory, ts = None, {}, None, None
     starts = range(0, n, chunk)
     for start in tqdm(starts, desc="chunks", leave=False) if progress and chunk < n else starts:
         size = min(chunk, n - start)
@@ -154,16 +167,22 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], solver: str | Solv
             x = x.to(device=device or x.device, dtype=dtype or x.dtype)
         if ts is None:
             ts = make_grid(sde, steps, eps, time_grid, device=x.device, dtype=x.dtype)
-        solution = the_solver.solve(process, x, ts, callback=callback, progress=progress,
+        solution = the_solver.solve(process, x, ts, callback=callback, progress=progress and chunk == n,
                                     keep_trajectory=keep_trajectory)
         x, trajectory = solution.x, solution.trajectory
-        if denoise:
-            x = sde.denoise(x, ts[-1], process.score(x, ts[-1]))
-        pieces.append(x)
         for key, value in solution.stats.items():
             stats.setdefault(key, []).append(value)
-    x = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        del solution
+        if denoise:
+            x = sde.denoise(x, ts[-1], process.score(x, ts[-1]))
+        if chunk == n:
+            out = x
+        else:  # the chunks go into one output, allocated once: peak memory is the output and one chunk's work
+            if out is None:
+                out = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            out[start:start + size].copy_(x)
+            del x
     if return_info or keep_trajectory:
         stats = {k: (torch.cat(v) if isinstance(v[0], Tensor) else v if len(v) > 1 else v[0]) for k, v in stats.items()}
-        return SampleResult(samples=x, nfe=process.nfe, times=ts, trajectory=trajectory, stats=stats)
-    return x
+        return SampleResult(samples=out, nfe=process.nfe, times=ts, trajectory=trajectory, stats=stats)
+    return out

@@ -219,8 +219,11 @@ def test_likelihood(moons_run, tmp_path, capsys):
     assert doc["n"] == 16 and doc["trace"] == "exact" and doc["split"] == "test"
     assert np.isfinite(doc["nll"]) and np.isfinite(doc["nll_bound"])
     assert "NLL" in capsys.readouterr().out
+    before = out.read_text()
+    assert run("likelihood", "--run", moons_run, "--n", "8", "--split", "train", "--no-bound", "--out", out) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_text() == before  # refused before any work
     assert run("likelihood", "--run", moons_run, "--n", "8", "--split", "train", "--no-bound", "--rtol", "1e-3",
-               "--atol", "1e-3", "--out", out) == 0
+               "--atol", "1e-3", "--out", out, "--overwrite") == 0
     assert json.loads(out.read_text())["split"] == "train"
     assert run("likelihood", "--run", moons_run, "--data", "digits") == 2
 

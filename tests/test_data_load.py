@@ -183,7 +183,8 @@ def test_bad_arrays(tmp_path):
 # --- arguments and names -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [0, -3, 2.5, True, "32"])
 def test_image_size_must_be_a_positive_int(class_folder, size):
-    with pytest.raises(ValueError, match="image_size"):
+    with pytest.raises(ValueError if isinstance(size, int) and not isinstance(size, bool) else TypeError,
+                       match="image_size"):
         load(class_folder[0], image_size=size)
 
 

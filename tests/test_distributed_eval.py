@@ -30,8 +30,8 @@ def run(*argv) -> int:
 def test_chunks_cover_the_items_in_order():
     assert chunk_slices(10, 4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
     assert chunk_slices(4, 4) == [slice(0, 4)] and chunk_slices(0, 3) == []
-    for bad in (0, -1, 2.0, True):
-        with pytest.raises(ValueError, match="chunk_size"):
+    for bad, error in ((0, ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="chunk_size"):
             chunk_slices(10, bad)
     with pytest.raises(ValueError, match="n must be"):
         chunk_slices(-1, 2)

@@ -325,8 +325,12 @@ def test_lower_order_final_rules_per_step():
 def test_bad_options_raise_clear_errors():
     sde = sdediff.VPSDE()
     score = MIXTURE.score_fn(sde)
-    bad = [("dpm_solver", {"order": 4}, "order"), ("dpm_solver", {"order": True}, "order"),
-           ("dpm_solver", {"order": 2.0}, "order must be one of 1, 2, 3"),
+    wrong_types = [("dpm_solver", {"order": True}, "order"), ("dpm_solver", {"order": 2.0}, "order must be one of 1, 2, 3"),
+                   ("dpm_solver", {"lower_order_final": 1}, "lower_order_final")]
+    for solver, options, match in wrong_types:
+        with pytest.raises(TypeError, match=match):
+            sdediff.sample(sde, score, (4, 2), solver=solver, steps=3, **options)
+    bad = [("dpm_solver", {"order": 4}, "order"),
            ("dpm_solver", {"method": "adaptive"}, "method.*multistep.*singlestep"),
            ("dpm_solver", {"prediction": "v"}, "prediction.*data.*noise"),
            ("dpm_solver", {"lower_order_final": "yes"}, "lower_order_final"),

@@ -177,7 +177,7 @@ def test_reward_guidance_arguments():
         reward_guided(sde, MIXTURE.score_fn(sde), lambda x: x.sum(1), 1.0, jacobian="exact")
     with pytest.raises(TypeError, match="linear SDE"):
         reward_guided(object(), MIXTURE.score_fn(sde), lambda x: x.sum(1))
-    with pytest.raises(ValueError, match="scale"):
+    with pytest.raises(TypeError, match="scale"):
         reward_guided(sde, MIXTURE.score_fn(sde), lambda x: x.sum(1), scale="big")
     bad = reward_guided(sde, MIXTURE.score_fn(sde), lambda x: x)
     with pytest.raises(ValueError, match="reward_fn must return a \\(batch,\\) tensor"):

@@ -184,8 +184,8 @@ def test_bad_arguments_raise_clear_errors():
     score = MIXTURE.score_fn(sde)
     with pytest.raises(ValueError, match="unknown solver 'rk45'.*euler_maruyama"):
         sdediff.sample(sde, score, (4, 2), solver="rk45")
-    for steps in (0, -3, 2.5, True):
-        with pytest.raises(ValueError, match="steps"):
+    for steps, error in ((0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="steps"):
             sdediff.sample(sde, score, (4, 2), steps=steps)
     for eps in (0.0, -1e-3, 1.0, 2.0, float("nan")):
         with pytest.raises(ValueError, match="eps"):

@@ -174,7 +174,7 @@ def test_log_snr_decreasing(sde):
                                     dict(beta_min=True), dict(beta_max=float("nan")), dict(beta_max=float("inf")),
                                     dict(T=True)])
 def test_vp_rejects_bad_parameters(kwargs):
-    with pytest.raises(ValueError):
+    with pytest.raises(TypeError if any(isinstance(v, bool) for v in kwargs.values()) else ValueError):
         sdediff.VPSDE(**kwargs)
 
 
@@ -189,7 +189,8 @@ def test_beta_min_above_beta_max_is_refused(cls):
                                     dict(sigma_min=True), dict(sigma_min=float("nan")), dict(sigma_max=float("nan")),
                                     dict(sigma_max=float("inf")), dict(sigma_min=1.0, sigma_max=1.0)])
 def test_ve_rejects_bad_parameters(kwargs):
-    with pytest.raises(ValueError, match="sigma_m|T must"):
+    with pytest.raises(TypeError if any(isinstance(v, bool) for v in kwargs.values()) else ValueError,
+                       match="sigma_m|T must"):
         sdediff.VESDE(**kwargs)
 
 

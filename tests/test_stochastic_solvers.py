@@ -196,14 +196,14 @@ def test_bad_options_raise_clear_errors():
     score = MIXTURE.score_fn(sde)
     with pytest.raises(ValueError, match="variance must be one of 'posterior', 'beta'; got 'fixedlarge'"):
         sdediff.sample(sde, score, (4, 2), solver="ddpm", variance="fixedlarge")
-    with pytest.raises(ValueError, match="variance"):
+    with pytest.raises(TypeError, match="variance"):
         sdediff.sample(sde, score, (4, 2), solver="ancestral", variance=None)
-    for order in (0, 3, 2.5, True):
-        with pytest.raises(ValueError, match="order must be one of 1, 2"):
+    for order, error in ((0, ValueError), (3, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="order must be one of 1, 2"):
             sdediff.sample(sde, score, (4, 2), solver="sde_dpm_solver", order=order)
     with pytest.raises(ValueError, match="solver_type must be one of 'midpoint', 'heun'"):
         sdediff.sample(sde, score, (4, 2), solver="sde_dpm_solver", solver_type="logrho")
-    with pytest.raises(ValueError, match="lower_order_final"):
+    with pytest.raises(TypeError, match="lower_order_final"):
         sdediff.sample(sde, score, (4, 2), solver="sde_dpm_solver", lower_order_final="yes")
     with pytest.raises(ValueError, match="unknown torchsde method 'rk4'.*euler.*srk"):
         sdediff.sample(sde, score, (4, 2), solver="torchsde:rk4")

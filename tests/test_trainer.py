@@ -351,7 +351,8 @@ def test_config_scalar_checks_name_the_field():
     for field, value in [("lr", 0.0), ("lr", True), ("weight_decay", -1.0), ("betas", (0.9, 1.0)), ("betas", (0.9,)),
                          ("grad_clip", -1.0), ("cond_drop_prob", 1.0), ("t_eps", 0.0), ("batch_size", True),
                          ("seed", -1), ("amp", 1), ("loss", "mse")]:
-        with pytest.raises(ValueError, match=f"TrainConfig\\.{field}"):
+        error = TypeError if isinstance(value, bool) or (field == "amp") else ValueError
+        with pytest.raises(error, match=f"TrainConfig\\.{field}"):
             TrainConfig(**{field: value})
     assert TrainConfig(betas=[0, 0.5]).betas == (0.0, 0.5) and TrainConfig(grad_clip=None).grad_clip is None
 

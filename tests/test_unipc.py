@@ -129,11 +129,11 @@ def test_corrector_and_step_ratio_rule():
 def test_bad_options_raise_clear_errors():
     sde = sdediff.VPSDE()
     score = MIXTURE.score_fn(sde)
-    bad = [({"order": 5}, "order"), ({"order": 2.0}, "order"), ({"variant": "bh3"}, "variant.*bh2.*bh1"),
-           ({"prediction": "v"}, "prediction"), ({"corrector": 1}, "corrector"),
-           ({"lower_order_final": "no"}, "lower_order_final")]
-    for options, match in bad:
-        with pytest.raises(ValueError, match=match):
+    bad = [({"order": 5}, "order", ValueError), ({"order": 2.0}, "order", TypeError),
+           ({"variant": "bh3"}, "variant.*bh2.*bh1", ValueError), ({"prediction": "v"}, "prediction", ValueError),
+           ({"corrector": 1}, "corrector", TypeError), ({"lower_order_final": "no"}, "lower_order_final", TypeError)]
+    for options, match, error in bad:
+        with pytest.raises(error, match=match):
             sdediff.sample(sde, score, (4, 2), solver="unipc", steps=3, **options)
     with pytest.raises(TypeError, match="LinearSDE"):
         sdediff.sample(OU(), score, (4, 2), solver="unipc", steps=3)

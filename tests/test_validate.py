@@ -16,9 +16,10 @@ def test_check_ints_returns_a_tuple_of_the_values():
     assert check_ints("pads", (0, 5), minimum=0) == (0, 5)
 
 
-@pytest.mark.parametrize("values", [(), (2, 0), (2, True), (2, 1.0), 3, "ab", None])
-def test_check_ints_names_the_argument(values):
-    with pytest.raises(ValueError, match=r"channel_mults must be a non-empty sequence of positive integers, got"):
+@pytest.mark.parametrize("values, error", [((), ValueError), ((2, 0), ValueError), ((2, True), TypeError),
+                                           ((2, 1.0), TypeError), (3, TypeError), ("ab", TypeError), (None, TypeError)])
+def test_check_ints_names_the_argument(values, error):
+    with pytest.raises(error, match=r"channel_mults must be a non-empty sequence of positive integers, got"):
         check_ints("channel_mults", values)
 
 

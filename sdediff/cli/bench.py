@@ -16,7 +16,7 @@ from .. import __version__
 from .._io import atomic_write
 from ..compare import DEFAULT_SOLVERS, ComparisonRow, compare_likelihood, compare_solvers
 from ..data import GaussianMixture
-from .common import add_plot, make_sde, pick_device, print_written, scatter_png, set_threads, write_json
+from .common import add_plot, check_output_folder, make_sde, pick_device, print_written, scatter_png, set_threads, write_json
 
 EPS = 1e-3  # final time of the solvers and start of the likelihood ODE
 LIKELIHOOD_POINTS = 256  # at most this many reference points go through the exact likelihood
@@ -30,6 +30,7 @@ def bench_mixture() -> GaussianMixture:
 def run(args: argparse.Namespace) -> int:
     """``sdediff bench``: sample the analytic mixture with several solvers and check against exact samples."""
     device = pick_device(args.device)
+    check_output_folder(args.out)  # before the comparison, so that a finished result is not lost
     threads = set_threads(args.threads, device, small=True)
     dtype = torch.float64 if args.float64 else torch.float32
     sde = make_sde(args)

@@ -6,14 +6,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from .._io import atomic_write, atomic_write_file, json_safe
+from .._io import (
+    atomic_file,
+    atomic_write,
+    atomic_write_file,
+    check_writable,
+    json_safe,
+    safetensors_header,
+    write_tensor_bytes,
+)
 from ..compare import distance_to_reference
 from ..data.toy import TOY_CLASSES, TOY_DATASETS, make_toy
 from ..distributed import DistributedEval, world_size
@@ -80,14 +90,54 @@ def toy_metrics(samples: Tensor, data: str, generator: torch.Generator) -> dict[
 
 def command_options(args: argparse.Namespace) -> dict[str, Any]:
     """The parsed options of a command, as recorded in run.json, config.toml and metrics.json."""
-    return {k: v for k, v in vars(args).items() if k not in ("func", "config", "command")}
+    return {k: v for k, v in vars(args).items() if k not in ("func", "config", "command", "debug")}
 
 
 def make_sde(args: argparse.Namespace):
-    """The SDE of ``--sde`` with its ``--beta-*`` or ``--sigma-*`` options."""
-    if args.sde == "ve":
-        return VESDE(sigma_min=args.sigma_min, sigma_max=args.sigma_max)
-    return SDES[args.sde](beta_min=args.beta_min, beta_max=args.beta_max)
+    """The SDE of ``--sde`` with its ``--beta-*`` or ``--sigma-*`` options (values that do not fit together, such
+    as ``--beta-min`` above ``--beta-max``, are argument errors)."""
+    try:
+        if args.sde == "ve":
+            return VESDE(sigma_min=args.sigma_min, sigma_max=args.sigma_max)
+        return SDES[args.sde](beta_min=args.beta_min, beta_max=args.beta_max)
+    except ValueError as err:
+        names = "--sigma-min/--sigma-max" if args.sde == "ve" else "--beta-min/--beta-max"
+        raise CLIError(f"{names} of --sde {args.sde}: {err}") from None
+
+
+def check_time_option(flag: str, value: float, sde) -> float:
+    """A time option (``--eps``, ``--t-eps``) must lie strictly between 0 and the SDE's end time ``T``."""
+    if not 0 < value < sde.T:
+        raise CLIError(f"{flag} {value:g} must lie in (0, T={sde.T:g}) for {sde!r}")
+    return value
+
+
+# --- output files ---------------------------------------------------------------------------------------
+def check_output(path: str | Path, overwrite: bool, flag: str = "--out") -> Path:
+    """Check an output file before any computation: refuse one that exists (unless ``overwrite``), a folder, or a
+    place where no file can be created (a read-only file system, a missing permission), as argument errors."""
+    path = Path(path)
+    if path.is_dir():
+        raise CLIError(f"{flag} {path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise CLIError(f"{flag} {path} exists already: pass --overwrite to replace it, or choose another {flag}")
+    try:
+        check_writable(path)
+    except OSError as err:
+        raise CLIError(f"{flag} {path}: cannot write there ({err.strerror or err}); choose another {flag}") from None
+    return path
+
+
+def check_output_folder(folder: str | Path, flag: str = "--out") -> Path:
+    """Check, before any computation, that files can be created in the output folder ``folder`` (made if missing)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CLIError(f"{flag} {folder} is a file, not a folder")
+    try:
+        check_writable(folder / "probe")
+    except OSError as err:
+        raise CLIError(f"{flag} {folder}: cannot write there ({err.strerror or err}); choose another {flag}") from None
+    return folder
 
 
 # --- runs -----------------------------------------------------------------------------------------------
@@ -121,6 +171,16 @@ def sharded_map(device: torch.device, fn: Callable[[int], Any], num_chunks: int,
         return group.map(fn, num_chunks, progress=progress)
 
 
+def chunk_results(device: torch.device, fn: Callable[[int], Any], num_chunks: int, progress: bool) -> Iterable[Any] | None:
+    """``fn(0), ..., fn(num_chunks - 1)`` in order: computed one at a time as they are consumed in a single process
+    (so each result can be written and dropped before the next, with a progress bar over the chunks), or by the
+    ranks of a torchrun job through :func:`sharded_map` (``None`` on the ranks other than 0)."""
+    if world_size() > 1:
+        return sharded_map(device, fn, num_chunks, progress)
+    ks = tqdm(range(num_chunks), desc="chunks", leave=False, disable=not (progress and num_chunks > 1))
+    return (fn(k) for k in ks)
+
+
 def describe_sharding(chunks: list[slice]) -> str:
     return f"{len(chunks)} chunk(s) of at most {chunks[0].stop - chunks[0].start} over {world_size()} process(es)"
 
@@ -136,25 +196,54 @@ def write_json(path: Path, doc: dict[str, Any]) -> Path:
     return atomic_write(path, json.dumps(json_safe(doc), indent=2, allow_nan=False, default=str) + "\n")
 
 
-def save_samples(path: Path, x: Tensor) -> Path:
-    """Write samples atomically as ``.safetensors`` (key ``"samples"``), ``.pt`` or ``.npy``."""
-    cpu = x.detach().cpu().contiguous()
+@contextmanager
+def sample_file(path: Path, n: int) -> Iterator[Callable[[Tensor], None]]:
+    """Write ``n`` samples to ``path`` chunk by chunk: the context yields ``put(chunk)``, called with consecutive
+    chunks of rows. ``.safetensors`` (key ``"samples"``) and ``.npy`` are streamed into a temporary file as the
+    chunks come (the header, which needs the dtype and shape, with the first one), so the samples never have to be
+    in memory at once; ``.pt`` (a pickle) collects them in one tensor and writes it at the end. The file appears
+    under its name, atomically, only once all ``n`` rows are written."""
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import save_file
+    if suffix not in (".safetensors", ".pt", ".npy"):
+        raise CLIError(f"unknown sample file type {path.suffix!r}; use .safetensors, .pt or .npy")
+    count = 0
 
-        return atomic_write_file(path, lambda tmp: save_file({"samples": cpu}, str(tmp)))
+    def shape_of(chunk: Tensor) -> tuple[int, ...]:
+        return (n, *chunk.shape[1:])
+
     if suffix == ".pt":
-        return atomic_write_file(path, lambda tmp: torch.save(cpu, tmp))
-    if suffix == ".npy":
-        import numpy as np
+        whole: list[Tensor] = []
 
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a path
-                np.save(f, cpu.numpy())
+        def keep(chunk: Tensor) -> None:
+            nonlocal count
+            if not whole:
+                whole.append(torch.empty(shape_of(chunk), dtype=chunk.dtype))
+            whole[0][count:count + len(chunk)].copy_(chunk)
+            count += len(chunk)
 
-        return atomic_write_file(path, write)
-    raise CLIError(f"unknown sample file type {path.suffix!r}; use .safetensors, .pt or .npy")
+        yield keep
+        if count != n:
+            raise RuntimeError(f"{path}: {count} of {n} samples were written")
+        atomic_write_file(path, lambda tmp: torch.save(whole[0], tmp))
+        return
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        def put(chunk: Tensor) -> None:
+            nonlocal count
+            chunk = chunk.detach().cpu()
+            if count == 0:
+                if suffix == ".safetensors":
+                    f.write(safetensors_header({"samples": (chunk.dtype, shape_of(chunk))}))
+                else:
+                    import numpy as np
+
+                    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(
+                        chunk[:0].numpy().dtype), "fortran_order": False, "shape": shape_of(chunk)})
+            write_tensor_bytes(f, chunk)
+            count += len(chunk)
+
+        yield put
+        if count != n:
+            raise RuntimeError(f"{path}: {count} of {n} samples were written")
 
 
 def print_written(paths: Sequence[Path | None]) -> None:

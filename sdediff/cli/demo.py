@@ -22,6 +22,7 @@ from ..sdes import VPSDE
 from .common import (
     CLIError,
     add_plot,
+    check_output_folder,
     command_options,
     fmt,
     held_out_generator,
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     threads = set_threads(args.threads, device, small=True)
     if args.n < 2 * args.splits:
         raise CLIError(f"--n {args.n} is too small for --splits {args.splits}: need at least 2 samples per split")
-    out = Path(args.out)
+    out = check_output_folder(args.out)
     ckpt_dir = out / "checkpoints"
     for old in list_checkpoints(ckpt_dir):  # the demo's folder holds one run: a new demo replaces it
         old.unlink()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +21,8 @@ from ..metrics import mean_se
 from ..runs import Run
 from .common import (
     CLIError,
+    check_output,
+    check_time_option,
     describe_sharding,
     held_out_generator,
     nll_bound_in_chunks,
@@ -61,10 +62,12 @@ def run(args: argparse.Namespace) -> int:
     if (len(trained.shape) == 3) != image:
         raise CLIError(f"--data {data} does not fit the run's sample shape {trained.shape}")
     threads = set_threads(args.threads, device, small=not image)
+    out = check_output(args.out or trained.directory / f"likelihood_{data}_{args.split}.json", args.overwrite)
     x = load_points(args, trained, data).to(device=device, dtype=torch.float64 if args.float64 else torch.float32)
     if args.float64:
         trained.net.double()
     eps = args.eps or trained.t_eps
+    check_time_option("--eps" if args.eps else "the run's --t-eps", eps, trained.sde)
     d = math.prod(x.shape[1:])
     trace = args.trace if args.trace != "auto" else ("exact" if d <= 16 else "hutchinson")
     chunks = chunk_slices(len(x), args.batch_size)
@@ -117,6 +120,5 @@ def run(args: argparse.Namespace) -> int:
         doc.update(true_nll=true, true_nll_se=true_se)
         lines.append(f"true NLL of the same points (exact mixture density at eps) {true:.4f} ± {true_se:.4f} nats")
     print("\n".join(lines))
-    out = args.out or trained.directory / f"likelihood_{data}_{args.split}.json"
-    print(f"wrote {write_json(Path(out), doc)}")
+    print(f"wrote {write_json(out, doc)}")
     return 0

@@ -8,6 +8,7 @@ import json
 import math
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from .. import __version__
 from ..config import ConfigError, config_defaults, load_toml
 from ..data.toy import TOY_DATASETS
 from ..score import PREDICTIONS
-from ..solvers import available_solvers
+from ..solvers import available_solvers, get_solver
 from . import bench, demo, likelihood, sample, train
 from .common import DATASETS, SDES
 
@@ -56,11 +57,14 @@ def unit_float(text: str) -> float:
 
 
 def solver_name(text: str) -> str:
-    """A registered solver name, or ``torchsde:METHOD``."""
-    known = available_solvers()
-    if text in known or (text.startswith("torchsde:") and len(text) > len("torchsde:")):
-        return text
-    raise argparse.ArgumentTypeError(f"unknown solver {text!r}; known: {', '.join(known)}")
+    """A registered solver name, or a family's ``FAMILY:VALUE`` (``torchsde:srk``) that builds."""
+    try:
+        with warnings.catch_warnings():  # a solver that warns when built (torchsde:reversible_heun) warns when used
+            warnings.simplefilter("ignore")
+            get_solver(text)
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def key_value(text: str) -> tuple[str, Any]:
@@ -112,6 +116,7 @@ def add_common(p: argparse.ArgumentParser, device: str | None = "auto") -> None:
                    help="torch CPU threads (0: one thread for 2-D work on the CPU, where it is fastest; torch's "
                         "default otherwise)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
+    p.add_argument("--debug", action="store_true", help="on an error, show the Python traceback too")
 
 
 def add_sde_options(p: argparse.ArgumentParser) -> None:
@@ -290,8 +295,12 @@ def build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]
     p.add_argument("--guidance-scale", type=finite_float, default=0.0,
                    help="classifier-free guidance weight w with --classes: (1+w) s(x,t,y) - w s(x,t,null); 0: conditional")
     p.add_argument("--out", type=sample_path, metavar="FILE",
-                   help="output .safetensors, .pt or .npy (default: RUN/samples_SOLVER_STEPS.safetensors)")
-    p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write a PNG beside --out")
+                   help="output .safetensors, .pt or .npy (default: RUN/samples_SOLVER_STEPS.safetensors); "
+                        ".safetensors and .npy are written chunk by chunk as the samples are drawn")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out and the .json and .png beside it if they exist (else it is an error)")
+    p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
+                   help="write a PNG beside --out (2-D points, or the first 64 images)")
     add_common(p)
 
     # likelihood
@@ -301,8 +310,8 @@ def build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]
     p.add_argument("--data", choices=DATASETS, help="data set (default: the run's)")
     p.add_argument("--split", choices=("test", "train"), default="test",
                    help="test: held-out points (digits: the fixed test split); train: the training set")
-    p.add_argument("--n", type=nonneg_int, help="number of points (default: 1000 for 2-D sets, the whole split for "
-                                                "digits)")
+    p.add_argument("--n", type=positive_int, help="number of points (default: 1000 for 2-D sets, the whole split for "
+                                                 "digits)")
     p.add_argument("--eps", type=positive_float, help="start time of the ODE (default: the run's --t-eps)")
     p.add_argument("--trace", choices=("auto", "exact", "hutchinson"), default="auto",
                    help="divergence estimator (auto: exact up to 16 dimensions)")
@@ -313,6 +322,7 @@ def build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]
     p.add_argument("--bound-times", type=positive_int, default=64, help="Monte Carlo times per point of the bound")
     p.add_argument("--float64", action="store_true", help="compute in float64")
     p.add_argument("--out", metavar="FILE", help="JSON results (default: RUN/likelihood_DATA_SPLIT.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (else it is an error)")
     add_common(p)
 
     # bench

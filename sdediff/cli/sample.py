@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import __version__
+from .._io import remove_stale_temporaries
 from ..calibrate import calibrate_grid
 from ..compare import nearest_class_accuracy
 from ..data.toy import TOY_DATASETS, make_toy
@@ -26,15 +28,17 @@ from ..solvers import get_solver
 from .common import (
     CLIError,
     add_plot,
+    check_output,
+    check_time_option,
+    chunk_results,
     describe_sharding,
     held_out_generator,
     open_run,
     pick_device,
     plot_samples,
     print_written,
-    save_samples,
+    sample_file,
     set_threads,
-    sharded_map,
     toy_metrics,
     write_json,
 )
@@ -85,6 +89,9 @@ def calibrated_grid(run: Run, args: argparse.Namespace, options: dict[str, Any],
     return cal.times, info
 
 
+PLOT_IMAGES = 64  # images shown in the PNG of an image run (the first ones)
+
+
 def run(args: argparse.Namespace) -> int:
     """``sdediff sample``: draw samples from a trained run with any solver and save them."""
     device = local_device(pick_device(args.device))
@@ -92,9 +99,12 @@ def run(args: argparse.Namespace) -> int:
     image = len(trained.shape) == 3
     threads = set_threads(args.threads, device, small=not image)
     options = solver_options(args)
+    check_time_option("--eps", args.eps, trained.sde)
     n = args.n or (64 if image else 2000)
     slug = args.solver.replace(":", "-")
-    out = args.out or trained.directory / f"samples_{slug}_{args.steps}.safetensors"
+    out = check_output(args.out or trained.directory / f"samples_{slug}_{args.steps}.safetensors", args.overwrite)
+    for beside in [out.with_suffix(".json")] + ([out.with_suffix(".png")] if args.plot else []):
+        check_output(beside, args.overwrite, flag="the file beside --out")
     labels = sample_labels(trained, args.classes, args.guidance_scale, n)
     chunks = chunk_slices(n, args.batch_size)
     main = process_rank() == 0
@@ -128,27 +138,36 @@ def run(args: argparse.Namespace) -> int:
         return info.samples.cpu(), per_sample.double().cpu(), info.nfe
 
     start = time.perf_counter()
-    parts = sharded_map(device, draw, len(chunks), args.progress)
+    parts = chunk_results(device, draw, len(chunks), args.progress)
     if parts is None:  # a torchrun rank other than 0: rank 0 writes the results
         return 0
+    toy = trained.data in TOY_DATASETS and len(trained.shape) == 1
+    kept: list[Tensor] = []  # what the summary needs: every 2-D point (for the metrics), else the images plotted
+    nfe, nfe_sum, nonfinite, held = 0, 0.0, 0, 0
+    remove_stale_temporaries(out.parent, re.escape(out.name))  # of an earlier run of this command killed mid-write
+    with sample_file(out, n) as put:  # each chunk goes to the file as it comes
+        for x_k, per_sample, nfe_k in parts:
+            put(x_k)
+            nfe, nfe_sum = nfe + nfe_k, nfe_sum + float(per_sample.sum())
+            nonfinite += int((~torch.isfinite(x_k)).flatten(1).any(dim=1).sum())
+            if toy or held < PLOT_IMAGES:
+                kept.append(x_k if toy else x_k[:PLOT_IMAGES - held])
+                held += len(kept[-1])
     seconds = time.perf_counter() - start
-    x = torch.cat([part[0] for part in parts])
-    nfe, nfe_per_sample = sum(part[2] for part in parts), float(torch.cat([part[1] for part in parts]).mean())
-    if not bool(torch.isfinite(x).all()):
-        print(f"warning: {int((~torch.isfinite(x)).any(dim=tuple(range(1, x.dim()))).sum())} samples are not finite",
-              file=sys.stderr)
-    save_samples(out, x)
+    x = torch.cat(kept)
+    nfe_per_sample = nfe_sum / n
+    if nonfinite:
+        print(f"warning: {nonfinite} samples are not finite", file=sys.stderr)
     written = [out]
     doc: dict[str, Any] = {"checkpoint": str(trained.checkpoint), "step": trained.step, "solver": args.solver,
                            "steps": args.steps, "options": options, "n": n, "eps": args.eps, "seed": args.seed,
                            "denoise": args.denoise, "time_grid": args.time_grid, "nfe": nfe,
                            "nfe_per_sample": nfe_per_sample, "batch_size": args.batch_size,
                            "world_size": world_size(), "seconds": seconds, "samples": str(out),
-                           "classes": args.classes, "guidance_scale": args.guidance_scale}
+                           "classes": args.classes, "guidance_scale": args.guidance_scale, "nonfinite": nonfinite}
     if calibration is not None:
         doc["calibration"] = calibration
     line = f"{n} samples in {seconds:.2f} s, {nfe_per_sample:.4g} NFE"
-    toy = trained.data in TOY_DATASETS and x.dim() == 2
     if toy and labels is not None:  # class-conditional: is each sample in the class asked for?
         ref, ref_labels = make_toy(trained.data, 5000, held_out_generator(trained.seed + 1), dtype=x.dtype,
                                    return_labels=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,12 @@ from .. import __version__
 from .._io import atomic_write
 from ..config import dump_toml
 from ..data.toy import TOY_CLASSES, make_toy
-from ..runs import read_run_record, resume_conflicts, run_record
+from ..runs import read_run_record, resume_conflicts, resumed_record, run_record
 from .common import (
     CLIError,
     add_plot,
+    check_output_folder,
+    check_time_option,
     command_options,
     fmt,
     held_out_generator,
@@ -81,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
             setattr(args, key, value)
     device = pick_device(args.device)
     threads = set_threads(args.threads, device, small=not image)
-    out = Path(args.out) if args.out else Path("runs") / f"{args.data}-{args.sde}"
+    out = check_output_folder(Path(args.out) if args.out else Path("runs") / f"{args.data}-{args.sde}")
     sde = make_sde(args)
+    check_time_option("--t-eps", args.t_eps, sde)
     train, transform, held, shape = train_data(args.data, args.n_train, args.seed)
     labels = None
     if args.class_cond:
@@ -110,16 +114,19 @@ def run(args: argparse.Namespace) -> int:
                        f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); use the same options "
                        f"(e.g. --config {out / 'config.toml'}) or another --out")
 
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                      warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
-                      grad_clip=args.grad_clip or None, ema_decay=args.ema_decay, amp=args.amp, seed=args.seed,
-                      prediction=args.prediction, weighting=args.weighting, t_sampling=args.t_sampling,
-                      t_eps=args.t_eps, log_every=args.log_every, eval_every=args.eval_every,
-                      eval_samples=args.eval_samples, eval_solver=args.eval_solver,
-                      eval_sample_steps=args.eval_sample_steps, eval_nll_points=args.eval_nll_points,
-                      ckpt_every=args.ckpt_every, keep_checkpoints=args.keep_checkpoints, out_dir=str(out),
-                      progress=args.progress, device=str(device),
-                      cond_drop_prob=args.cond_drop_prob if args.class_cond else 0.0)
+    try:
+        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                          warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
+                          grad_clip=args.grad_clip or None, ema_decay=args.ema_decay, amp=args.amp, seed=args.seed,
+                          prediction=args.prediction, weighting=args.weighting, t_sampling=args.t_sampling,
+                          t_eps=args.t_eps, log_every=args.log_every, eval_every=args.eval_every,
+                          eval_samples=args.eval_samples, eval_solver=args.eval_solver,
+                          eval_sample_steps=args.eval_sample_steps, eval_nll_points=args.eval_nll_points,
+                          ckpt_every=args.ckpt_every, keep_checkpoints=args.keep_checkpoints, out_dir=str(out),
+                          progress=args.progress, device=str(device),
+                          cond_drop_prob=args.cond_drop_prob if args.class_cond else 0.0)
+    except (TypeError, ValueError) as err:  # options that parse but that the trainer refuses
+        raise CLIError(re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(err))) from None
     captured: dict[str, Tensor | None] = {"samples": None}
 
     def eval_fn(trainer: Trainer, samples: Tensor | None) -> dict[str, Any]:
@@ -128,12 +135,20 @@ def run(args: argparse.Namespace) -> int:
             return {}
         return toy_metrics(samples, args.data, held_out_generator(args.seed + 1 + trainer.step))
 
-    trainer = Trainer(net, sde, train, labels, config=cfg, transform=transform, eval_data=held, eval_fn=eval_fn)
-    write_json(out / "run.json", record)
-    atomic_write(out / "config.toml", dump_toml(
-        {k: v for k, v in options.items() if k not in ("resume",)},
-        header=f"sdediff train options of this run (sdediff {__version__}); rerun or continue with\n"
-               f"  sdediff train --config {out / 'config.toml'} --resume"))
+    try:
+        trainer = Trainer(net, sde, train, labels, config=cfg, transform=transform, eval_data=held, eval_fn=eval_fn)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    if old is not None:  # a resume keeps the run's own run.json and config.toml, and adds itself to the history
+        found = list_checkpoints(out)
+        write_json(out / "run.json", resumed_record(old, record, found[-1].name if found else None))
+    else:
+        write_json(out / "run.json", record)
+    if old is None or not (out / "config.toml").is_file():
+        atomic_write(out / "config.toml", dump_toml(
+            {k: v for k, v in options.items() if k not in ("resume",)},
+            header=f"sdediff train options of this run (sdediff {__version__}); rerun or continue with\n"
+                   f"  sdediff train --config {out / 'config.toml'} --resume"))
     print(f"sdediff {__version__} train: {args.data} {tuple(train.shape)}, {sde!r}, {type(net).__name__} "
           f"({sum(p.numel() for p in net.parameters()):,} parameters), {args.steps} steps of batch {args.batch_size} "
           f"on {device}, {threads}; run folder {out}")

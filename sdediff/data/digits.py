@@ -36,7 +36,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._validate import check_choice, check_float, check_int
+from .._validate import check_choice, check_dtype, check_float, check_int
 
 DIGITS_LEVELS = 17
 DIGITS_SHAPE = (1, 8, 8)
@@ -108,6 +108,7 @@ def dequantize_levels(k: Tensor, levels: int, generator: torch.Generator | None 
     own half-open bin :math:`[x_{lo} + wk/K,\ x_{lo} + w(k+1)/K)`.
     """
     levels = check_int("levels", levels, 2)
+    dtype = check_dtype("dtype", dtype)
     lo, hi = data_range
     if not hi > lo:
         raise ValueError(f"data_range must be (lo, hi) with hi > lo, got {data_range!r}")

@@ -33,7 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._validate import check_int
+from .._validate import check_dtype, check_int
 from .mixture import GaussianMixture
 
 TOY_DATASETS = ("moons", "checkerboard", "swiss_roll", "rings", "gaussian_mixture")
@@ -139,9 +139,7 @@ def make_toy(name: str, n: int, generator: torch.Generator | None = None, *, dty
     check_int("n", n)
     if return_labels and name not in TOY_CLASSES:
         raise ValueError(f"toy data set {name!r} has no class labels; labelled sets: {', '.join(TOY_CLASSES)}")
-    dtype = dtype or torch.get_default_dtype()
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    dtype = check_dtype("dtype", dtype) or torch.get_default_dtype()
     draw = generator.device if generator is not None else torch.device("cpu")
     pts, labels = _MAKERS[name](n, generator, draw)
     out = device if device is not None else draw

@@ -41,6 +41,11 @@ def register_sde(cls: S) -> S:
     return cls
 
 
+def registered_sde_class(name: Any) -> type[SDE] | None:
+    """The SDE class registered as ``name``, or ``None`` (also for a name that is not a string)."""
+    return _SDE_CLASSES.get(name) if isinstance(name, str) else None
+
+
 def registered_sdes() -> list[str]:
     """Names of the SDE classes :func:`sde_from_config` can rebuild, sorted."""
     return sorted(_SDE_CLASSES)

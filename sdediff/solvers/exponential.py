@@ -173,6 +173,8 @@ class DPMSolver(FixedStepSolver):
         if self.method == "singlestep" and self.solver_type != "heun":
             raise ValueError(f"solver_type={solver_type!r} is a form of the multistep method; drop it with "
                              "method='singlestep'")
+        if not isinstance(lower_order_final, (bool, str)):
+            raise TypeError(f"lower_order_final must be True, False or 'diffusers', got {lower_order_final!r}")
         if not (isinstance(lower_order_final, bool) or lower_order_final == "diffusers"):
             raise ValueError(f"lower_order_final must be True, False or 'diffusers', got {lower_order_final!r}")
         self.lower_order_final = lower_order_final

@@ -7,6 +7,7 @@ device and dtype.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -61,15 +62,39 @@ GRIDS: dict[str, GridFn] = {"uniform": uniform, "quadratic": quadratic, "log_snr
 def make_grid(sde: SDE, steps: int, eps: float, grid: str | GridFn | Sequence[float] | Tensor = "uniform",
               device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """Resolve ``grid`` (a name in :data:`GRIDS`, a callable ``(sde, steps, eps)`` or explicit times) to a
-    strictly decreasing tensor of ``steps + 1`` times from ``T`` to ``eps``, on ``device`` in ``dtype``."""
+    strictly decreasing tensor of ``steps + 1`` times from ``T`` to ``eps``, on ``device`` in ``dtype``.
+
+    Explicit times set the number of steps themselves (``len(grid) - 1``, whatever ``steps`` says); a callable
+    must return exactly ``steps + 1`` times from ``T`` to ``eps`` (up to a relative ``1e-6``), else the samples
+    would silently come from another number of steps or another final time."""
     if isinstance(grid, str):
         if grid not in GRIDS:
             raise ValueError(f"unknown time_grid {grid!r}; known grids: {', '.join(GRIDS)}")
         ts = GRIDS[grid](sde, steps, eps)
     elif callable(grid):
-        ts = torch.as_tensor(grid(sde, steps, eps), dtype=torch.float64)
+        times = grid(sde, steps, eps)
+        try:
+            ts = torch.as_tensor(times, dtype=torch.float64).cpu()
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"time_grid: the callable must return a sequence or tensor of times, which "
+                            f"torch.as_tensor could not read: {err}") from err
+        if ts.shape != (steps + 1,):
+            raise ValueError(f"time_grid: the callable returned {ts.numel()} times (shape {tuple(ts.shape)}) for "
+                             f"steps={steps}; it must return steps + 1 = {steps + 1} times from T to eps")
+        if bool(torch.isfinite(ts).all()) and not (math.isclose(float(ts[0]), sde.T, rel_tol=1e-6)
+                                                    and math.isclose(float(ts[-1]), eps, rel_tol=1e-6)):
+            raise ValueError(f"time_grid: the callable's times must run from T={sde.T:g} to eps={eps:g}, got "
+                             f"{float(ts[0]):g} to {float(ts[-1]):g}")
     else:
-        ts = torch.as_tensor(grid, dtype=torch.float64).cpu()
+        try:
+            ts = torch.as_tensor(grid, dtype=torch.float64).cpu()
+        except (TypeError, ValueError, RuntimeError):
+            ts = None
+        if ts is None or ts.dim() == 0:
+            raise TypeError(f"time_grid must be a grid name ({', '.join(GRIDS)}), a callable (sde, steps, eps) or a "
+                            f"sequence of times, got {grid!r}")
+    if not bool(torch.isfinite(ts).all()):
+        raise ValueError("time_grid holds NaN or infinite times")
     if ts.dim() != 1 or len(ts) < 2:
         raise ValueError(f"time_grid must give a 1-d sequence of at least 2 times, got shape {tuple(ts.shape)}")
     if not bool((ts[1:] < ts[:-1]).all()):

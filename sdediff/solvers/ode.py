@@ -109,6 +109,8 @@ class AdaptiveODE(Solver):
         if not isinstance(method, str) or method not in ODE_METHODS:
             raise ValueError(f"unknown ODE method {method!r}; torchdiffeq knows: {', '.join(sorted(ODE_METHODS))}")
         self.method = method
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(f"options must be a dict of torchdiffeq options or None, got {type(options).__name__}")
         self.options = dict(options or {})
 
     def solve(self, process: ReverseProcess, x: Tensor, ts: Tensor, *, callback: Callback | None = None,
@@ -160,7 +162,8 @@ def odeint(field: Callable[[Tensor, State], State], state: State, times: Tensor,
            what: str = "ODE solve") -> State:
     """``torchdiffeq.odeint`` with sdediff's defaults (:func:`odeint_options`), a progress bar over ``t``,
     and clear errors: a step-size underflow or a non-finite result raises :class:`FloatingPointError`
-    naming the time reached."""
+    naming the time reached, and running out of ``options["max_num_steps"]`` a :class:`RuntimeError` naming
+    the option and the time reached (torchdiffeq raises an ``AssertionError`` for both)."""
     bar = tqdm(total=abs(float(times[-1] - times[0])), desc=what, disable=not progress, leave=False)
     last_t = [times[0]]
 
@@ -175,10 +178,15 @@ def odeint(field: Callable[[Tensor, State], State], state: State, times: Tensor,
         out = torchdiffeq.odeint(tracked, state, times, rtol=rtol, atol=atol, method=method,
                                  options=odeint_options(method, options, times[0], times[-1]))
     except AssertionError as err:
+        if "max_num_steps exceeded" in str(err):
+            limit = (options or {}).get("max_num_steps")
+            raise RuntimeError(f"{what} did not reach t = {float(times[-1]):.6g} within max_num_steps={limit} steps "
+                               f"(the furthest it got is t = {float(last_t[0]):.6g}); raise options['max_num_steps'] "
+                               "or loosen rtol/atol") from None
         if "underflow in dt" not in str(err):
             raise
         raise FloatingPointError(f"{what}: the step size underflowed near t = {float(last_t[0]):.6g}; the drift is "
-                                 "non-finite or too stiff there (check the score function and eps)") from err
+                                 "non-finite or too stiff there (check the score function and eps)") from None
     finally:
         bar.close()
     final = out if isinstance(out, tuple) else (out,)

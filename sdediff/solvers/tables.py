@@ -207,14 +207,16 @@ class SchemeRun:
     trajectory sees the states) every reported state is a new tensor, which the observer may keep. The
     coefficients stay in one float64 table on the host, read a row at a time as Python numbers (the
     first factor of each product also as a 0-d tensor on the state's device, which PyTorch multiplies
-    faster than a Python number): a
-    row makes no host synchronisation, and memory grows with the number of steps only by the table's few
-    numbers per row.
+    faster than a Python number): a row makes no host synchronisation, and memory grows with the number
+    of steps only by the table's few numbers per row (plus three small integers per row, in numpy arrays:
+    no Python object per step).
     """
 
     def __init__(self, scheme: LinearScheme, x: Tensor, observed: bool = True) -> None:
-        self.scheme, self.observed, self.row = scheme, observed, 0
+        self.observed, self.row = observed, 0
+        self.rows_per_step = scheme.rows_per_step
         n, k = scheme.w.shape
+        self.history_len = k
         zero = torch.zeros_like(scheme.a)
         report = scheme.report if scheme.report is not None else scheme.w.new_zeros((n, 0))
         columns = [scheme.a, scheme.b, zero if scheme.noise is None else scheme.noise, scheme.p, scheme.q]
@@ -222,20 +224,19 @@ class SchemeRun:
         self.a, self.p, self.q = (v.to(device=x.device, dtype=x.dtype) for v in (scheme.a, scheme.p, scheme.q))
         self.times = scheme.times.to(device=x.device, dtype=x.dtype)[:, None].expand(n, x.shape[0])
         host_w, d = scheme.w.detach().cpu().numpy(), report.detach().cpu().numpy()
-        self.width = ((host_w != 0) * np.arange(1, k + 1)).max(1, initial=0).tolist()  # history columns a row uses
-        self.report_width = ((d != 0) * np.arange(1, d.shape[1] + 1)).max(1, initial=0).tolist()
+        self.width = ((host_w != 0) * np.arange(1, k + 1)).max(1, initial=0).astype(np.int16)  # history columns a row uses
+        self.report_width = ((d != 0) * np.arange(1, d.shape[1] + 1)).max(1, initial=0).astype(np.int16)
         if scheme.report is None:
-            used_later = np.zeros(n, dtype=bool)  # P_r is needed when a later row weighs it
+            self.keep = np.zeros(n, dtype=bool)  # P_r is needed when a later row weighs it
             for j in range(1, k + 1):
-                used_later[:n - j] |= host_w[j:, j - 1] != 0
-            self.keep = used_later.tolist()
+                self.keep[:n - j] |= host_w[j:, j - 1] != 0
         else:  # a reporting scheme keeps every prediction
-            self.keep = [True] * n
+            self.keep = np.ones(n, dtype=bool)
         self.stochastic = scheme.noise is not None
         self.score_only = bool((scheme.p == 0).all())  # P_r = q_r s_r: one pass instead of two
         self.history: list[Tensor | None] = []  # P_{r-1}, P_{r-2}, ... newest first (None: not kept)
         self.spare: list[Tensor] = []  # prediction buffers no longer needed
-        self.buffers: list[Tensor] = []  # the two alternating state buffers
+        self.buffers: list[Tensor] = []  # the run's own state buffers (at most two)
         self.pending: Tensor | None = None  # a score evaluated early, at the state of the next row
         self.carried: Tensor | None = None  # the carried state, where the reported one differs
         self.reported: Tensor | None = None
@@ -245,14 +246,14 @@ class SchemeRun:
         if self.carried is not None and x is self.reported:
             x = self.carried  # continue from the carried state, not from the reported one
         self.carried = self.reported = None
-        for _ in range(self.scheme.rows_per_step):
+        for _ in range(self.rows_per_step):
             x = self._row(process, x)
         r = self.row - 1
         if not (self.observed and self.report_width[r]):
             return x
         self.pending = process.score(x, self.times[r + 1])  # P_{r+1}, which the report needs, is evaluated now
         self._keep_prediction(x, self.pending, r + 1, self.table[r + 1].tolist())
-        d = self.table[r].tolist()[5 + self.scheme.w.shape[1]:]
+        d = self.table[r].tolist()[5 + self.history_len:]
         y = torch.mul(self.history[0], d[0])
         for j in range(1, self.report_width[r]):
             y.add_(self.history[j], alpha=d[j])
@@ -270,7 +271,7 @@ class SchemeRun:
             else:
                 torch.mul(x, self.p[r], out=out).add_(score, alpha=coef[4])
         self.history.insert(0, out)
-        if len(self.history) > self.scheme.w.shape[1] + 1:
+        if len(self.history) > self.history_len + 1:
             oldest = self.history.pop()
             if oldest is not None:
                 self.spare.append(oldest)
@@ -284,7 +285,7 @@ class SchemeRun:
             score = process.score(x, self.times[r])
             self._keep_prediction(x, score, r, coef)
         self.row = r + 1
-        last = r % self.scheme.rows_per_step == self.scheme.rows_per_step - 1
+        last = r % self.rows_per_step == self.rows_per_step - 1
         out = None if (self.observed and last) else self._target(x, score)
         out = torch.mul(x, self.a[r], out=out).add_(score, alpha=coef[1])
         for j in range(self.width[r]):

@@ -5,26 +5,35 @@ states as ``uint8`` tensors, the loss history) plus string metadata holding a JS
 config, optimizer hyper-parameters, model and SDE description) and a SHA-256 digest of every tensor.
 Nothing is unpickled on load, so a checkpoint cannot run code.
 
-Writes go to a temporary file in the target folder, which is flushed and fsynced, renamed over the
-final name with :func:`os.replace` (atomic on POSIX and Windows), and the folder is fsynced so the
-rename itself survives a crash. A process killed at any point leaves either the old state or the new
-one, never a torn file under the final name; stray ``.ckpt_*.tmp`` files are ignored.
+Writes stream the file (sdediff's own safetensors writer, :func:`sdediff._io.save_safetensors`) into a
+temporary file of ours in the target folder, which is flushed and fsynced, renamed over the final name
+with :func:`os.replace` (atomic on POSIX and Windows), and the folder is fsynced so the rename itself
+survives a crash. A process killed at any point leaves either the old state or the new one, never a torn
+file under the final name; the temporary file it leaves (``.ckpt_*.safetensors.PID.*.tmp``) is removed
+when training starts again in that folder (:func:`sdediff._io.remove_stale_temporaries`, which touches no
+file of any other name).
+
+Loading never executes file content and never allocates more than the file holds: a model is rebuilt only
+after its configuration has been checked against the shapes of the weights in the file, on the meta device
+(:func:`check_module_fits`), so metadata that claims a huge network is refused before any memory is taken.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .._io import atomic_write_file
+from .._io import save_safetensors
 
 FORMAT = "sdediff-checkpoint"
 VERSION = 1
@@ -91,11 +100,10 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, Tensor], metadat
 
     Returns the path. Tensors are copied to the CPU (and de-aliased: safetensors refuses shared storage).
     """
-    from safetensors.torch import save_file
-
     cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     header = {"format": FORMAT, "version": str(VERSION), "sha256": _digest(cpu), "sdediff": json.dumps(metadata)}
-    return atomic_write_file(path, lambda tmp: save_file(cpu, str(tmp), metadata=header))
+    return save_safetensors(path, cpu, header)
+
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
@@ -133,6 +141,8 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
         metadata = json.loads(header["sdediff"])
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} has unreadable metadata: {err}") from err
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"checkpoint {path} has damaged metadata: a JSON {type(metadata).__name__}, not an object")
     return {k: v.to(device) for k, v in tensors.items()}, metadata
 
 
@@ -174,6 +184,10 @@ def load_state_dict_file(path: str | os.PathLike, device: torch.device | str = "
         head = f.read(2)
     # a zip (torch.save) or a raw pickle; a .safetensors file can also start with 0x80 (its header length)
     if path.suffix != ".safetensors" and (head[:2] == b"PK" or head[:1] == b"\x80"):
+        if _torch_version() < (2, 6):  # weights_only=True can be bypassed before torch 2.6 (CVE-2025-32434)
+            raise CheckpointError(f"refusing to load the PyTorch file {path} with torch {torch.__version__}: "
+                                  "torch.load(weights_only=True) is safe from torch 2.6 on; upgrade torch or convert the "
+                                  "weights to .safetensors")
         try:
             state = torch.load(path, map_location=device, weights_only=True)
         except Exception as err:
@@ -193,6 +207,11 @@ def load_state_dict_file(path: str | os.PathLike, device: torch.device | str = "
     return network_weights(tensors, ema, path)
 
 
+def _torch_version() -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", torch.__version__).groups()
+    return int(major), int(minor)
+
+
 def network_weights(tensors: dict[str, Tensor], ema: bool, path: str | os.PathLike) -> dict[str, Tensor]:
     """The EMA (``ema.*``) or raw (``model.*``) network weights among a trainer checkpoint's tensors."""
     state = without_prefix("ema" if ema else "model", tensors)
@@ -207,6 +226,55 @@ def load_weights(model: nn.Module, path: str | os.PathLike, ema: bool = True) ->
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     model.load_state_dict(load_state_dict_file(path, device, ema=ema))
     return model
+
+
+def _integers(value: Any) -> list[int]:
+    """The integers (not booleans) in a configuration value, nested lists and dictionaries included."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [i for v in value for i in _integers(v)] if isinstance(value, (list, tuple)) else []
+
+
+def check_module_fits(build: Callable[..., nn.Module], config: dict[str, Any], state: dict[str, Tensor],
+                      what: str) -> None:
+    """Check, before anything is allocated, that the module ``build(**config)`` has exactly the entries and shapes of
+    ``state`` (the weights a file holds), else raise :class:`CheckpointError` whose message starts with ``what``.
+
+    Two steps, both bounded by the file itself. Every integer of ``config`` (a width, a depth, a channel count)
+    must be at most the largest dimension of a tensor in ``state`` or the number of its tensors, whichever is
+    larger: a network's sizes show in its weights. Then the module is built on the meta device, where its
+    parameters take no memory, and its state-dict shapes are compared with those of ``state``. A configuration
+    that claims a larger network than the weights it comes with (a damaged or crafted file) is refused before
+    any memory is taken; ``build`` rejecting the configuration (``TypeError``, ``ValueError``) is reported too.
+    """
+    limit = max([len(state), *(n for v in state.values() for n in v.shape)])
+    too_big = sorted({i for i in _integers(config) if i > limit})
+    if too_big:
+        raise CheckpointError(f"{what} configuration {config} holds sizes ({', '.join(map(str, too_big[:3]))}) larger "
+                              f"than any in the weights the file holds (at most {limit}); the file is damaged or was "
+                              "edited, so nothing was built")
+    try:
+        with torch.device("meta"):
+            module = build(**config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{what} configuration {config} is invalid: {err}") from err
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected == found:
+        return
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    parts = [f"{k} is {found[k]} in the file, {expected[k]} in the configuration" for k in wrong[:3]]
+    parts += [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+              for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    size = sum(math.prod(shape) for shape in expected.values())
+    raise CheckpointError(f"{what} configuration ({size:,} numbers) does not fit the weights the file holds "
+                          f"({sum(v.numel() for v in state.values()):,} numbers): {'; '.join(parts)}; the file is "
+                          "damaged or was edited, so nothing was built")
 
 
 def load_model(path: str | os.PathLike, ema: bool = True, device: torch.device | str = "cpu", *,
@@ -236,12 +304,16 @@ def load_model(path: str | os.PathLike, ema: bool = True, device: torch.device |
 
     tensors, meta = load_checkpoint(path) if contents is None else contents
     info = meta.get("model") or {}
+    if not isinstance(info, dict):
+        raise CheckpointError(f"checkpoint {path} is damaged: its model description is {info!r}, not a mapping")
     if info.get("class") not in MODELS or not isinstance(info.get("config"), dict):
         raise CheckpointError(f"checkpoint {path} holds a {info.get('class', 'custom')!r} model that sdediff cannot "
                               f"rebuild; construct it yourself and call load_weights(model, path)")
     state = network_weights(tensors, ema, path)
+    cls = MODELS[info["class"]]
+    check_module_fits(cls, info["config"], state, f"checkpoint {path}: its {info['class']}")
     try:
-        model = MODELS[info["class"]](**info["config"]).to(device)
+        model = cls(**info["config"]).to(device)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path}: its {info['class']} configuration {info['config']} is invalid: "
                               f"{err}") from err

@@ -181,6 +181,11 @@ class TrainConfig:
 
     def resume_conflicts(self, saved: TrainConfig) -> list[str]:
         """The fields, sorted, in which this config differs from ``saved`` (a checkpoint's) other than those of
-        :data:`RESUME_FREE_FIELDS`: with any of them a resumed run no longer repeats the original one."""
+        :data:`RESUME_FREE_FIELDS`: with any of them a resumed run no longer repeats the original one. ``steps`` is
+        free only under the constant schedule: the cosine schedule decays to 0 at ``steps``, so another number of
+        steps changes the learning rate of every step still to come."""
         old = saved.to_dict()
-        return sorted(k for k, v in self.to_dict().items() if k not in RESUME_FREE_FIELDS and old[k] != v)
+        changed = {k for k, v in self.to_dict().items() if k not in RESUME_FREE_FIELDS and old[k] != v}
+        if "cosine" in (self.lr_schedule, saved.lr_schedule) and self.steps != saved.steps:
+            changed.add("steps")
+        return sorted(changed)

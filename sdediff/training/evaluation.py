@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._io import atomic_write_file
+from .._io import save_safetensors
 from .._utils import flat_dim
 from ..elbo import nll_bound
 from ..likelihood import log_likelihood
@@ -92,10 +92,7 @@ def evaluate_model(score: ScoreModel, reference: Tensor, config: TrainConfig, ge
         metrics["sample_std"] = float(samples.std())
         metrics["samples_finite"] = bool(torch.isfinite(samples).all())
         if samples_path is not None:
-            from safetensors.torch import save_file
-
-            cpu = samples.detach().cpu().contiguous()
-            atomic_write_file(samples_path, lambda tmp: save_file({"samples": cpu}, str(tmp)))
+            save_safetensors(samples_path, {"samples": samples.detach().cpu().contiguous()})
     if config.eval_nll_points:
         d = flat_dim(points)
         res = log_likelihood(sde, score, points, eps=config.t_eps, rtol=1e-4, atol=1e-4,

@@ -73,7 +73,8 @@ class FourierEmbedding(nn.Module):
     def __init__(self, dim: int, scale: float = 4.0, seed: int = 0) -> None:
         super().__init__()
         _check_even(dim, "embedding dim")
-        w = torch.randn(dim // 2, generator=torch.Generator().manual_seed(seed)) * scale
+        gen = torch.Generator().manual_seed(seed)
+        w = torch.randn(dim // 2, generator=gen, device=gen.device) * scale  # drawn on the CPU, also under a meta device
         self.register_buffer("w", w)
 
     def forward(self, t: Tensor) -> Tensor:

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._io import atomic_write, json_safe
+from .._io import atomic_write, json_safe, remove_stale_temporaries
 from .._utils import randn
 from .._validate import check_int
 from ..distributed import setup_distributed
@@ -356,8 +356,7 @@ class Trainer:
             self.load_checkpoint(resume)
         if self.is_main and self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.out_dir.glob(".ckpt_*.tmp"):  # left by a process killed mid-write
-                stale.unlink(missing_ok=True)
+            remove_stale_temporaries(self.out_dir)  # our temporary files left by a process killed mid-write
         start_step, train_seconds = self.step, 0.0
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not (cfg.progress and self.is_main),
                    dynamic_ncols=True)
