@@ -149,11 +149,11 @@ class AdaptiveRungeKutta(PerSampleAdaptiveSolver):
     :math:`\operatorname{clip}(0.9\,E_i^{-1/(q+1)}, 0.2, 10)`. Every sample meets the tolerance on
     its own, and an easy sample is not dragged along at a hard one's step: the score is evaluated only
     on the samples still stepping, so a sample's result does not depend on the rest of the batch
-    as far as the arithmetic allows. The solver's own operations act on each sample's row alone; with a
-    score function whose row ``i`` depends on sample ``i`` alone, bit for bit (the exact mixture score of
-    the tests), a sample solved alone and inside a batch agree to about 1e-6 relative in float32 (torch's
-    vectorised and scalar CPU code round the controller's power by one unit in the last place differently
-    depending on a sample's position) and to about 1e-15 in float64
+    as far as the arithmetic allows. The solver's own operations act on each sample's row alone (the
+    controller's power is taken in float64, where torch's vectorised and scalar CPU code would otherwise
+    round a float32 factor differently by position); with a score function whose row ``i`` depends on
+    sample ``i`` alone, bit for bit (the exact mixture score of the tests), a sample solved alone and
+    inside a batch agree bit for bit in float32 and to about 1e-15 in float64
     (``tests/test_reliability.py::test_adaptive_ode_sample_does_not_depend_on_the_batch``). A network
     is often not row-independent in float32: torch's CPU ``nn.Linear`` rounds a row differently at batch
     1 and batch 24 (by about one unit in the last place), and through the accept/reject decisions

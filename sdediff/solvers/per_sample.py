@@ -284,7 +284,11 @@ class PerSampleAdaptiveSolver(Solver):
 
                 error = torch.where(torch.isfinite(res.error), res.error, torch.full_like(res.error, math.inf))
                 ok = error <= 1
-                factor = (self.safety * error.pow(-self.exponent)).clamp(self.min_factor, self.max_factor)
+                # the power in float64: torch's CPU kernels compute it in vector registers for most elements and in
+                # scalar code for the tail, whose results differ by an ulp; rounded back to float32 they agree, so a
+                # float32 sample's steps do not depend on its position in the batch
+                factor = (self.safety * error.double().pow(-self.exponent)).clamp(self.min_factor, self.max_factor)
+                factor = factor.to(error.dtype)
                 factor = torch.where(now.retrying, factor.clamp(max=1.0), factor)
                 h_new = hs * factor
                 arrived = ok & clipped
