@@ -307,7 +307,7 @@ def test_demo_quick_variant(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["solver"] for r in metrics["solvers"]] == ["euler_maruyama", "pc", "adaptive_ode"]
     for row in metrics["solvers"]:
-        assert row["finite"] and row["pass"] == (row["sliced_w2"] <= 2 * row["noise_floor"])
+        assert row["finite"] and row["within_bound"] == (row["sliced_w2"] <= 2 * row["noise_floor"])
     assert set(metrics["nll"]) >= {"model NLL, probability-flow ODE (exact trace)"}
     assert (out / "table.md").read_text().count("| yes |") + (out / "table.md").read_text().count("| no |") == 3
     assert sorted(p.name for p in (out / "checkpoints").glob("ckpt_*")) == ["ckpt_00000030.safetensors"]
