@@ -41,7 +41,8 @@ def test_reference_is_tight_and_fixed_step_errors_converge(setup):
     info = setup.info
     assert info["ref_check_rmse"] < 1e-7 * info["x_ref_rms"]  # dopri8 at 1e-9 vs 1e-8 agree
     records = acc.run_problem(setup, [SPEC["euler"], SPEC["heun"]], (4, 16), kdiffusion=False,
-                              torchdiffeq_methods=(), torchsde_methods=(), log=lambda m: None)
+                              torchdiffeq_methods=(), torchsde_methods=(), diffusers=False,
+                              torchode_methods=(), log=lambda m: None)
     assert all("error" not in r for r in records)
     heun = _by_label(records, "heun")
     assert [r["nfe"] for r in heun] == [4, 16] and [r["steps"] for r in heun] == [2, 8]
@@ -51,7 +52,8 @@ def test_reference_is_tight_and_fixed_step_errors_converge(setup):
     assert euler[1]["rmse"] < euler[0]["rmse"]
     # an independent adaptive solve at a tight tolerance lands on the reference
     ladder = acc.run_problem(setup, [SPEC["ode (dopri5, adaptive)"]], (10_000,), kdiffusion=False,
-                             torchdiffeq_methods=(), torchsde_methods=(), tols=(1e-3, 1e-7), log=lambda m: None)
+                             torchdiffeq_methods=(), torchsde_methods=(), tols=(1e-3, 1e-7), diffusers=False,
+                             torchode_methods=(), log=lambda m: None)
     assert [r["tol"] for r in ladder] == [1e-3, 1e-7] and ladder[1]["nfe"] > ladder[0]["nfe"]
     assert ladder[1]["rmse"] < 1e-5 < ladder[0]["rmse"]
 
@@ -65,7 +67,7 @@ def test_sde_metrics_against_truth(setup):
     spread = acc.evaluate(setup, 1.5 * p_eps.sample(64, generator=gen, dtype=torch.float64), "sde")
     assert spread["logp_gap"] < -4 * spread["logp_gap_se"] and spread["sw2"] > evaluate_exact["sw2"]
     records = acc.run_problem(setup, [SPEC["euler_maruyama"]], (10,), kdiffusion=False, torchdiffeq_methods=(),
-                              torchsde_methods=(), log=lambda m: None)
+                              torchsde_methods=(), diffusers=False, torchode_methods=(), log=lambda m: None)
     (em,) = records
     assert em["nfe"] == 10 and math.isfinite(em["sw2"]) and math.isfinite(em["logp_gap"]) and "rmse" not in em
 
@@ -89,7 +91,8 @@ def test_sigma_to_time_and_denoiser(make_sde):
 def test_kdiffusion_through_the_adapter_converges(setup):
     _kdiffusion()
     records = acc.run_problem(setup, [], (4, 40), kd_samplers=("heun", "dpmpp_2m", "dpmpp_2m_sde"),
-                              torchdiffeq_methods=(), torchsde_methods=(), log=lambda m: None)
+                              torchdiffeq_methods=(), torchsde_methods=(), diffusers=False,
+                              torchode_methods=(), log=lambda m: None)
     assert all("error" not in r for r in records)
     for schedule in ("time", "karras"):
         heun = _by_label(records, f"heun [{schedule}]")
