@@ -15,9 +15,9 @@ schedules: the grids the ``unipc-3 [grid]`` rows use; each cell shows the best s
 through their own ``set_timesteps``/``step`` loops (``peers.py``: its own schedules, and sdediff's grids where a
 scheduler accepts custom ``timesteps=``/``sigmas=``), torchdiffeq's ``odeint``, torchode's per-sample adaptive
 solvers (also next to ``adaptive_ode`` at equal tolerances) and torchsde's ``sdeint``. Every score/denoiser call
-is counted by a wrapper; tables show the NFE each run used. Writes ``accuracy_per_nfe.{md,json}`` into ``benchmarks/results/`` and the plot into
-``docs/img/accuracy_per_nfe.png``, where the solver guide shows it (``--quick`` or ``--out``: all three into that
-folder).
+is counted by a wrapper; tables show the NFE each run used. Writes ``accuracy_per_nfe.{md,json}`` into
+``benchmarks/results/`` and the plot into ``docs/img/accuracy_per_nfe.png``, where the solver guide shows it
+(``--quick`` or ``--out``: all three into that folder).
 
     python benchmarks/accuracy_per_nfe.py            # full run (minutes)
     python benchmarks/accuracy_per_nfe.py --quick    # small run
