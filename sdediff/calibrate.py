@@ -25,13 +25,21 @@ most ``max_evals`` solver runs on it, is paid once per (model, solver, steps); t
 pilot paths the calibrated grid can fit their particular errors (``CalibratedGrid.rmse`` is the pilot
 error, an optimistic estimate); the share of the pilot kept out of the search (``holdout``) catches the
 worst of it and then returns the standard grid instead.
+
+A grid fitted for a trained run can be kept with it: :func:`save_calibrated_grid` adds it to the run folder's
+``calibrated_grids.json`` (keyed by solver, options, steps, final time and checkpoint) and
+:func:`load_calibrated_grid` finds it again; ``sdediff bench --run RUN --save-grids`` writes them and
+``sdediff sample --time-grid calibrated`` uses a matching one instead of calibrating again.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +48,7 @@ from scipy.optimize import minimize
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._io import atomic_write, json_safe
 from ._validate import check_float, check_int
 from .sampling import sample
 from .sdes.base import SDE
@@ -47,7 +56,11 @@ from .sdes.linear import require_linear
 from .solvers.base import FixedStepSolver, Solver, get_solver
 from .solvers.grids import GRIDS
 
-__all__ = ["CalibratedGrid", "calibrate_grid"]
+__all__ = ["CalibratedGrid", "calibrate_grid", "save_calibrated_grid", "load_calibrated_grid", "GRID_FILE"]
+
+#: the file of a run folder that holds its calibrated grids
+GRID_FILE = "calibrated_grids.json"
+GRID_FORMAT = "sdediff-calibrated-grids"
 
 #: a solver given as a function: (times from T to eps, x_T) -> x_eps
 Runner = Callable[[Tensor, Tensor], Tensor]
@@ -271,3 +284,60 @@ def _runner(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], solver: str 
         return res.samples
 
     return run
+
+
+# --- calibrated grids kept in a run folder ------------------------------------------------------------------
+def _grid_key(solver: str, options: dict[str, Any], steps: int, eps: float, checkpoint: str | None) -> dict[str, Any]:
+    return {"solver": solver, "options": json_safe(dict(options)), "steps": int(steps), "eps": float(eps),
+            "checkpoint": checkpoint}
+
+
+def _read_grids(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is damaged (not valid JSON): {err}") from err
+    if not isinstance(doc, dict) or doc.get("format") != GRID_FORMAT or not isinstance(doc.get("grids"), list):
+        raise ValueError(f"{path} is not a calibrated-grid file (format {GRID_FORMAT!r})")
+    return [g for g in doc["grids"] if isinstance(g, dict)]
+
+
+def save_calibrated_grid(directory: str | os.PathLike, times: Tensor | Sequence[float], *, solver: str,
+                         options: dict[str, Any] | None = None, steps: int, eps: float, checkpoint: str | None = None,
+                         info: dict[str, Any] | None = None) -> Path:
+    """Add a calibrated grid to ``directory/calibrated_grids.json`` (written atomically), replacing one with the same
+    solver, options, steps, final time and checkpoint (the checkpoint's file name: a grid belongs to the weights it
+    was fitted on). ``info`` (e.g. the calibration's figures) is stored beside it. Returns the file's path."""
+    times = [float(t) for t in (times.tolist() if isinstance(times, Tensor) else times)]
+    if len(times) != steps + 1 or any(b >= a for a, b in zip(times, times[1:], strict=False)):
+        raise ValueError(f"times must be {steps + 1} strictly decreasing times for a {steps}-step grid")
+    path = Path(directory) / GRID_FILE
+    key = _grid_key(solver, options or {}, steps, eps, checkpoint)
+    grids = [g for g in _read_grids(path) if {k: g.get(k) for k in key} != key]
+    grids.append({**key, "times": times, **json_safe(dict(info or {}))})
+    atomic_write(path, json.dumps({"format": GRID_FORMAT, "grids": grids}, indent=1) + "\n")
+    return path
+
+
+def load_calibrated_grid(directory: str | os.PathLike, *, solver: str, options: dict[str, Any] | None = None,
+                         steps: int, eps: float, checkpoint: str | None = None) -> dict[str, Any] | None:
+    """The entry of ``directory/calibrated_grids.json`` for this solver, options, steps, final time and checkpoint
+    (``times`` and the stored figures), or ``None``. The file is JSON only; nothing in it is executed.
+
+    Raises
+    ------
+    ValueError
+        If the file exists but is damaged, or the matching entry's times are not a valid grid.
+    """
+    key = _grid_key(solver, options or {}, steps, eps, checkpoint)
+    path = Path(directory) / GRID_FILE
+    for g in reversed(_read_grids(path)):
+        if {k: g.get(k) for k in key} == key:
+            times = g.get("times")
+            if not (isinstance(times, list) and len(times) == steps + 1 and all(isinstance(t, (int, float)) for t in times)
+                    and all(b < a for a, b in zip(times, times[1:], strict=False))):
+                raise ValueError(f"{path}: the grid for {solver} with {steps} steps is not {steps + 1} decreasing times")
+            return g
+    return None

@@ -138,6 +138,8 @@ class ModelComparison:
     recommended, recommended_standard : dict of int to ModelRow
         Per budget, the deterministic row with the lowest pathwise RMSE (any grid / standard grids only).
     budgets, n, eps : the settings.
+    x_init : Tensor
+        The prior draws every run started from.
     reference : dict
         The reference solve: ``tol``, ``nfe``, ``seconds``, ``check_rmse`` (RMS change at ten times the tolerance),
         ``rms`` (RMS of the end points), ``sw2`` (its samples to the data), ``data_floor`` and ``data_floor_sd``.
@@ -151,9 +153,10 @@ class ModelComparison:
     n: int
     eps: float
     reference: dict[str, Any]
+    x_init: Tensor
 
     def as_dict(self) -> dict[str, Any]:
-        """Everything as plain data (for a JSON document)."""
+        """Everything but the prior draws as plain data (for a JSON document)."""
         return {"budgets": list(self.budgets), "n": self.n, "eps": self.eps, "reference": self.reference,
                 "rows": [asdict(r) for r in self.rows], "calibrations": {str(k): v for k, v in self.calibrations.items()},
                 "recommended": {str(b): asdict(r) for b, r in self.recommended.items()},
@@ -452,7 +455,7 @@ def compare_on_model(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], budgets:
     recommended = {b: r for b in budgets if (r := _best([r for r in ode if r.budget == b])) is not None}
     standard = {b: r for b in budgets if (r := _best([r for r in ode if r.budget == b and r.grid != "calibrated"]))}
     return ModelComparison(rows=rows, calibrations=calibrations, recommended=recommended, recommended_standard=standard,
-                           budgets=budgets, n=n, eps=eps, reference=reference)
+                           budgets=budgets, n=n, eps=eps, reference=reference, x_init=x_T)
 
 
 def _data_sampler(data: Sampler | Tensor | None, n: int) -> Sampler | None:
