@@ -16,6 +16,7 @@ import sdediff
 acc = load_benchmark("accuracy_per_nfe")
 ovh = load_benchmark("overhead")
 cal = load_benchmark("calibrated_grids")
+peers = load_benchmark("peers")
 common = acc.common
 SPEC = {s.label: s for s in common.SPECS}
 
@@ -102,6 +103,62 @@ def test_kdiffusion_through_the_adapter_converges(setup):
         assert dpm[1]["rmse"] < dpm[0]["rmse"] / 4 and dpm[1]["rmse"] < 0.2
         sde_run = _by_label(records, f"dpmpp_2m_sde [{schedule}]")
         assert all(math.isfinite(r["sw2"]) for r in sde_run)
+
+
+def _diffusers():
+    if peers.load_diffusers()[0] is None:
+        pytest.skip(peers.load_diffusers()[1])
+
+
+@pytest.mark.parametrize("make_sde", [sdediff.VPSDE, sdediff.VESDE, sdediff.SubVPSDE])
+def test_diffusers_first_order_loop_is_ddim_on_its_own_noise_levels(make_sde):
+    """DPMSolverMultistep at order 1 (dpmsolver++, i.e. DDIM) through the driver's loop, on sdediff's uniform grid
+    passed as timesteps=, equals sdediff's ddim on the times of the scheduler's (float32) noise levels."""
+    _diffusers()
+    sde = make_sde()
+    eps = acc.EPS[{sdediff.VPSDE: "vp", sdediff.VESDE: "ve", sdediff.SubVPSDE: "subvp"}[make_sde]]
+    mixture = sdediff.data.GaussianMixture.random(3, 2, generator=torch.Generator().manual_seed(0))
+    score = mixture.score_fn(sde)
+    x_T = mixture.marginal(sde, sde.T).sample(16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    loop = peers.DiffusersLoop(sde, eps)
+    spec = peers.SchedulerSpec("DDIM", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 1,
+                                                                      "final_sigmas_type": "sigma_min"}, custom="timesteps")
+    x, nfe = loop.sample(spec, "custom:uniform", 8, score, x_T)
+    sigmas = loop.scheduler(spec, "custom:uniform", 8).sigmas.double()
+    times = sde.time_of_log_snr(-2 * sigmas.log(), 0.0)
+    times[-1] = eps  # the loop ends where sdediff's does; its final level is sigma(eps) to float32 precision
+    ddim = sdediff.sample(sde, score, x_T.shape, solver="ddim", steps=8, time_grid=times, eps=eps, x_init=x_T)
+    assert nfe == 8 and float((x - ddim).abs().max()) < 1e-4 * float(ddim.abs().max())
+
+
+def test_diffusers_schedulers_count_their_calls_end_at_eps_and_converge(setup):
+    _diffusers()
+    loop = peers.DiffusersLoop(setup.sde, setup.problem.eps)
+    for spec in peers.SCHEDULERS:
+        schedule = spec.schedule_names()[-1]  # a custom grid where it takes one, else its last own schedule
+        errors = []
+        for budget in (10, 40):
+            steps, nfe = loop.steps_for_budget(spec, schedule, budget)
+            counted = common.Counted(loop.exact_model(spec, setup.score))
+            x, calls = loop.sample(spec, schedule, steps, setup.score, setup.x_T, model=counted)
+            assert calls == counted.calls == nfe <= budget < loop.nfe(spec, schedule, steps + 1), spec.label
+            errors.append(float((x - setup.x_ref).pow(2).mean().sqrt()))
+        assert errors[1] < min(errors[0] / 2, 0.2), (spec.label, schedule, errors)
+    heun = next(s for s in peers.SCHEDULERS if s.cls == "HeunDiscreteScheduler")
+    assert loop.nfe(heun, "linspace", 6) == 10  # 5 Heun steps to sigma(eps); the Euler step to sigma = 0 is not taken
+
+
+def test_torchode_next_to_adaptive_ode(setup):
+    if peers.load_torchode()[0] is None:
+        pytest.skip(peers.load_torchode()[1])
+    for method in peers.TORCHODE_METHODS:
+        res = peers.torchode_solve(setup.sde, setup.score, setup.x_T, setup.problem.eps, method, 1e-8, 1e-8)
+        assert bool((res.status == 0).all()) and res.calls >= int(res.steps.max())
+        assert float((res.x - setup.x_ref).pow(2).mean().sqrt()) < 1e-5
+    records = acc.run_problem(setup, [SPEC["adaptive_ode"]], (20,), kdiffusion=False, torchdiffeq_methods=(),
+                              torchsde_methods=(), diffusers=False, torchode_methods=("dopri5",), log=lambda m: None)
+    text = "\n".join(acc.adaptive_table(records))
+    assert "| 1e-05 |" in text and "torchode dopri5: NFE, RMSE" in text
 
 
 def test_overhead_smoke():
