@@ -164,7 +164,7 @@ def test_torchode_next_to_adaptive_ode(setup):
 def test_overhead_smoke():
     bench = ovh.Bench(torch.device("cpu"), batch=4, shape=(3, 4, 4), hidden=8, repeats=1, call_repeats=2)
     rows = ovh.run_overhead(bench, [SPEC["euler"], SPEC["heun"], SPEC["euler_maruyama"]], nfe=4, kdiffusion=False,
-                            torchdiffeq_methods={"euler": 1}, log=lambda m: None)
+                            torchdiffeq_methods={"euler": 1}, schedulers=[], torchode_methods=(), log=lambda m: None)
     assert [r["label"] for r in rows] == ["euler", "heun", "euler_maruyama", "odeint euler"]
     for r in rows:
         assert "error" not in r and r["nfe"] == 4
@@ -179,6 +179,19 @@ def test_overhead_smoke():
                          "t_call_cpu_ms": 1.0, "batch": 4, "nfe": 4, "tol": 1e-3, "repeats": 1, "call_repeats": 2,
                          "kdiffusion": "n/a", "skipped": [], "rows": rows})
     assert "| euler_maruyama | sdediff | 4 |" in text
+
+
+def test_overhead_of_diffusers_loops_and_torchode():
+    _diffusers()
+    if peers.load_torchode()[0] is None:
+        pytest.skip(peers.load_torchode()[1])
+    bench = ovh.Bench(torch.device("cpu"), batch=4, shape=(3, 4, 4), hidden=8, repeats=1, call_repeats=2)
+    rows = ovh.run_overhead(bench, [], nfe=6, kdiffusion=False, torchdiffeq_methods={}, schedulers=peers.SCHEDULERS[:1],
+                            torchode_methods=("tsit5",), log=lambda m: None)
+    assert [(r["impl"], r["label"]) for r in rows] == [("torchode", "torchode tsit5"),
+                                                       ("diffusers", "DPMSolverMultistep dpmsolver++ 2M [linspace]")]
+    assert all("error" not in r and math.isfinite(r["ratio"]) and r["free_us_per_nfe"] > 0 for r in rows)
+    assert rows[1]["nfe"] == 6 and rows[1]["steps"] == 6
 
 
 def test_pass_cost_fit_recovers_a_line():
