@@ -6,15 +6,18 @@
   p_eps, its expected log-density and the sliced-W2 noise floor), ``check_against_exact`` (samples indistinguishable
   from exact ones), ``run`` (a sampler with the exact score), ``ode_reference`` and ``rms_error`` (pathwise error
   against a tight dopri8 solve of the probability flow). ``NARROW``: a mixture with one very narrow mode.
-* Gaussian data N(0, V I): ``kernel``, ``exact_model`` (a network for its exact score) and ``gaussian_data``.
+* Gaussian data N(0, V I): ``kernel``, ``exact_model`` (a network for its exact score) and ``gaussian_data``; Gaussian
+  data N(MEAN, V I) with its closed-form probability flow: ``gaussian_score``, ``gaussian_flow``, ``gaussian_flow_error``.
 * ``custom_linear_sde``: a linear SDE with no closed-form kernel.
 * Counting and seeding checks for solvers: ``Counted``, ``assert_nfe_counts``, ``assert_seeded``.
-* ``load_benchmark``: a script of benchmarks/ loaded as a module.
+* ``load_benchmark``: a script of benchmarks/ loaded as a module; ``Float64Torch``: torch with float32 read as float64,
+  for a peer's module that casts to float32.
 """
 
 import importlib.util
 import math
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -44,6 +47,17 @@ def load_benchmark(name: str):
         sys.modules[module_name] = module
         spec.loader.exec_module(module)
     return sys.modules[module_name]
+
+
+class Float64Torch(types.ModuleType):
+    """torch with float32 read as float64. diffusers' DPMSolverMultistepScheduler.step casts the sample to
+    torch.float32; with this module in the scheduler module's namespace (monkeypatch its ``torch``) the cast keeps
+    float64, so a loop runs in float64 throughout and compares with sdediff's to rounding."""
+
+    float32 = torch.float64
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
 
 
 class Counted:
@@ -221,3 +235,40 @@ def exact_model(sde, prediction="score", shift=0.0):
 
 def gaussian_data(n, shape=(3,), seed=0):
     return math.sqrt(V) * torch.randn(n, *shape, generator=gen(seed), dtype=T64)
+
+
+# --- Gaussian data N(MEAN, V I): the probability flow in closed form ------------------------------------------
+MEAN = torch.tensor([0.5, -0.3], dtype=T64)
+
+
+def gaussian_marginal(sde, t):
+    """Mean (2,) and standard deviation (a float) of p_t = N(m MEAN, (m^2 V + s^2) I)."""
+    m, s, _ = kernel(sde, t)
+    return m * MEAN, math.sqrt(m**2 * V + s**2)
+
+
+def gaussian_score(sde):
+    """The exact score of N(MEAN, V I) under a linear SDE: -(x - m MEAN) / (m^2 V + s^2)."""
+
+    def score(x, t):
+        m, s = sde.mean_coeff(t)[:, None], sde.marginal_std(t)[:, None]
+        return -(x - m * MEAN.to(x)) / (m**2 * V + s**2)
+
+    return score
+
+
+def gaussian_flow(sde, x, t_from, t_to):
+    """The probability flow of N(MEAN, V I) from t_from to t_to: the monotone affine map between the marginals,
+    x -> mean' + (std'/std) (x - mean)."""
+    (mean, std), (mean_to, std_to) = gaussian_marginal(sde, t_from), gaussian_marginal(sde, t_to)
+    return mean_to + (std_to / std) * (x - mean)
+
+
+def gaussian_flow_error(sde, solver, steps, grid, eps=EPS, n=64, **options):
+    """Relative RMS error at eps of ``solver`` on N(MEAN, V I), from exact p_T draws, against the closed-form flow."""
+    mean, std = gaussian_marginal(sde, sde.T)
+    x_T = mean + std * torch.randn(n, 2, generator=gen(0), dtype=T64)
+    x = sdediff.sample(sde, gaussian_score(sde), x_T.shape, solver=solver, steps=steps, eps=eps, x_init=x_T,
+                       time_grid=grid, **options)
+    ref = gaussian_flow(sde, x_T, sde.T, eps)
+    return float((x - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())

@@ -45,6 +45,8 @@ CONVERGENCE = [
     ("dpm_solver", {"order": 2}, 2, MS, "log_snr", 0.3),
     ("dpm_solver", {"order": 3}, 3, MS, "log_snr", 0.3),
     ("dpm_solver", {"order": 2, "prediction": "noise"}, 2, MS, "log_snr", 0.3),
+    ("dpm_solver", {"order": 2, "solver_type": "midpoint"}, 2, MS, "log_snr", 0.3),
+    ("dpm_solver", {"order": 2, "solver_type": "midpoint", "prediction": "noise"}, 2, MS, "log_snr", 0.3),
     ("dpm_solver", {"order": 3, "prediction": "noise"}, 3, MS, "log_snr", 0.3),
     ("dpm_solver", {"order": 2, "method": "singlestep"}, 2, SS, "log_snr", 0.3),
     ("dpm_solver", {"order": 3, "method": "singlestep"}, 3, SS, "log_snr", 0.3),
@@ -302,6 +304,24 @@ def test_lower_order_final_only_on_short_grids():
         assert torch.equal(a, b) == same, steps
 
 
+def test_lower_order_final_rules_per_step():
+    """The order of each step, read off the coefficient table (the history columns a row uses): True lowers the
+    last steps to N - i below 15 steps, "diffusers" lowers only the last to 2 below 14 (it counts its final step to
+    sigma = 0), False never; the warm start is the same for all."""
+    sde = sdediff.VPSDE()
+
+    def orders(steps, rule):
+        scheme = sdediff.solvers.get_solver("dpm_solver", order=3, lower_order_final=rule).coefficients(
+            sde, sdediff.solvers.grids.log_snr(sde, steps, 1e-3).to(T64))
+        return [1 + int((row != 0).sum()) for row in scheme.w]
+
+    assert orders(10, True) == [1, 2, 3, 3, 3, 3, 3, 3, 2, 1]
+    assert orders(10, "diffusers") == [1, 2, 3, 3, 3, 3, 3, 3, 3, 2]
+    assert orders(10, False) == [1, 2] + [3] * 8
+    assert orders(13, "diffusers")[-1] == 2 and orders(14, "diffusers")[-1] == 3 and orders(14, True)[-1] == 1
+    assert orders(15, True) == orders(15, "diffusers") == orders(15, False)
+
+
 def test_bad_options_raise_clear_errors():
     sde = sdediff.VPSDE()
     score = MIXTURE.score_fn(sde)
@@ -310,6 +330,8 @@ def test_bad_options_raise_clear_errors():
            ("dpm_solver", {"method": "adaptive"}, "method.*multistep.*singlestep"),
            ("dpm_solver", {"prediction": "v"}, "prediction.*data.*noise"),
            ("dpm_solver", {"lower_order_final": "yes"}, "lower_order_final"),
+           ("dpm_solver", {"solver_type": "bh2"}, "solver_type.*heun.*midpoint"),
+           ("dpm_solver", {"solver_type": "midpoint", "method": "singlestep"}, "multistep"),
            ("ddim", {"eta": -0.1}, "eta"), ("ddim", {"eta": float("nan")}, "eta"),
            ("lms", {"order": 5}, "order"), ("lms", {"order": 0}, "order"),
            ("edm_heun", {"churn": -1.0}, "churn"), ("edm_heun", {"s_noise": -1.0}, "s_noise"),
@@ -326,7 +348,8 @@ def test_bad_options_raise_clear_errors():
 
 SOLVERS = [("dpm_solver", {"order": 3}), ("dpm_solver", {"order": 3, "method": "singlestep", "prediction": "noise"}),
            ("ddim", {}), ("ddim", {"eta": 1.0}), ("lms", {}), ("edm_heun", {}), ("edm_heun", {"churn": 10.0}),
-           ("unipc", {"order": 3}), ("unipc", {"order": 2, "prediction": "noise", "variant": "bh1"})]
+           ("unipc", {"order": 3}), ("unipc", {"order": 2, "prediction": "noise", "variant": "bh1"}),
+           ("ipndm", {}), ("deis", {}), ("dpm_solver", {"solver_type": "midpoint"})]
 
 
 def test_any_shape_float32_and_trajectory():
@@ -358,29 +381,39 @@ def test_usable_as_pc_predictor():
 
 
 def test_no_host_sync_inside_step(monkeypatch):
-    """step() never moves a tensor value to the host: every such Tensor method raises while it runs."""
+    """A step never reads a value of the state, the score or the grid to the host: every such Tensor method raises
+    while a step runs (``StepRun.advance`` for step solvers, ``SchemeRun.advance`` for coefficient tables). The one
+    exception is by design: the float64 coefficient tables that live on the host, read a row at a time. Sampling runs
+    in float32 here, so every other tensor is float32 and guarded."""
     sde = sdediff.VPSDE()
 
     def score(x, t):
         m, s = bcast(sde.mean_coeff(t), x), bcast(sde.marginal_std(t), x)
         return -x / (m**2 * 0.5 + s**2)
 
-    def forbidden(*args, **kwargs):
-        raise AssertionError("host sync inside step")
+    def guard(name):
+        original = getattr(torch.Tensor, name)
 
-    for solver, options in SOLVERS:
-        the_solver = sdediff.solvers.get_solver(solver, **options)
-        step = the_solver.step
+        def checked(self, *args, **kwargs):
+            if not (self.dtype == torch.float64 and self.device.type == "cpu"):
+                raise AssertionError(f"host sync inside step: Tensor.{name} on a {self.dtype} tensor")
+            return original(self, *args, **kwargs)
 
-        def guarded(*args, step=step):
+        return checked
+
+    for run_class in (sdediff.solvers.StepRun, sdediff.solvers.SchemeRun):
+        advance = run_class.advance
+
+        def guarded(*args, advance=advance):
             with monkeypatch.context() as mp:
                 for attr in ("__bool__", "__float__", "__int__", "item", "tolist", "cpu", "numpy"):
-                    mp.setattr(torch.Tensor, attr, forbidden)
-                return step(*args)
+                    mp.setattr(torch.Tensor, attr, guard(attr))
+                return advance(*args)
 
-        the_solver.step = guarded
-        x = sdediff.sample(sde, score, (8, 3), solver=the_solver, steps=6, generator=gen(0))
-        assert torch.isfinite(x).all()
+        monkeypatch.setattr(run_class, "advance", guarded)
+    for solver, options in SOLVERS:
+        x = sdediff.sample(sde, score, (8, 3), solver=solver, steps=6, generator=gen(0), **options)
+        assert torch.isfinite(x).all() and x.dtype == torch.float32
 
 
 @pytest.mark.gpu

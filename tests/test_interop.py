@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from problems import MIXTURE, T64, gen
+from problems import MIXTURE, T64, Float64Torch, gaussian_flow_error, gen
 
 import sdediff
 from sdediff.interop.diffusers import DiffusersModel, DiscreteVPSDE, from_diffusers, scheduler_time_grid
@@ -63,6 +63,49 @@ def test_exact_likelihood_runs_on_the_discrete_schedule():
     x = MIXTURE.sample(32, generator=gen(0), dtype=T64)
     res = sdediff.log_likelihood(sde, MIXTURE.score_fn(sde), x, eps=1e-3)
     assert (res.log_prob - MIXTURE.log_prob(x, sde, 1e-3)).abs().max() < 0.03
+
+
+def test_discrete_vp_sde_beta_is_continuous_and_positive():
+    """The cubic interpolation of log alpha_bar: beta(t) is continuous at the knots (the slopes from both sides agree)
+    and positive, and the kernel still passes through the knots; the linear one has a piecewise-constant beta,
+    right-continuous at the knots (its value at t_k is the segment after it)."""
+    alphas = _ddpm_alphas_cumprod()
+    cubic, linear = DiscreteVPSDE(alphas), DiscreteVPSDE(alphas, interpolation="linear")
+    knots = torch.arange(1, 1000, dtype=T64) / 1000
+    h = 1e-9
+    below, at, above = (cubic.diffusion(knots + d) ** 2 for d in (-h, 0.0, h))
+    torch.testing.assert_close(below, at, rtol=1e-6, atol=0)
+    torch.testing.assert_close(above, at, rtol=1e-6, atol=0)
+    fine = torch.linspace(0, 1, 200_001, dtype=T64)
+    assert (cubic.diffusion(fine) > 0).all() and (cubic.mean_coeff(fine).diff() < 0).all()
+    t = cubic.time_of_timestep(torch.arange(1000))
+    torch.testing.assert_close(cubic.mean_coeff(t) ** 2, alphas.to(T64), rtol=1e-13, atol=0)
+    torch.testing.assert_close(linear.mean_coeff(t) ** 2, alphas.to(T64), rtol=1e-13, atol=0)
+    betas = 1 - alphas.to(T64)[1:] / alphas.to(T64)[:-1]  # beta_k on [t_{k-1}, t_k): at t_{k-1} and just after
+    torch.testing.assert_close(linear.diffusion(t[:-1]) ** 2, -1000 * torch.log1p(-betas), rtol=1e-9, atol=0)
+    torch.testing.assert_close(linear.diffusion(t[:-1] + 1e-7) ** 2, -1000 * torch.log1p(-betas), rtol=1e-9, atol=0)
+    assert sdediff.sdes.sde_from_config(cubic.to_config()).interpolation == "cubic"
+    assert sdediff.sdes.sde_from_config(linear.to_config()).interpolation == "linear"
+    with pytest.raises(ValueError, match="interpolation"):
+        DiscreteVPSDE(alphas, interpolation="spline")
+
+
+def test_heun_keeps_its_order_on_the_discrete_schedule():
+    """Gaussian data, exact flow: Heun in t converges at order 2 on the cubic interpolation (as on sdediff.VPSDE), and
+    is far less accurate on the linear one (piecewise-constant beta), most of all on the diffusers timesteps."""
+    alphas = _ddpm_alphas_cumprod()
+    rates = {}
+    for interpolation in ("cubic", "linear"):
+        sde = DiscreteVPSDE(alphas, interpolation=interpolation)
+        errs = [gaussian_flow_error(sde, "heun", n, "uniform") for n in (25, 50, 100, 200)]
+        rates[interpolation] = [math.log2(errs[i] / errs[i + 1]) for i in range(3)]
+        print(f"heun on DiscreteVPSDE ({interpolation}): errors {errs}, rates {rates[interpolation]}")
+    assert all(abs(r - 2) < 0.1 for r in rates["cubic"]), rates
+    assert all(r < 1.0 for r in rates["linear"]), rates
+    # the 999 steps between the 1000 timesteps (eps = t_0 = 1e-3): 7.9e-7 against 1.2e-3
+    on_knots = {i: gaussian_flow_error(DiscreteVPSDE(alphas, interpolation=i), "heun", 999, "uniform")
+                for i in ("cubic", "linear")}
+    assert on_knots["cubic"] < 2e-6 and on_knots["linear"] > 500 * on_knots["cubic"], on_knots
 
 
 def test_discrete_vp_sde_rejects_bad_schedules():
@@ -121,6 +164,11 @@ def unet():
     return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
                                  layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
                                  up_block_types=("UpBlock2D",) * 2).eval()
+
+
+@pytest.fixture(scope="module")
+def unet64(unet):
+    return copy.deepcopy(unet).double()
 
 
 def _diffusers_loop(unet, scheduler, x, **step_kwargs):
@@ -246,6 +294,122 @@ def test_scheduler_time_grid_checks_the_loop(unet):
         scheduler_time_grid(type("S", (), {"alphas_cumprod": ddpm.alphas_cumprod, "timesteps": []})())
 
 
+def test_ddpm_fixed_large_trailing_adds_noise_to_its_last_step(unet64):
+    """Pins the one difference: with a last timestep above 0, diffusers' fixed_large step to alpha_bar = 1 adds
+    sqrt(1 - alpha_bar_k) z to x̂0 (variance beta = 1 - alpha_bar_k); sdediff's denoise returns x̂0. The z is the draw
+    that follows ours from the same generator (float64 on both sides)."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(clip_sample=False, variance_type="fixed_large", timestep_spacing="trailing")
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+    scheduler.set_timesteps(5)
+    last = int(scheduler.timesteps[-1])
+    assert last > 0
+    g = gen(3)
+    ref = _diffusers_loop(unet64, scheduler, torch.randn(2, 3, 8, 8, generator=g, dtype=T64), generator=g)
+    g = gen(3)
+    ours = _ours(unet64, scheduler, "ddpm", generator=g, dtype=T64)
+    z = torch.randn(2, 3, 8, 8, generator=g, dtype=T64)
+    torch.testing.assert_close(ours + (1 - scheduler.alphas_cumprod[last]).sqrt() * z, ref, rtol=1e-10, atol=1e-10)
+    assert (ours - ref).abs().max() > 0.1
+
+
+# --- diffusers' multistep and Heun schedulers, in float64 -------------------------------------------------------
+def _sigma(scheduler, k):
+    """sqrt((1 - alpha_bar_k) / alpha_bar_k) in float64."""
+    ac = scheduler.alphas_cumprod.double()[torch.as_tensor(k).long()]
+    return ((1 - ac) / ac).sqrt()
+
+
+def _float64_loop(monkeypatch, model, scheduler, x, scaled=False):
+    """The scheduler's own loop in float64 (``scaled``: the model sees ``scale_model_input``, as for Heun)."""
+    monkeypatch.setattr(sys.modules[type(scheduler).__module__], "torch", Float64Torch("torch"))
+    with torch.no_grad():
+        for k in scheduler.timesteps:
+            model_in = scheduler.scale_model_input(x, k) if scaled else x
+            x = scheduler.step(model(model_in, k).sample, k, x).prev_sample
+    monkeypatch.undo()
+    return x
+
+
+DPM_CASES = [
+    # algorithm, solver_type, final_sigmas_type, order, steps, sdediff's lower_order_final
+    ("dpmsolver++", "midpoint", "zero", 2, 5, "diffusers"),
+    ("dpmsolver++", "midpoint", "zero", 2, 20, "diffusers"),
+    ("dpmsolver++", "midpoint", "zero", 1, 8, "diffusers"),
+    ("dpmsolver++", "heun", "zero", 2, 5, "diffusers"),
+    ("dpmsolver++", "midpoint", "sigma_min", 2, 5, True),
+    ("dpmsolver", "midpoint", "sigma_min", 2, 8, True),
+]
+
+
+@pytest.mark.parametrize("algorithm,solver_type,final,order,steps,lower_order_final", DPM_CASES)
+def test_dpm_solver_reproduces_diffusers_dpm_solver_multistep(unet64, monkeypatch, algorithm, solver_type, final, order,
+                                                              steps, lower_order_final):
+    """dpm_solver with the scheduler's solver_type and prediction, on scheduler_time_grid, is the scheduler's default
+    loop to float64 rounding: lower_order_final="diffusers" where it ends with the step to sigma = 0, True where it
+    ends at alpha_bar_0."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    scheduler = DPMSolverMultistepScheduler(solver_order=order, algorithm_type=algorithm, solver_type=solver_type,
+                                            final_sigmas_type=final)
+    scheduler.set_timesteps(steps)
+    end = _sigma(scheduler, [0]) if final == "sigma_min" else torch.zeros(1, dtype=T64)
+    scheduler.sigmas = torch.cat([_sigma(scheduler, scheduler.timesteps), end])  # float64 levels (diffusers': float32)
+    x_T = torch.randn(2, 3, 8, 8, generator=gen(1), dtype=T64)
+    ref = _float64_loop(monkeypatch, unet64, scheduler, x_T)
+    prediction = "data" if algorithm == "dpmsolver++" else "noise"
+    options = dict(order=order, solver_type=solver_type, prediction=prediction)
+    ours = _ours(unet64, scheduler, "dpm_solver", x_init=x_T, lower_order_final=lower_order_final, **options)
+    scale = float(ref.abs().max())
+    print(f"DPMSolverMultistep {algorithm} {solver_type} {final} order {order}, {steps} steps: max |ours - ref| / max |ref| "
+          f"= {float((ours - ref).abs().max()) / scale:.1e}")
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12 * scale)
+    if order == 2 and steps < 14 and final == "zero":  # sdediff's own rule lowers the last two steps instead
+        assert (_ours(unet64, scheduler, "dpm_solver", x_init=x_T, **options) - ref).abs().max() > 1e-6 * scale
+
+
+def test_edm_heun_reproduces_diffusers_heun_discrete(unet64, monkeypatch):
+    """HeunDiscreteScheduler repeats each timestep (two stages per step): scheduler_time_grid takes each once, and
+    edm_heun with denoise on it is that loop, in sigma and y = x / m (the model sees scale_model_input(y) = x)."""
+    from diffusers import HeunDiscreteScheduler
+
+    scheduler = HeunDiscreteScheduler()
+    scheduler.set_timesteps(10)  # linspace(0, 999, 10): integer timesteps
+    distinct = scheduler.timesteps.unique_consecutive()
+    levels = _sigma(scheduler, distinct)
+    scheduler.sigmas = torch.cat([levels[:1], levels[1:].repeat_interleave(2), torch.zeros(1, dtype=T64)])
+    times, denoise = scheduler_time_grid(scheduler)
+    assert denoise and len(times) == 10 and torch.equal(times, (distinct.to(T64) + 1) / 1000)
+    x_T = torch.randn(2, 3, 8, 8, generator=gen(1), dtype=T64)
+    ref = _float64_loop(monkeypatch, unet64, scheduler, x_T * (1 + levels[0] ** 2).sqrt(), scaled=True)
+    ours = _ours(unet64, scheduler, "edm_heun", x_init=x_T)
+    print(f"HeunDiscrete: max |ours - ref| / max |ref| = {float((ours - ref).abs().max() / ref.abs().max()):.1e}")
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
+
+
+def test_scheduler_time_grid_reads_the_last_noise_level_and_refuses_other_sigmas():
+    from diffusers import DPMSolverMultistepScheduler, HeunDiscreteScheduler
+
+    zero = DPMSolverMultistepScheduler()
+    zero.set_timesteps(10)
+    times, denoise = scheduler_time_grid(zero)
+    assert denoise and len(times) == 10
+    sigma_min = DPMSolverMultistepScheduler(final_sigmas_type="sigma_min")
+    sigma_min.set_timesteps(10)
+    times, denoise = scheduler_time_grid(sigma_min)  # one more step, to timestep 0 (alpha_bar_0)
+    assert not denoise and len(times) == 11 and float(times[-1]) == 1e-3
+    torch.testing.assert_close(times[:-1], (sigma_min.timesteps.to(T64) + 1) / 1000, rtol=0, atol=0)
+    for scheduler, steps in [(DPMSolverMultistepScheduler(use_karras_sigmas=True), 10), (HeunDiscreteScheduler(), 7)]:
+        scheduler.set_timesteps(steps)  # Karras sigmas at rounded timesteps; fractional timesteps (999 * j / 6)
+        with pytest.raises(ValueError, match="not those of its timesteps"):
+            scheduler_time_grid(scheduler)
+    heun = HeunDiscreteScheduler()
+    heun.set_timesteps(10)
+    times, denoise = scheduler_time_grid(heun)  # repeated timesteps, taken once: a valid grid for sample
+    assert denoise and (times.diff() < 0).all() and len(times) == 10
+
+
 # --- k-diffusion ---------------------------------------------------------------------------------------
 def _kdiffusion():
     kds, note = load_sampling()
@@ -318,3 +482,20 @@ def test_sdediff_solver_on_a_kdiffusion_denoiser_equals_the_kdiffusion_sampler()
     sigmas = torch.cat([ve.sigma(ts), torch.zeros(1, dtype=T64)])
     ref = kds.sample_heun(denoiser, x_T, sigmas, disable=True)
     torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_dpm_solver_midpoint_reproduces_kdiffusion_dpmpp_2m(unet64):
+    """k-diffusion's sample_dpmpp_2m, on the diffusers UNet through KDiffusionDenoiser (float64, sigmas of an sdediff
+    grid and a final 0), is dpm_solver's midpoint form with no lower-order final step and denoise=True."""
+    kds = _kdiffusion()
+    sde, score_fn = from_diffusers(unet64, alphas_cumprod=_ddpm_alphas_cumprod())
+    times = sdediff.solvers.grids.log_snr(sde, 8, 1e-3).to(T64)
+    x_T = torch.randn(2, 3, 8, 8, generator=gen(1), dtype=T64)
+    with torch.no_grad():
+        ours = sdediff.sample(sde, score_fn, x_T.shape, solver="dpm_solver", solver_type="midpoint",
+                              lower_order_final=False, steps=8, time_grid=times, x_init=x_T, denoise=True)
+        sigmas = torch.cat([sigma_of_time(sde, times), torch.zeros(1, dtype=T64)])
+        ref = kds.sample_dpmpp_2m(KDiffusionDenoiser(sde, score_fn), x_T / sde.mean_coeff(times[:1]), sigmas,
+                                  disable=True)
+    print(f"sample_dpmpp_2m: max |ours - ref| / max |ref| = {float((ours - ref).abs().max() / ref.abs().max()):.1e}")
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))

@@ -18,7 +18,8 @@ NAMES = [FAMILIES.get(name, name) for name in sdediff.available_solvers()]
 STEPS = 6
 #: score evaluations per run of STEPS steps, as each solver's docstring states
 NFE = {"euler": STEPS, "heun": 2 * STEPS, "euler_maruyama": STEPS, "reverse_diffusion": STEPS, "ancestral": STEPS,
-       "ddpm": STEPS, "ddim": STEPS, "dpm_solver": STEPS, "lms": STEPS, "edm_heun": 2 * STEPS, "unipc": STEPS,
+       "ddpm": STEPS, "ddim": STEPS, "dpm_solver": STEPS, "lms": STEPS, "ipndm": STEPS, "deis": STEPS,
+       "edm_heun": 2 * STEPS, "unipc": STEPS,
        "sde_dpm_solver": STEPS, "pc": 2 * STEPS, "langevin": STEPS, "torchsde:heun": 2 * STEPS + 1}
 ADAPTIVE = {"ode", "adaptive_ode", "adaptive_sde"}
 MIXTURE = GaussianMixture.ring(num_components=4, radius=2.0, std=0.4)

@@ -34,7 +34,7 @@ from .common import (
     write_json,
 )
 
-TARGET_RATIO = 2.0  # the demo's criterion: mean sliced-W2 <= TARGET_RATIO x the noise floor
+BOUND_RATIO = 2.0  # the bound the demo checks: mean sliced-W2 <= BOUND_RATIO x the noise floor
 DEMO_SOLVERS = (
     Candidate("euler_maruyama", 300, label="SDE"),
     Candidate("pc", 150, {"snr": 0.16, "corrector_steps": 1}, label="PC"),
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [{"kind": r.label, "solver": r.solver, "steps": "adaptive" if r.steps is None else r.steps,
              "options": r.options, "nfe": round(r.nfe, 1), "seconds": round(r.seconds, 2), "sliced_w2": r.sliced_w2,
              "sliced_w2_sd": r.sliced_w2_sd, "sliced_w2_splits": r.sliced_w2_splits, "noise_floor": floor_mean,
-             "noise_floor_sd": floor_sd, "ratio": r.ratio, "pass": bool(r.ratio <= TARGET_RATIO), "finite": r.finite}
+             "noise_floor_sd": floor_sd, "ratio": r.ratio, "within_bound": bool(r.ratio <= BOUND_RATIO), "finite": r.finite}
             for r in result.rows]
 
     # held-out NLL: exact probability-flow likelihood, the ELBO bound, and the truth where it is known
@@ -118,16 +118,16 @@ def run(args: argparse.Namespace) -> int:
     table = markdown_table([{"kind": r["kind"], "solver": r["solver"], "steps": r["steps"], "nfe": f"{r['nfe']:g}",
                              "seconds": f"{r['seconds']:.1f}", "sw": f"{r['sliced_w2']:.4f} ± {r['sliced_w2_sd']:.4f}",
                              "floor": f"{floor_mean:.4f} ± {floor_sd:.4f}", "ratio": f"{r['ratio']:.2f}",
-                             "verdict": "PASS" if r["pass"] else "FAIL"} for r in rows], [
+                             "within": "yes" if r["within_bound"] else "no"} for r in rows], [
         ("kind", "sampler"), ("solver", "solver"), ("steps", "steps"), ("nfe", "NFE"), ("seconds", "time (s)"),
         ("sw", f"sliced W2 to held-out ({args.splits} × {size})"), ("floor", "noise floor"), ("ratio", "ratio"),
-        ("verdict", f"≤ {TARGET_RATIO:g}× floor")])
+        ("within", f"ratio ≤ {BOUND_RATIO:g}")])
     nll_table = markdown_table(
         [{"what": name, "nats": f"{m:.4f} ± {se:.4f}"} for name, m, se, _ in nll_rows],
         [("what", f"held-out NLL ({args.nll_points} points, t_eps={T_EPS:g})"), ("nats", "nats")])
     notes = (f"Sliced W2 (256 random directions) of each sampler's {size * args.splits} samples, in {args.splits} splits "
              f"of {size} against {args.splits} held-out sets of {size}; noise floor: the same distance between two "
-             f"held-out sets of {size} (16 pairs). Target: mean ≤ {TARGET_RATIO:g}× the mean floor. All samplers "
+             f"held-out sets of {size} (16 pairs); ratio: mean distance / mean floor. All samplers "
              f"start from the same prior draws; NFE of the adaptive ODE is the mean per sample.")
     total = time.perf_counter() - wall
     timing = (f"wall time {total:.1f} s: training {train_seconds:.1f} s, sampling "
@@ -144,16 +144,17 @@ def run(args: argparse.Namespace) -> int:
         add_plot(written, scatter_png(out / "samples.png", panels, reference=f"held-out data ({args.data})",
                                       title=f"sdediff demo: {args.steps} training steps, VP SDE"))
     written.append(atomic_write(out / "table.md", f"# sdediff demo\n\n{table}\n\n{nll_table}\n\n{notes}\n\n{timing}\n"))
-    passed = all(r["pass"] for r in rows)
+    within = all(r["within_bound"] for r in rows)
+    worst = max(rows, key=lambda r: r["ratio"])
     written.append(write_json(out / "metrics.json", {
         "sdediff": __version__, "options": options, "sde": repr(sde), "eps": EPS, "t_eps": T_EPS,
-        "target_ratio": TARGET_RATIO, "passed": passed, "solvers": rows, "nll": nll,
+        "bound_ratio": BOUND_RATIO, "within_bound": within, "solvers": rows, "nll": nll,
         "nll_points": args.nll_points, "train": {"steps": trainer.step, "seconds": train_seconds, "final_loss": final_loss},
         "seconds": {"total": total, "train": train_seconds, "likelihood": nll_seconds},
         "threads": torch.get_num_threads(), "device": str(device)}))
     written.append(ckpt_dir)
-    print("\n" + ("PASS: every sampler is within " if passed else "FAIL: not every sampler is within ")
-          + f"{TARGET_RATIO:g}x the noise floor")
+    print(f"\nlargest ratio to the noise floor: {worst['ratio']:.2f} ({worst['kind']}, {worst['solver']}); "
+          + ("every sampler is" if within else "not every sampler is") + f" within {BOUND_RATIO:g}x the floor")
     print_written(written)
     print(f"try: sdediff sample --run {out} --solver heun --steps 50   |   sdediff likelihood --run {out}")
-    return 1 if (args.check and not passed) else 0
+    return 1 if (args.check and not within) else 0

@@ -9,6 +9,7 @@ from . import (
     correctors,
     exponential,
     grids,
+    multistep,
     ode,
     per_sample,
     sde,
@@ -21,6 +22,7 @@ from .adaptive_sde import AdaptiveReverseSDE
 from .base import FixedStepSolver, Solution, Solver, StepRun, available_solvers, get_solver, integrate, register_solver
 from .correctors import AnnealedLangevin, LangevinCorrector, PredictorCorrector
 from .exponential import DDIM, LMS, DPMSolver, EDMHeun
+from .multistep import DEIS, IPNDM
 from .ode import AdaptiveODE, Euler, Heun
 from .sde import Ancestral, EulerMaruyama, ReverseDiffusion
 from .stochastic import DDPM, SDEDPMSolver, TorchSDE
@@ -32,7 +34,7 @@ __all__ = [
     "available_solvers", "LinearScheme", "SchemeRun",
     "EulerMaruyama", "ReverseDiffusion", "Ancestral", "LangevinCorrector", "PredictorCorrector",
     "AnnealedLangevin", "Euler", "Heun", "AdaptiveODE", "DPMSolver", "DDIM", "LMS", "EDMHeun",
-    "AdaptiveRungeKutta", "AdaptiveReverseSDE", "DDPM", "SDEDPMSolver", "TorchSDE", "UniPC",
-    "grids", "adaptive_ode", "adaptive_sde", "per_sample", "correctors", "exponential", "ode", "sde",
+    "AdaptiveRungeKutta", "AdaptiveReverseSDE", "DDPM", "SDEDPMSolver", "TorchSDE", "UniPC", "IPNDM", "DEIS",
+    "grids", "adaptive_ode", "adaptive_sde", "per_sample", "correctors", "exponential", "multistep", "ode", "sde",
     "stochastic", "tables", "unipc",
 ]

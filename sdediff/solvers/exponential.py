@@ -50,20 +50,28 @@ name            method                                                       NFE
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from .._validate import check_bool, check_choice, check_float
+from .._validate import check_choice, check_float
 from ..processes import ReverseProcess
 from ..sdes.base import SDE
 from ..sdes.linear import LinearSDE, require_linear
 from .base import FixedStepSolver, register_solver
-from .tables import LinearScheme, exp_coefficients, kernel, phi_terms, rows_from_stages, work_dtype
+from .tables import (
+    LinearScheme,
+    exp_coefficients,
+    gauss_legendre,
+    kernel,
+    lagrange_basis,
+    phi_terms,
+    rows_from_stages,
+    sigma_multistep_scheme,
+    work_dtype,
+)
 
 __all__ = ["DPMSolver", "DDIM", "LMS", "EDMHeun", "phi_terms", "adams_bashforth_weights", "prediction_coefficients"]
 
@@ -104,7 +112,15 @@ class DPMSolver(FixedStepSolver):
 
     with :math:`D_{01} = (P_0 - P_{-1})/h_1`, :math:`D_{12} = (P_{-1} - P_{-2})/h_2`,
     :math:`D_{012} = (D_{01} - D_{12})/(h_1 + h_2)`. The first steps use lower orders (order ``min(order,
-    i + 1)`` at step ``i``).
+    i + 1)`` at step ``i``). A second-order step takes one of two forms (named as in diffusers'
+    ``DPMSolverMultistepScheduler``): ``"heun"`` integrates the line through :math:`P_{-1}, P_0` exactly,
+    :math:`c_2 P'`; ``"midpoint"`` replaces :math:`c_2` by :math:`\tfrac h2 c_1` (:math:`c_2 = \tfrac h2 c_1 + O(h^3)`),
+
+    .. math::  x_t = a\,x_s + c_1\Big(P_0 + \frac{h}{2h_1}(P_0 - P_{-1})\Big),
+
+    which is diffusers' default and k-diffusion's ``sample_dpmpp_2m``. Both are second order. (diffusers'
+    third-order multistep step and k-diffusion's ``sample_dpmpp_3m_sde`` weigh the second difference by
+    :math:`c_3 D_{012}`, half the :math:`c_3 P''` above, and converge at order 2: ``tests/test_third_order.py``.)
 
     **singlestep** (``order`` NFE per step): intermediate points at :math:`\lambda_s + r h`, reached by
     lower-order steps from :math:`x_s` (their times found by bisection once, in ``start``):
@@ -123,10 +139,17 @@ class DPMSolver(FixedStepSolver):
         Reuse past predictions (1 NFE per step, default) or take ``order`` stages per step.
     prediction : {"data", "noise"}
         Expand :math:`\hat x_0` (DPM-Solver++, default) or :math:`\hat\epsilon` (DPM-Solver).
-    lower_order_final : bool
-        Multistep only: on grids of fewer than 15 steps, use order ``min(order, N - i)`` for the last
-        steps (standard practice; it makes few-step sampling more stable). With 15 steps or more it has no
-        effect, so the asymptotic order is kept.
+    solver_type : {"heun", "midpoint"}
+        Multistep only: the form of the second-order steps (default ``"heun"``; those of an order-3 run too,
+        as in diffusers).
+    lower_order_final : bool or "diffusers"
+        Multistep only. ``True`` (default): on grids of fewer than 15 steps, use order ``min(order, N - i)``
+        for the last steps (standard practice; it makes few-step sampling more stable); with 15 steps or more
+        it has no effect, so the asymptotic order is kept. This is diffusers' rule for a loop that ends at
+        its last noise level (``final_sigmas_type="sigma_min"``). ``"diffusers"``: diffusers' rule for its
+        default loop, which ends with a first-order step to :math:`\sigma = 0` (sdediff's ``denoise=True``) and
+        counts it: the grid's last step has order at most 2 when :math:`N + 1 < 15`, no other step is lowered.
+        ``False``: never lower the order (k-diffusion's ``sample_dpmpp_2m``).
 
     Notes
     -----
@@ -137,15 +160,22 @@ class DPMSolver(FixedStepSolver):
     ORDERS = (1, 2, 3)
     METHODS = ("multistep", "singlestep")
     PREDICTIONS = ("data", "noise")
+    SOLVER_TYPES = ("heun", "midpoint")
     #: grids shorter than this use lower orders on their final steps when ``lower_order_final``
     LOWER_ORDER_FINAL_BELOW = 15
 
-    def __init__(self, order: int = 2, method: str = "multistep", prediction: str = "data",
-                 lower_order_final: bool = True) -> None:
+    def __init__(self, order: int = 2, method: str = "multistep", prediction: str = "data", solver_type: str = "heun",
+                 lower_order_final: bool | str = True) -> None:
         self.order = check_choice("order", order, self.ORDERS)
         self.method = check_choice("method", method, self.METHODS)
         self.prediction = check_choice("prediction", prediction, self.PREDICTIONS)
-        self.lower_order_final = check_bool("lower_order_final", lower_order_final)
+        self.solver_type = check_choice("solver_type", solver_type, self.SOLVER_TYPES)
+        if self.method == "singlestep" and self.solver_type != "heun":
+            raise ValueError(f"solver_type={solver_type!r} is a form of the multistep method; drop it with "
+                             "method='singlestep'")
+        if not (isinstance(lower_order_final, bool) or lower_order_final == "diffusers"):
+            raise ValueError(f"lower_order_final must be True, False or 'diffusers', got {lower_order_final!r}")
+        self.lower_order_final = lower_order_final
 
     def coefficients(self, sde: LinearSDE, ts: Tensor) -> LinearScheme:
         t = ts.to(work_dtype(ts.device))
@@ -158,7 +188,10 @@ class DPMSolver(FixedStepSolver):
         return LinearScheme(times=t[:-1], a=a + w[:, 0] * p, b=w[:, 0] * q, w=w[:, 1:self.order], p=p, q=q)
 
     def _order_at(self, i: int, n: int) -> int:
+        """The order of step ``i`` of ``n`` (class docstring: ``lower_order_final``)."""
         order = min(self.order, i + 1)
+        if self.lower_order_final == "diffusers":
+            return min(order, 2) if i == n - 1 and n + 1 < self.LOWER_ORDER_FINAL_BELOW else order
         if self.lower_order_final and n < self.LOWER_ORDER_FINAL_BELOW:
             order = min(order, n - i)
         return order
@@ -167,7 +200,8 @@ class DPMSolver(FixedStepSolver):
         r"""Per step, ``a`` and ``(w_0, w_1, w_2)`` with :math:`x_t = a\,x_s + w_0 P_0 + w_1 P_{-1} + w_2 P_{-2}`.
 
         The divided differences of the class docstring, multiplied out: order 1 has :math:`w_0 = c_1`;
-        order 2 :math:`w_0 = c_1 + c_2/h_1`, :math:`w_1 = -c_2/h_1`; order 3, with
+        order 2 :math:`w_0 = c_1 + c_2/h_1`, :math:`w_1 = -c_2/h_1` (:math:`c_2 \to \tfrac h2 c_1` for ``"midpoint"``);
+        order 3, with
         :math:`e = (c_2 h_1 + 2c_3)/(h_1 + h_2)`, :math:`w_0 = c_1 + (c_2 + e)/h_1`,
         :math:`w_1 = -(c_2 + e)/h_1 - e/h_2`, :math:`w_2 = e/h_2`.
         """
@@ -180,7 +214,8 @@ class DPMSolver(FixedStepSolver):
         c1, c2, c3 = (c[:, j] if j < c.shape[1] else torch.zeros_like(a) for j in range(3))
         e = (c2 * h1 + 2 * c3) / (h1 + h2)
         zero = torch.zeros_like(a)
-        w2 = torch.stack([c1 + c2 / h1, -c2 / h1, zero], dim=1)
+        c2_second = c2 if self.solver_type == "heun" else 0.5 * h * c1  # the second-order steps' form
+        w2 = torch.stack([c1 + c2_second / h1, -c2_second / h1, zero], dim=1)
         w3 = torch.stack([c1 + (c2 + e) / h1, -(c2 + e) / h1 - e / h2, e / h2], dim=1)
         return a, torch.where(order == 1, torch.stack([c1, zero, zero], dim=1), torch.where(order == 2, w2, w3))
 
@@ -266,34 +301,19 @@ class DDIM(FixedStepSolver):
 
 
 # --- linear multistep in sigma ----------------------------------------------------------------------
-@functools.cache
-def _gauss_legendre(points: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.polynomial.legendre.leggauss(points)
-
-
 def adams_bashforth_weights(sigma: Tensor, order: int) -> Tensor:
     r"""Variable-step Adams–Bashforth weights on the grid ``sigma`` (any device), shape ``(N, order)``.
 
     Row ``i`` holds :math:`b_{ij} = \int_{\sigma_i}^{\sigma_{i+1}} L_{ij}(\sigma)\,d\sigma`, with :math:`L_{ij}`
     the Lagrange basis polynomials on the nodes :math:`\sigma_i, \sigma_{i-1}, \dots, \sigma_{i-k+1}`,
-    :math:`k = \min(\text{order}, i + 1)` (columns ``j >= k`` are zero). The integrals are exact:
-    Gauss–Legendre quadrature with ``order`` points integrates the degree ``k - 1`` polynomials exactly.
-    All steps at once: :math:`L_{ij}(q) = \prod_{l \ne j,\ l < k} (q - \sigma_{i-l}) / (\sigma_{i-j} - \sigma_{i-l})`.
+    :math:`k = \min(\text{order}, i + 1)` (columns ``j >= k`` are zero;
+    :func:`~sdediff.solvers.tables.lagrange_basis`). The integrals are exact: Gauss–Legendre quadrature with
+    ``order`` points integrates the degree ``k - 1`` polynomials exactly.
     """
-    n = len(sigma) - 1
-    u, w = (torch.from_numpy(v).to(sigma) for v in _gauss_legendre(order))
+    u, w = gauss_legendre(order, sigma)
     half = 0.5 * (sigma[1:] - sigma[:-1])
     q = (0.5 * (sigma[1:] + sigma[:-1]))[:, None] + half[:, None] * u  # (N, order) quadrature nodes per step
-    cols = torch.arange(order, device=sigma.device)
-    back = torch.arange(n, device=sigma.device)[:, None] - cols  # (N, order): i, i - 1, .., i - order + 1
-    used = back >= 0  # step i has nodes j < k = min(order, i + 1)
-    nodes = sigma[back.clamp(min=0)]
-    factor = used[:, None, :] & (cols[:, None] != cols[None, :])  # (N, j, l): l is a factor of L_ij
-    num = torch.where(factor[..., None], q[:, None, None, :] - nodes[:, None, :, None], 1.0)  # (N, j, l, order)
-    den = torch.where(factor, nodes[:, :, None] - nodes[:, None, :], 1.0)
-    basis = (num / den[..., None]).prod(2)  # (N, j, order): L_ij at the quadrature nodes
-    return torch.where(used, half[:, None] * (basis * w).sum(-1), 0.0)
-
+    return half[:, None] * (lagrange_basis(sigma, order, q) * w).sum(-1)
 
 
 @register_solver("lms")
@@ -332,9 +352,7 @@ class LMS(FixedStepSolver):
         prediction :math:`d_i = \hat\epsilon_i = -s_i\,\nabla\log p_{t_i}(x_i)`."""
         t = ts.to(work_dtype(ts.device))
         m, s, _ = kernel(sde, t)
-        w = m[1:, None] * adams_bashforth_weights(s / m, self.order)
-        zero = torch.zeros_like(s[:-1])
-        return LinearScheme(times=t[:-1], a=m[1:] / m[:-1], b=-w[:, 0] * s[:-1], w=w[:, 1:], p=zero, q=-s[:-1])
+        return sigma_multistep_scheme(t, m, s, adams_bashforth_weights(s / m, self.order))
 
 
 # --- EDM Heun ---------------------------------------------------------------------------------------

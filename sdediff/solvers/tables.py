@@ -17,6 +17,7 @@ stages relative to the step's start and :func:`rows_from_stages` turns them into
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -26,7 +27,8 @@ from torch import Tensor
 
 from ..processes import ReverseProcess
 
-__all__ = ["LinearScheme", "SchemeRun", "rows_from_stages", "kernel", "work_dtype", "phi_terms", "exp_coefficients"]
+__all__ = ["LinearScheme", "SchemeRun", "rows_from_stages", "kernel", "work_dtype", "phi_terms", "exp_coefficients",
+           "gauss_legendre", "lagrange_basis", "sigma_multistep_scheme"]
 
 
 def work_dtype(device: torch.device) -> torch.dtype:
@@ -73,6 +75,41 @@ def exp_coefficients(prediction: str, start: tuple[Tensor, Tensor, Tensor], end:
         signs = torch.tensor([(-1.0) ** (j + 1) for j in range(k)], dtype=h.dtype, device=h.device)
         return s_t / s_s, m_t[..., None] * signs * phi_terms(-h, k)
     return m_t / m_s, -s_t[..., None] * phi_terms(h, k)
+
+
+@functools.cache
+def _gauss_legendre_host(points: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.polynomial.legendre.leggauss(points)
+
+
+def gauss_legendre(points: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Gauss–Legendre nodes :math:`u_p \in (-1, 1)` and weights :math:`w_p` (``points`` each, dtype and device of
+    ``like``): :math:`\int_a^b f \approx \tfrac{b-a}2\sum_p w_p f(\tfrac{a+b}2 + \tfrac{b-a}2 u_p)`, exact for
+    polynomials of degree below ``2 * points``."""
+    u, w = _gauss_legendre_host(points)
+    return torch.from_numpy(u).to(like), torch.from_numpy(w).to(like)
+
+
+def lagrange_basis(nodes: Tensor, order: int, q: Tensor) -> Tensor:
+    r"""The Lagrange basis of each step's interpolation nodes, evaluated at the points ``q``.
+
+    Step ``i`` interpolates through ``nodes[i], nodes[i-1], ..., nodes[i-k+1]`` with :math:`k = \min(\text{order},
+    i + 1)` (a multistep method's history while it fills), and
+
+    .. math::  L_{ij}(q) = \prod_{l \ne j,\ l < k} \frac{q - \text{nodes}_{i-l}}{\text{nodes}_{i-j} - \text{nodes}_{i-l}},
+               \qquad j < k.
+
+    ``q`` has shape ``(N, P)`` (``N`` steps, ``P`` points each); returns ``(N, order, P)``, zero for :math:`j \ge k`.
+    """
+    n = q.shape[0]
+    cols = torch.arange(order, device=q.device)
+    back = torch.arange(n, device=q.device)[:, None] - cols  # (N, order): i, i - 1, .., i - order + 1
+    used = back >= 0  # step i has nodes j < k = min(order, i + 1)
+    at = nodes[back.clamp(min=0)]
+    factor = used[:, None, :] & (cols[:, None] != cols[None, :])  # (N, j, l): l is a factor of L_ij
+    num = torch.where(factor[..., None], q[:, None, None, :] - at[:, None, :, None], 1.0)  # (N, j, l, P)
+    den = torch.where(factor, at[:, :, None] - at[:, None, :], 1.0)
+    return torch.where(used[..., None], (num / den[..., None]).prod(2), 0.0)
 
 
 @dataclass(frozen=True)
@@ -141,6 +178,22 @@ def rows_from_stages(times: Tensor, alpha: Tensor, beta: Tensor, p: Tensor, q: T
             w[:, k, k - j - 1] = beta[:, k + 1, j] - ratio[:, k] * beta[:, k, j]
     return LinearScheme(times=times.reshape(-1), a=a.reshape(-1), b=b.reshape(-1), w=w.reshape(n * stages, -1),
                         p=p.reshape(-1), q=q.reshape(-1), rows_per_step=stages)
+
+
+def sigma_multistep_scheme(times: Tensor, m: Tensor, s: Tensor, weights: Tensor) -> LinearScheme:
+    r"""A linear multistep method on the probability flow in EDM form, as a scheme.
+
+    In :math:`\sigma = s/m`, :math:`y = x/m` the flow is :math:`dy/d\sigma = \hat\epsilon` (:math:`\hat\epsilon = -s\,\nabla\log
+    p_t`); the method :math:`y_{i+1} = y_i + \sum_j b_{ij}\,\hat\epsilon_{i-j}` is, in ``x``,
+
+    .. math::  x_{i+1} = \frac{m_{i+1}}{m_i}\,x_i + m_{i+1}\sum_{j} b_{ij}\,\hat\epsilon_{i-j},
+
+    with the kept prediction :math:`P_i = \hat\epsilon_i`. ``times``, ``m``, ``s``: the grid and its kernel (``N + 1``
+    values); ``weights``: :math:`b_{ij}`, shape ``(N, K)``.
+    """
+    w = m[1:, None] * weights
+    zero = torch.zeros_like(s[:-1])
+    return LinearScheme(times=times[:-1], a=m[1:] / m[:-1], b=-w[:, 0] * s[:-1], w=w[:, 1:], p=zero, q=-s[:-1])
 
 
 class SchemeRun:
