@@ -269,7 +269,7 @@ def run_problem(setup: Setup, specs: Sequence[common.SolverSpec], nfes: Sequence
                 kdiffusion: bool = True, kd_samplers: Sequence[str] | None = None,
                 kd_schedules: Sequence[str] = KD_SCHEDULES, torchdiffeq_methods: Sequence[str] | None = None,
                 torchsde_methods: Sequence[str] | None = None, tols: Sequence[float] = TOL_LADDER,
-                diffusers: bool = True, schedulers: Sequence[Any] | None = None,
+                diffusers: bool = True, schedulers: Sequence[Any] | None = None, diffusers_custom: bool = True,
                 torchode_methods: Sequence[str] | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run every spec and peer at every NFE budget on one prepared problem; a list of result records
     (``schedulers``: diffusers' :class:`peers.SchedulerSpec` list, default all)."""
@@ -342,7 +342,7 @@ def run_problem(setup: Setup, specs: Sequence[common.SolverSpec], nfes: Sequence
     if diffusers and peers.load_diffusers()[0] is not None:
         loop = peers.DiffusersLoop(setup.sde, setup.problem.eps)
         for spec, schedule, nfe, steps, _ in peers.diffusers_runs(loop, peers.SCHEDULERS if schedulers is None
-                                                                   else schedulers, nfes):
+                                                                   else schedulers, nfes, diffusers_custom):
             done([_record(setup, "diffusers", f"{spec.label} [{schedule}]", "ode",
                           lambda spec=spec, schedule=schedule, steps=steps: loop.sample(
                               spec, schedule, steps, setup.score, setup.x_T), budget=nfe, steps=steps,
