@@ -426,19 +426,23 @@ def markdown(results: dict[str, Any]) -> str:
     nfes = results["nfes"]
     out = ["# Accuracy per NFE", "",
            f"Run: `{results['command']}` on {results['environment']}; float64 throughout.", "",
-           "Every method starts from the same exact samples of p_T and stops at t = eps = 1e-3. Each cell: error "
+           "Every method starts from the same exact samples of p_T and stops at t = eps (1e-3 under VP and VE; sub-VP: "
+           f"{EPS['subvp']}, where its sigma = s/m is VP's at 1e-3). Each cell: error "
            "(NFE actually used; `tol` for adaptive runs, the best tolerance within the budget; for k-diffusion rows the best of "
            "its schedules: none = the sigma levels of sdediff's uniform time grid, `Q`: of its quadratic grid, `E`: "
-           "k-diffusion's exponential (log-SNR uniform) schedule, `K`: its Karras schedule). `—`: nothing "
+           "k-diffusion's exponential (log-SNR uniform) schedule, `K`: its Karras schedule; diffusers rows: the best of "
+           "the scheduler's own schedules, or of sdediff's grids passed as `timesteps=`/`sigmas=`/`trained_betas`, named "
+           "in the cell; its loop is driven as benchmarks/peers.py describes, with the NFE it really used). `—`: nothing "
            "ran within that budget; `raised`: the run raised an exception, a non-finite state included (message in the "
            "JSON); `*`: the run used more NFE than its budget (the spec's NFE per step is too low).", "",
-           f"k-diffusion: {results['kdiffusion']}", ""]
+           f"k-diffusion: {results['kdiffusion']}; {results.get('diffusers', '')}; {results.get('torchode', '')}", ""]
     if results["skipped"]:
         out += ["Skipped: " + "; ".join(results["skipped"]), ""]
     out += ["## Summary: best probability-flow solvers", "",
-            "Per budget, the sdediff ODE solver and the k-diffusion sampler (over its samplers and schedules) with the "
-            "lowest pathwise RMSE. The RMSE at few NFE is dominated by the few paths that a solver sends to another "
-            "mixture component; the median per-sample error shows the typical path.", "",
+            "Per budget, the sdediff ODE solver, the k-diffusion sampler (over its samplers and schedules) and the "
+            "diffusers scheduler (over its own schedules) with the lowest pathwise RMSE, and the ratios of sdediff's "
+            "error to theirs (below 1: sdediff's is lower). The RMSE at few NFE is dominated by the few paths that a "
+            "solver sends to another mixture component; the median per-sample error shows the typical path.", "",
             *summary_table(results), ""]
     for prob in results["problems"]:
         recs = [r for r in results["records"] if r["problem"] == prob["name"]]
@@ -577,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     problems = list(PROBLEMS) if args.problems is None else [parse_problem(key) for key in args.problems]
     results: dict[str, Any] = {"command": "python benchmarks/accuracy_per_nfe.py " + " ".join(argv or sys.argv[1:]),
                                "environment": run.env, "nfes": list(nfes), "kdiffusion": run.kd_note,
+                               "diffusers": peers.load_diffusers()[1], "torchode": peers.load_torchode()[1],
                                "skipped": run.skipped, "optional_modules": run.notes, "problems": [], "records": []}
     t0 = time.perf_counter()
     for problem in problems:
