@@ -438,8 +438,13 @@ def compare_on_model(sde: SDE, score_fn: ScoreFn, shape: Sequence[int], budgets:
                 continue
             c = next(c for c in configs if c.name == best.label)
             t0 = time.perf_counter()
-            cal = calibrate_grid(sde, score_fn, pilot, best.steps, c.solver, eps=eps, reference=pilot_ref,
-                                 max_evals=calibration_evals, progress=progress, **c.options)
+            try:
+                cal = calibrate_grid(sde, score_fn, pilot, best.steps, c.solver, eps=eps, reference=pilot_ref,
+                                     max_evals=calibration_evals, progress=progress, **c.options)
+            except (ValueError, RuntimeError, FloatingPointError) as err:  # e.g. the solver failed on every grid
+                calibrations[b] = {"label": c.name, "solver": c.solver, "error": f"{type(err).__name__}: {err}"}
+                bar.update()
+                continue
             calibrations[b] = {"label": c.name, "solver": c.solver, "options": dict(c.options), "steps": best.steps,
                                "eps": eps, "times": cal.times.tolist(), "pilot": calibration_pilot, "pilot_rmse": cal.rmse,
                                "start": cal.start, "start_rmse": cal.start_rmse[cal.start], "accepted": cal.accepted,
