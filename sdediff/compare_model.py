@@ -75,8 +75,7 @@ ODE_SOLVERS: tuple[SolverConfig, ...] = (
     SolverConfig("euler"), SolverConfig("heun"), SolverConfig("ddim"),
     SolverConfig("dpm_solver", {"order": 2}, "dpm_solver-2M"), SolverConfig("dpm_solver", {"order": 3}, "dpm_solver-3M"),
     SolverConfig("lms"), SolverConfig("unipc", {"order": 2}, "unipc-2"), SolverConfig("unipc", {"order": 3}, "unipc-3"),
-    SolverConfig("edm_heun"), SolverConfig("ipndm"), SolverConfig("ipndm", {"variable_step": True}, "ipndm-v"),
-    SolverConfig("deis"),
+    SolverConfig("edm_heun"), SolverConfig("ipndm"), SolverConfig("deis"),
 )
 #: the stochastic solvers compared by default
 SDE_SOLVERS: tuple[SolverConfig, ...] = (
