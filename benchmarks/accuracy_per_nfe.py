@@ -1,7 +1,7 @@
 """Accuracy per score evaluation (NFE) of every sampler, on Gaussian mixtures with the exact score.
 
-For each problem (VP and VE, d = 2 and d = 64) every method starts from the *same* exact samples of
-p_T and ends at t = eps:
+For each problem (VP and VE, d = 2 and d = 64 by default; sub-VP and other dimensions and mixture seeds with
+``--problems``) every method starts from the *same* exact samples of p_T and ends at t = eps:
 
 * deterministic (probability-flow ODE) solvers: pathwise RMSE against a tight reference solve
   (``sdediff.sample(solver="ode", method="dopri8", rtol=atol=1e-10)`` in float64) from the same x_T;
@@ -11,11 +11,13 @@ p_T and ends at t = eps:
 
 The same problem goes through k-diffusion's samplers (denoiser convention in sigma-space, on the
 sigma levels of sdediff's uniform and quadratic time grids and on k-diffusion's exponential and Karras
-schedules: the grids the ``unipc-3 [grid]`` rows use; each cell shows the best schedule), torchdiffeq's ``odeint``
-and torchsde's ``sdeint``. Every score/denoiser call is counted by a wrapper; tables show the NFE each
-run used. Writes ``accuracy_per_nfe.{md,json}`` into ``benchmarks/results/`` and the plot into
-``docs/img/accuracy_per_nfe.png``, where the solver guide shows it (``--quick`` or ``--out``: all three into that
-folder).
+schedules: the grids the ``unipc-3 [grid]`` rows use; each cell shows the best schedule), diffusers' schedulers
+through their own ``set_timesteps``/``step`` loops (``peers.py``: its own schedules, and sdediff's grids where a
+scheduler accepts custom ``timesteps=``/``sigmas=``), torchdiffeq's ``odeint``, torchode's per-sample adaptive
+solvers (also next to ``adaptive_ode`` at equal tolerances) and torchsde's ``sdeint``. Every score/denoiser call
+is counted by a wrapper; tables show the NFE each run used. Writes ``accuracy_per_nfe.{md,json}`` into
+``benchmarks/results/`` and the plot into ``docs/img/accuracy_per_nfe.png``, where the solver guide shows it
+(``--quick`` or ``--out``: all three into that folder).
 
     python benchmarks/accuracy_per_nfe.py            # full run (minutes)
     python benchmarks/accuracy_per_nfe.py --quick    # small run
@@ -28,18 +30,16 @@ import importlib.util
 import io
 import json
 import math
+import re
 import sys
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torchdiffeq
-import torchsde
 from torch import Tensor
 
 import sdediff
@@ -48,52 +48,76 @@ from sdediff.data import GaussianMixture
 from sdediff.metrics import noise_floor, sliced_wasserstein
 
 
-def _load_common():
-    name = "sdediff_bench_common"
+def _load(name: str, file: str):
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("common.py"))
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(file))
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
 
 
-common = _load_common()
+common = _load("sdediff_bench_common", "common.py")
+peers = _load("sdediff_bench_peers", "peers.py")
+tables = _load("sdediff_bench_tables", "tables.py")
 
 NFES = (5, 10, 20, 50, 100)
 #: tolerances tried by adaptive solvers, loosest first; a ladder stops once a run exceeds the largest budget
 TOL_LADDER = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7)
+#: sdediff's adaptive_ode and torchode's solvers are also run at these tolerances, whatever their NFE
+EQUAL_TOLS = (1e-3, 1e-5, 1e-7)
 #: k-diffusion runs on the sigma levels of the same four grids the UniPC rows use (see common.kd_sigmas)
 KD_SCHEDULES = ("time", "quadratic", "exponential", "karras")
 SCHEDULE_MARK = {"quadratic": "Q", "exponential": "E", "karras": "K"}
 #: torchdiffeq methods on the same PF-ODE: name -> NFE per step (None: adaptive, tolerance ladder)
 TORCHDIFFEQ_METHODS = {"euler": 1, "midpoint": 2, "rk4": 4, "dopri5": None}
-#: torchsde methods on the reverse SDE (u = T - t): name -> (sde_type, Levy-area approximation)
-TORCHSDE_METHODS = {"euler": ("ito", "none"), "srk": ("ito", "space-time"), "reversible_heun": ("stratonovich", "none")}
+TORCHSDE_METHODS = peers.TORCHSDE_METHODS
+SDE_CLASSES = {"vp": sdediff.VPSDE, "ve": sdediff.VESDE, "subvp": sdediff.SubVPSDE}
+SDE_NAMES = {"vp": "VP", "ve": "VE", "subvp": "sub-VP"}
+#: final times: 1e-3 under VP and VE (noise level sigma = s/m of 0.0105 and 0.0101); sub-VP stops where its
+#: sigma is VP's at 1e-3 (at 1e-3 it is 1e-4, which diffusers' float32 schedules cannot hold: 1 - beta rounds to 1)
+EPS = {"vp": 1e-3, "ve": 1e-3, "subvp": 0.0278}
 
 
 @dataclass(frozen=True)
 class Problem:
     """A Gaussian mixture pushed through a linear SDE; its exact score is the 'network'."""
 
-    sde: str  # "vp" or "ve"
+    sde: str  # "vp", "ve" or "subvp"
     dim: int
     n: int = 1000  # samples (and exact samples they are compared with)
     components: int = 8
-    eps: float = 1e-3
-    seed: int = 0
+    seed: int = 0  # of the mixture; the starts use seed + 1
+
+    @property
+    def eps(self) -> float:
+        return EPS[self.sde]
+
+    @property
+    def key(self) -> str:
+        """The ``--problems`` name, e.g. ``vp2`` (``vp2s1`` for mixture seed 1)."""
+        return f"{self.sde}{self.dim}" + (f"s{self.seed}" if self.seed else "")
 
     @property
     def name(self) -> str:
-        return f"{self.sde.upper()} d={self.dim}"
+        return f"{SDE_NAMES[self.sde]} d={self.dim}" + (f" (seed {self.seed})" if self.seed else "")
 
     def build(self) -> tuple[sdediff.LinearSDE, GaussianMixture]:
-        sde = {"vp": sdediff.VPSDE, "ve": sdediff.VESDE}[self.sde]()
+        sde = SDE_CLASSES[self.sde]()
         mixture = GaussianMixture.random(self.components, self.dim, generator=torch.Generator().manual_seed(self.seed))
         return sde, mixture
 
 
 PROBLEMS = (Problem("vp", 2, n=2000), Problem("vp", 64), Problem("ve", 2, n=2000), Problem("ve", 64))
+
+
+def parse_problem(key: str) -> Problem:
+    """The problem of a ``--problems`` name (:attr:`Problem.key`): 2000 samples in d = 2, else 1000."""
+    match = re.fullmatch(r"(vp|ve|subvp)(\d+)(?:s(\d+))?", key)
+    if match is None:
+        raise SystemExit(f"--problems: {key!r} is not SDE + dimension [+ s + seed], e.g. vp2, subvp16, ve64s1")
+    sde, dim, seed = match[1], int(match[2]), int(match[3] or 0)
+    return Problem(sde, dim, n=2000 if dim == 2 else 1000, seed=seed)
 
 
 @dataclass
@@ -181,60 +205,20 @@ def _sdediff_run(setup: Setup, spec: common.SolverSpec, steps: int, tol: float |
                          **spec.build_options(tol))
     if res.nfe != counted.calls:
         raise RuntimeError(f"sdediff reported NFE {res.nfe} but the score was called {counted.calls} times")
+    per_sample = res.stats.get("nfe_per_sample") if isinstance(res.stats, dict) else None
+    if isinstance(per_sample, Tensor):
+        return res.samples, counted.calls, {"nfe_per_sample": float(per_sample.double().mean())}
     return res.samples, counted.calls
 
 
-def _kd_run(setup: Setup, kd_name: str, schedule: str, steps: int, x_T: Tensor | None = None,
-            sigmas: Tensor | None = None):
+def kd_run(setup: Setup, kd_name: str, schedule: str, steps: int, x_T: Tensor | None = None,
+           sigmas: Tensor | None = None) -> tuple[Tensor, int]:
     """k-diffusion's ``kd_name`` from x_T on ``schedule``'s ``steps + 1`` noise levels (or on ``sigmas``)."""
     kds, _ = common.load_kdiffusion()
-    x_T = setup.x_T if x_T is None else x_T
-    fn_name, _, _ = common.KD_SAMPLERS[kd_name]
-    sde, eps = setup.sde, setup.problem.eps
-    denoiser = common.Counted(common.KDenoiser(sde, setup.score, eps))
     if sigmas is None:
-        sigmas = common.kd_sigmas(kds, sde, steps, eps, schedule, x_T.device)
-    T = torch.tensor([sde.T], dtype=x_T.dtype, device=x_T.device)
-    y = x_T / sde.mean_coeff(T)
-    kwargs = {"disable": True}
-    noise = common.kd_noise_sampler(kds, kd_name, y, sigmas, setup.generator())
-    if noise is not None:
-        kwargs["noise_sampler"] = noise
-    with warnings.catch_warnings():  # torchsde rounds the Brownian tree's end times: queries at them warn
-        warnings.filterwarnings("ignore", message="Should have t[ab]")
-        y = getattr(kds, fn_name)(denoiser, y, sigmas, **kwargs)
-    return sde.mean_coeff(torch.tensor([eps], dtype=y.dtype, device=y.device)) * y, denoiser.calls
-
-
-def _torchdiffeq_run(setup: Setup, method: str, steps: int, tol: float | None, x_T: Tensor | None = None):
-    x_T = setup.x_T if x_T is None else x_T
-    counted = common.Counted(setup.score)
-    flow = setup.sde.probability_flow(counted)
-    sde, eps = setup.sde, setup.problem.eps
-    if tol is None:
-        ts = torch.linspace(sde.T, eps, steps + 1, dtype=x_T.dtype, device=x_T.device)
-        out = torchdiffeq.odeint(flow, x_T, ts, method=method)
-    else:
-        ts = torch.tensor([sde.T, eps], dtype=x_T.dtype, device=x_T.device)
-        out = torchdiffeq.odeint(flow, x_T, ts, method=method, rtol=tol, atol=tol)
-    return out[-1], counted.calls
-
-
-def _torchsde_run(setup: Setup, method: str, steps: int, x_T: Tensor | None = None):
-    x_T = setup.x_T if x_T is None else x_T
-    counted = common.Counted(setup.score)
-    sde_type, levy = TORCHSDE_METHODS[method]
-    adapter = setup.sde.reverse(counted).as_torchsde(x_T.shape, sde_type=sde_type)
-    span = setup.sde.T - setup.problem.eps
-    y0 = x_T.reshape(x_T.shape[0], -1)
-    gen = setup.generator()
-    seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
-    bm = torchsde.BrownianInterval(t0=0.0, t1=span, size=y0.shape, dtype=y0.dtype, device=y0.device, entropy=seed,
-                                   levy_area_approximation=levy)
-    ts = torch.tensor([0.0, span], dtype=y0.dtype, device=y0.device)
-    # a hair over span / steps, so that rounding does not add a sliver of a step at the end
-    out = torchsde.sdeint(adapter, y0, ts, bm=bm, method=method, dt=span / steps * (1 + 1e-9))
-    return adapter.unflatten(out[-1]), counted.calls
+        sigmas = common.kd_sigmas(kds, setup.sde, steps, setup.problem.eps, schedule, setup.device)
+    return peers.kd_sample(setup.sde, setup.score, setup.x_T if x_T is None else x_T, setup.problem.eps, kd_name,
+                           sigmas, setup.generator())
 
 
 def _per_step_cost(run: Callable[[int, Tensor], int], x_small: Tensor) -> tuple[float, float]:
@@ -249,7 +233,7 @@ def _per_step_cost(run: Callable[[int, Tensor], int], x_small: Tensor) -> tuple[
 # --------------------------------------------------------------------------------------------------
 # the sweep over one problem
 # --------------------------------------------------------------------------------------------------
-def _record(setup: Setup, impl: str, label: str, kind: str, run: Callable[[], tuple[Tensor, int]], *,
+def _record(setup: Setup, impl: str, label: str, kind: str, run: Callable[[], tuple[Any, ...]], *,
             budget: int | None = None, tol: float | None = None, steps: int | None = None,
             schedule: str | None = None) -> dict[str, Any]:
     rec: dict[str, Any] = {"problem": setup.problem.name, "impl": impl, "label": label, "kind": kind,
@@ -257,10 +241,10 @@ def _record(setup: Setup, impl: str, label: str, kind: str, run: Callable[[], tu
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
-            x, nfe = run()
+            x, nfe, *extra = run()  # (x, NFE) or (x, NFE, figures such as the NFE per sample)
         common.synchronize(setup.device)
         rec["seconds"] = time.perf_counter() - t0
-        rec["nfe"] = nfe
+        rec.update(nfe=nfe, n=len(x), **(extra[0] if extra else {}))
         rec.update(evaluate(setup, x, kind))
     except Exception as err:  # a method that blows up at a tiny budget is a result, not a crash
         rec["seconds"] = time.perf_counter() - t0
@@ -270,7 +254,7 @@ def _record(setup: Setup, impl: str, label: str, kind: str, run: Callable[[], tu
     return rec
 
 
-def _ladder(setup: Setup, impl: str, label: str, kind: str, run_tol: Callable[[float], tuple[Tensor, int]],
+def _ladder(setup: Setup, impl: str, label: str, kind: str, run_tol: Callable[[float], tuple[Any, ...]],
             max_nfe: int, tols: Sequence[float]) -> list[dict[str, Any]]:
     out = []
     for tol in tols:
@@ -285,8 +269,10 @@ def run_problem(setup: Setup, specs: Sequence[common.SolverSpec], nfes: Sequence
                 kdiffusion: bool = True, kd_samplers: Sequence[str] | None = None,
                 kd_schedules: Sequence[str] = KD_SCHEDULES, torchdiffeq_methods: Sequence[str] | None = None,
                 torchsde_methods: Sequence[str] | None = None, tols: Sequence[float] = TOL_LADDER,
-                log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run every spec and peer at every NFE budget on one prepared problem; a list of result records."""
+                diffusers: bool = True, schedulers: Sequence[Any] | None = None, diffusers_custom: bool = True,
+                torchode_methods: Sequence[str] | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run every spec and peer at every NFE budget on one prepared problem; a list of result records
+    (``schedulers``: diffusers' :class:`peers.SchedulerSpec` list, default all)."""
     records: list[dict[str, Any]] = []
     max_nfe = max(nfes)
     x_small = setup.x_T[:4]
@@ -303,10 +289,13 @@ def run_problem(setup: Setup, specs: Sequence[common.SolverSpec], nfes: Sequence
         r = recs[-1]
         log(f"    {r['impl']:>11} {r['label']:<28} " + ("ok" if "error" not in r else f"errors: {r['error']}"))
 
+    equal_tol: dict[tuple[str, str], Callable[[float], tuple[Any, ...]]] = {}  # compared at EQUAL_TOLS too
     for spec in specs:
         if spec.adaptive:
-            done(_ladder(setup, "sdediff", spec.label, spec.kind,
-                         lambda tol, spec=spec: _sdediff_run(setup, spec, 1, tol), max_nfe, tols))
+            run_tol = lambda tol, spec=spec: _sdediff_run(setup, spec, 1, tol)  # noqa: E731
+            done(_ladder(setup, "sdediff", spec.label, spec.kind, run_tol, max_nfe, tols))
+            if spec.solver == "adaptive_ode":
+                equal_tol["sdediff", spec.label] = run_tol
             continue
         try:
             if spec.nfe_per_step is None:
@@ -326,11 +315,38 @@ def run_problem(setup: Setup, specs: Sequence[common.SolverSpec], nfes: Sequence
         label = f"odeint {method}"
         if per_step is None:
             done(_ladder(setup, "torchdiffeq", label, "ode",
-                         lambda tol, method=method: _torchdiffeq_run(setup, method, 0, tol), max_nfe, tols))
+                         lambda tol, method=method: peers.torchdiffeq_sample(
+                             setup.sde, setup.score, setup.x_T, setup.problem.eps, method, 0, tol), max_nfe, tols))
             continue
         done([_record(setup, "torchdiffeq", label, "ode",
-                      lambda method=method, steps=steps: _torchdiffeq_run(setup, method, steps, None),
+                      lambda method=method, steps=steps: peers.torchdiffeq_sample(
+                          setup.sde, setup.score, setup.x_T, setup.problem.eps, method, steps, None),
                       budget=nfe, steps=steps) for nfe, steps in budgets(per_step)])
+
+    for method in (peers.TORCHODE_METHODS if torchode_methods is None else torchode_methods):
+        if peers.load_torchode()[0] is None:
+            break
+
+        def torchode_run(tol: float, method: str = method) -> tuple[Tensor, int, dict[str, float]]:
+            res = peers.torchode_solve(setup.sde, setup.score, setup.x_T, setup.problem.eps, method, tol, tol)
+            return res.x, res.calls, {"nfe_per_sample": res.calls, "steps_per_sample": float(res.steps.double().mean())}
+
+        done(_ladder(setup, "torchode", f"torchode {method}", "ode", torchode_run, max_nfe, tols))
+        equal_tol["torchode", f"torchode {method}"] = torchode_run
+    if len(equal_tol) > 1:
+        for (impl, label), run_tol in equal_tol.items():
+            ran = {r["tol"] for r in records if r["label"] == label}
+            done([_record(setup, impl, label, "ode", lambda tol=tol, run_tol=run_tol: run_tol(tol), tol=tol)
+                  for tol in EQUAL_TOLS if tol not in ran])
+
+    if diffusers and peers.load_diffusers()[0] is not None:
+        loop = peers.DiffusersLoop(setup.sde, setup.problem.eps)
+        for spec, schedule, nfe, steps, _ in peers.diffusers_runs(loop, peers.SCHEDULERS if schedulers is None
+                                                                   else schedulers, nfes, diffusers_custom):
+            done([_record(setup, "diffusers", f"{spec.label} [{schedule}]", "ode",
+                          lambda spec=spec, schedule=schedule, steps=steps: loop.sample(
+                              spec, schedule, steps, setup.score, setup.x_T), budget=nfe, steps=steps,
+                          schedule=schedule)])
 
     kds, _ = common.load_kdiffusion()
     if kdiffusion and kds is not None:
@@ -338,20 +354,23 @@ def run_problem(setup: Setup, specs: Sequence[common.SolverSpec], nfes: Sequence
             _, kind, per_step = common.KD_SAMPLERS[kd_name]
             for schedule in kd_schedules:
                 done([_record(setup, "k-diffusion", f"{kd_name} [{schedule}]", kind,
-                              lambda kd_name=kd_name, schedule=schedule, steps=steps: _kd_run(
+                              lambda kd_name=kd_name, schedule=schedule, steps=steps: kd_run(
                                   setup, kd_name, schedule, steps), budget=nfe, steps=steps, schedule=schedule)
                       for nfe, steps in budgets(per_step)])
 
     for method in (TORCHSDE_METHODS if torchsde_methods is None else torchsde_methods):
         label = f"sdeint {method}"
         try:
-            a, b = _per_step_cost(lambda s, x, method=method: _torchsde_run(setup, method, s, x)[1], x_small)
+            a, b = _per_step_cost(lambda s, x, method=method: peers.torchsde_sample(
+                setup.sde, setup.score, x, setup.problem.eps, method, s, setup.generator())[1], x_small)
         except Exception as err:
             done([{"problem": setup.problem.name, "impl": "torchsde", "label": label, "kind": "sde",
                    "error": f"NFE probe failed: {type(err).__name__}: {err}"}])
             continue
         done([_record(setup, "torchsde", label, "sde",
-                      lambda method=method, steps=steps: _torchsde_run(setup, method, steps), budget=nfe, steps=steps)
+                      lambda method=method, steps=steps: peers.torchsde_sample(
+                          setup.sde, setup.score, setup.x_T, setup.problem.eps, method, steps, setup.generator()),
+                      budget=nfe, steps=steps)
               for nfe, steps in budgets(a, b)])
     return records
 
@@ -359,30 +378,6 @@ def run_problem(setup: Setup, specs: Sequence[common.SolverSpec], nfes: Sequence
 # --------------------------------------------------------------------------------------------------
 # tables and plot
 # --------------------------------------------------------------------------------------------------
-PRIMARY = {"ode": "rmse", "sde": "sw2"}
-
-
-def cell_record(recs: Sequence[dict[str, Any]], budget: int, metric: str) -> dict[str, Any] | None:
-    """The run shown under an NFE budget: the fixed-step run for that budget, or the best adaptive run
-    (and for k-diffusion rows grouped over schedules, the best schedule) that used at most ``budget`` NFE."""
-    if any(r.get("budget") is not None for r in recs):
-        pool = [r for r in recs if r.get("budget") == budget]
-    else:
-        pool = [r for r in recs if r.get("nfe") is not None and r["nfe"] <= budget]
-    good = [r for r in pool if "error" not in r and math.isfinite(r.get(metric, math.nan))]
-    if good:
-        return min(good, key=lambda r: r[metric])
-    return pool[0] if pool else None
-
-
-def _rows(records: Sequence[dict[str, Any]], kind: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in records:
-        if r["kind"] == kind:
-            rows.setdefault((r["impl"], r["label"]), []).append(r)
-    return rows
-
-
 def _cell(r: dict[str, Any] | None, metric: str) -> str:
     if r is None:
         return "—"
@@ -395,73 +390,59 @@ def _cell(r: dict[str, Any] | None, metric: str) -> str:
         text = common.fmt(value)
     extra = "*" if r.get("budget") is not None and r["nfe"] > r["budget"] else ""
     extra += f", tol {r['tol']:g}" if r.get("tol") is not None else ""
-    if r.get("schedule") in SCHEDULE_MARK:
+    if r["impl"] == "diffusers":
+        extra += f", {r['schedule'].replace('custom:', '')}"
+    elif r.get("schedule") in SCHEDULE_MARK:
         extra += f", {SCHEDULE_MARK[r['schedule']]}"
     return f"{text} ({r['nfe']}{extra})"
 
 
-def best_by_impl(records: Sequence[dict[str, Any]], kind: str, impl: str, budget: int) -> dict[str, Any] | None:
-    metric = PRIMARY[kind]
-    cands = [cell_record(recs, budget, metric) for (im, _), recs in _rows(records, kind).items() if im == impl]
-    cands = [r for r in cands if r is not None and "error" not in r and r["nfe"] <= budget
-             and math.isfinite(r.get(metric, math.nan))]
-    return min(cands, key=lambda r: r[metric]) if cands else None
-
-
-def comparison_lines(records: Sequence[dict[str, Any]], nfes: Sequence[int]) -> list[str]:
-    """At 10 and 20 NFE: the best sdediff ODE solver's pathwise RMSE, the best k-diffusion sampler's, and their ratio."""
-    lines = []
-    for budget in (10, 20):
-        if budget not in nfes:
-            continue
-        ours = best_by_impl(records, "ode", "sdediff", budget)
-        theirs = best_by_impl(records, "ode", "k-diffusion", budget)
-        if ours is None or theirs is None:
-            lines.append(f"- NFE ≤ {budget}: not comparable (missing sdediff or k-diffusion results)")
-            continue
-        ratio = theirs["rmse"] / ours["rmse"]
-        lines.append(f"- NFE ≤ {budget}: best sdediff `{ours['label']}` {ours['rmse']:.2e} ({ours['nfe']} NFE) vs best "
-                     f"k-diffusion `{theirs['label']}` {theirs['rmse']:.2e} ({theirs['nfe']} NFE): k-diffusion / sdediff "
-                     f"= {ratio:.2f}; median per-sample error "
-                     f"{ours['rmse_median_sample']:.2e} vs {theirs['rmse_median_sample']:.2e} "
-                     f"(ratio {theirs['rmse_median_sample'] / ours['rmse_median_sample']:.2f})")
-    return lines
-
-
 def summary_table(results: dict[str, Any]) -> list[str]:
-    """Markdown rows: per problem and NFE budget, the best sdediff and best k-diffusion ODE runs and their ratios."""
-    out = ["| problem | NFE ≤ | best sdediff ODE solver | RMSE | best k-diffusion sampler | RMSE | k-diffusion / sdediff "
-           "| same, median per-sample error |", "|---|---|---|---|---|---|---|---|"]
+    """Markdown rows: per problem and NFE budget, the best sdediff, k-diffusion and diffusers (own schedules) ODE runs
+    and the ratios of sdediff's RMSE (and median per-sample error) to each peer's."""
+    out = ["| problem | NFE ≤ | best sdediff ODE solver | RMSE | best k-diffusion | RMSE | best diffusers | RMSE | "
+           "sdediff / k-diffusion | sdediff / diffusers | same, median per-sample error |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for prob in results["problems"]:
         recs = [r for r in results["records"] if r["problem"] == prob["name"]]
         for budget in results["nfes"]:
-            ours = best_by_impl(recs, "ode", "sdediff", budget)
-            theirs = best_by_impl(recs, "ode", "k-diffusion", budget)
-            if ours is None or theirs is None:
+            ours = tables.best_by_impl(recs, "ode", "sdediff", budget)
+            kd, hf = (tables.best_by_impl(recs, "ode", impl, budget) for impl in ("k-diffusion", "diffusers"))
+            if ours is None or (kd is None and hf is None):
                 continue
-            out.append(f"| {prob['name']} | {budget} | `{ours['label']}` | {ours['rmse']:.2e} | `{theirs['label']}` | "
-                       f"{theirs['rmse']:.2e} | {theirs['rmse'] / ours['rmse']:.2f} | "
-                       f"{theirs['rmse_median_sample'] / ours['rmse_median_sample']:.2f} |")
+            (kd_r, kd_m), (hf_r, hf_m) = tables.versus(ours, kd), tables.versus(ours, hf)
+            out.append(f"| {prob['name']} | {budget} | `{ours['label']}` | {ours['rmse']:.2e} | "
+                       f"{_named(kd)} | {_named(hf)} | {kd_r} | {hf_r} | {kd_m} / {hf_m} |")
     return out
+
+
+def _named(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return "— | —"
+    return f"`{r['label']}` | {r['rmse']:.2e}"
 
 
 def markdown(results: dict[str, Any]) -> str:
     nfes = results["nfes"]
     out = ["# Accuracy per NFE", "",
            f"Run: `{results['command']}` on {results['environment']}; float64 throughout.", "",
-           "Every method starts from the same exact samples of p_T and stops at t = eps = 1e-3. Each cell: error "
+           "Every method starts from the same exact samples of p_T and stops at t = eps (1e-3 under VP and VE; sub-VP: "
+           f"{EPS['subvp']}, where its sigma = s/m is VP's at 1e-3). Each cell: error "
            "(NFE actually used; `tol` for adaptive runs, the best tolerance within the budget; for k-diffusion rows the best of "
            "its schedules: none = the sigma levels of sdediff's uniform time grid, `Q`: of its quadratic grid, `E`: "
-           "k-diffusion's exponential (log-SNR uniform) schedule, `K`: its Karras schedule). `—`: nothing "
+           "k-diffusion's exponential (log-SNR uniform) schedule, `K`: its Karras schedule; diffusers rows: the best of "
+           "the scheduler's own schedules, or of sdediff's grids passed as `timesteps=`/`sigmas=`/`trained_betas`, named "
+           "in the cell; its loop is driven as benchmarks/peers.py describes, with the NFE it really used). `—`: nothing "
            "ran within that budget; `raised`: the run raised an exception, a non-finite state included (message in the "
            "JSON); `*`: the run used more NFE than its budget (the spec's NFE per step is too low).", "",
-           f"k-diffusion: {results['kdiffusion']}", ""]
+           f"k-diffusion: {results['kdiffusion']}; {results.get('diffusers', '')}; {results.get('torchode', '')}", ""]
     if results["skipped"]:
         out += ["Skipped: " + "; ".join(results["skipped"]), ""]
     out += ["## Summary: best probability-flow solvers", "",
-            "Per budget, the sdediff ODE solver and the k-diffusion sampler (over its samplers and schedules) with the "
-            "lowest pathwise RMSE. The RMSE at few NFE is dominated by the few paths that a solver sends to another "
-            "mixture component; the median per-sample error shows the typical path.", "",
+            "Per budget, the sdediff ODE solver, the k-diffusion sampler (over its samplers and schedules) and the "
+            "diffusers scheduler (over its own schedules) with the lowest pathwise RMSE, and the ratios of sdediff's "
+            "error to theirs (below 1: sdediff's is lower). The RMSE at few NFE is dominated by the few paths that a "
+            "solver sends to another mixture component; the median per-sample error shows the typical path.", "",
             *summary_table(results), ""]
     for prob in results["problems"]:
         recs = [r for r in results["records"] if r["problem"] == prob["name"]]
@@ -478,21 +459,40 @@ def markdown(results: dict[str, Any]) -> str:
                                                    f"{info['sw2_floor_std']:.2g})"),
                                     ("sde", "logp_gap", "SDE samplers: mean log p_eps(x) minus its exact expectation "
                                                         "(nats, ± standard error)")):
-            rows = _rows(recs, kind)
+            rows = tables.rows(recs, kind)
             if not rows:
                 continue
             out += [f"### {title}", "", head, rule]
             for (impl, label), rr in rows.items():
-                out.append(f"| {label} | {impl} | " + " | ".join(_cell(cell_record(rr, n, metric), metric)
+                out.append(f"| {label} | {impl} | " + " | ".join(_cell(tables.cell_record(rr, n, metric), metric)
                                                               for n in nfes) + " |")
             out.append("")
-        lines = comparison_lines(recs, nfes)
-        if lines:
-            out += ["At 10 and 20 NFE, the pathwise RMSE of sdediff's best ODE solver against that of the best k-diffusion "
-                    "sampler, and their ratio (above 1: sdediff's error is lower; the median per-sample error of the same "
-                    "two runs shows how much of the RMSE comes from the few paths that end in another mixture "
-                    "component):", "", *lines, ""]
+        out += adaptive_table(recs)
     return "\n".join(out)
+
+
+def adaptive_table(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown: sdediff's ``adaptive_ode`` and torchode's solvers at equal tolerances (every tolerance both ran)."""
+    runs = {(r["label"], r["tol"]): r for r in records if r.get("tol") is not None and "error" not in r
+            and (r["label"] == "adaptive_ode" or r["impl"] == "torchode")}
+    labels = list(dict.fromkeys(label for label, _ in runs))
+    tols = [tol for tol in EQUAL_TOLS if ("adaptive_ode", tol) in runs and any((lb, tol) in runs for lb in labels[1:])]
+    if not tols or len(labels) < 2:
+        return []
+    out = ["### Per-sample adaptive solvers at equal tolerances (rtol = atol)", "",
+           "NFE: score evaluations per sample (`adaptive_ode`: the mean over samples of its own count; torchode evaluates "
+           "the whole batch at every iteration, so every sample pays its batch evaluations); time: wall seconds of the "
+           "whole batch / samples.", "",
+           "| tol | " + " | ".join(f"{lb}: NFE, RMSE, µs/sample" for lb in labels) + " |",
+           "|---|" + "---|" * len(labels)]
+    for tol in tols:
+        cells = []
+        for lb in labels:
+            r = runs.get((lb, tol))
+            cells.append("—" if r is None else f"{r.get('nfe_per_sample', r['nfe']):.0f}, {r['rmse']:.2e}, "
+                                               f"{1e6 * r['seconds'] / r['n']:.0f}")
+        out.append(f"| {tol:g} | " + " | ".join(cells) + " |")
+    return [*out, ""]
 
 
 def plot(results: dict[str, Any], path: Path) -> bool:
@@ -517,14 +517,14 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         recs = [r for r in results["records"] if r["problem"] == prob["name"]]
         for row, kind in enumerate(("ode", "sde")):
             ax = axes[row][col]
-            metric = PRIMARY[kind]
+            metric = tables.PRIMARY[kind]
             groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-            for (impl, label), rr in _rows(recs, kind).items():
+            for (impl, label), rr in tables.rows(recs, kind).items():
                 groups.setdefault((impl, label.split(" [")[0]), []).extend(rr)  # k-diffusion: best schedule
             for key, rr in groups.items():
                 pts = {}
                 for n in nfes:
-                    r = cell_record(rr, n, metric)
+                    r = tables.cell_record(rr, n, metric)
                     if r is not None and "error" not in r and math.isfinite(r.get(metric, math.nan)) and r[metric] > 0:
                         pts[r["nfe"]] = r[metric]
                 if not pts:
@@ -565,9 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None, help="samples per problem (default 2000 for d=2, 1000 for d=64)")
     p.add_argument("--nfe", type=int, nargs="+", default=None, help=f"NFE budgets (default {' '.join(map(str, NFES))})")
     p.add_argument("--problems", nargs="+", default=None, metavar="NAME",
-                   help="subset of problems, e.g. vp2 ve64 (default: vp2 vp64 ve2 ve64)")
+                   help="problems as SDE + dimension [+ s + mixture seed], e.g. vp2 ve64 subvp16 vp16s1 (default: vp2 vp64 "
+                        "ve2 ve64)")
     p.add_argument("--only", default=None, metavar="REGEX", help="only sdediff specs whose label matches this regular expression")
-    p.add_argument("--no-peers", action="store_true", help="skip k-diffusion, torchdiffeq and torchsde")
+    p.add_argument("--no-peers", action="store_true", help="skip k-diffusion, diffusers, torchdiffeq, torchode and torchsde")
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output folder (default benchmarks/results)")
     return p
 
@@ -577,9 +578,10 @@ def main(argv: list[str] | None = None) -> int:
     run = common.start_solver_run(args.device, args.only)
     device, specs = run.device, run.specs
     nfes = tuple(args.nfe or ((5, 10, 20) if args.quick else NFES))
-    problems = [p for p in PROBLEMS if args.problems is None or f"{p.sde}{p.dim}" in args.problems]
+    problems = list(PROBLEMS) if args.problems is None else [parse_problem(key) for key in args.problems]
     results: dict[str, Any] = {"command": "python benchmarks/accuracy_per_nfe.py " + " ".join(argv or sys.argv[1:]),
                                "environment": run.env, "nfes": list(nfes), "kdiffusion": run.kd_note,
+                               "diffusers": peers.load_diffusers()[1], "torchode": peers.load_torchode()[1],
                                "skipped": run.skipped, "optional_modules": run.notes, "problems": [], "records": []}
     t0 = time.perf_counter()
     for problem in problems:
@@ -587,9 +589,9 @@ def main(argv: list[str] | None = None) -> int:
         setup = prepare(problem, device, n=n, ref_tol=1e-9 if args.quick else 1e-10,
                         floor_repeats=4 if args.quick else 8)
         results["problems"].append({"name": problem.name, "sde": problem.sde, "dim": problem.dim, "info": setup.info})
-        peers = not args.no_peers
-        results["records"] += run_problem(setup, specs, nfes, kdiffusion=peers,
-                                          torchdiffeq_methods=None if peers else (), torchsde_methods=None if peers else ())
+        others = None if not args.no_peers else ()
+        results["records"] += run_problem(setup, specs, nfes, kdiffusion=not args.no_peers, diffusers=not args.no_peers,
+                                          torchdiffeq_methods=others, torchsde_methods=others, torchode_methods=others)
     results["seconds"] = time.perf_counter() - t0
     stem = "accuracy_per_nfe" + ("_quick" if args.quick else "")
     png = common.plot_path(args.out, stem, "accuracy_per_nfe")

@@ -1,12 +1,12 @@
-"""Calibrated time grids (``sdediff.calibrate_grid``) against the standard grids and k-diffusion.
+"""Calibrated time grids (``sdediff.calibrate_grid``) against the standard grids, k-diffusion and diffusers.
 
-Same problems as ``accuracy_per_nfe.py`` (Gaussian mixtures with the exact score, VP/VE, d = 2 and 64,
-float64; the same evaluation starts x_T and reference end points, so its standard-grid figures match that
-benchmark's). For each NFE budget:
+Same problems as ``accuracy_per_nfe.py`` (Gaussian mixtures with the exact score, VP/VE, d = 2 and 64 by default,
+any of its ``--problems`` names, float64; the same evaluation starts x_T and reference end points, so its
+standard-grid figures match that benchmark's). For each NFE budget:
 
-* **standard**: the best sdediff PF-ODE solver (``SOLVERS`` below) on the four standard grids, and
-  the best k-diffusion ODE sampler (euler, heun, dpm_2, lms, dpmpp_2m) over its Karras and exponential
-  schedules and our uniform and quadratic noise levels;
+* **standard**: the best sdediff PF-ODE solver (``SOLVERS`` below) on the four standard grids, the best
+  k-diffusion ODE sampler (euler, heun, dpm_2, lms, dpmpp_2m) over its Karras and exponential schedules and our
+  uniform and quadratic noise levels, and the best diffusers scheduler (``peers.SCHEDULERS``) on its own schedules;
 * **calibrated**: ``calibrate_grid`` fits a grid for each candidate on a *separate* pilot batch of prior
   draws (its own seed); the candidate with the lowest *pilot* error is then run once on the evaluation
   starts. Nothing is selected on the evaluation set;
@@ -59,6 +59,7 @@ def _load(name: str, file: str):
 
 common = _load("sdediff_bench_common", "common.py")
 apn = _load("sdediff_bench_accuracy", "accuracy_per_nfe.py")
+peers = _load("sdediff_bench_peers", "peers.py")
 
 NFES = (5, 10, 20)
 #: sdediff solvers on the standard grids: label -> (solver, options); each is 1 NFE per step
@@ -75,8 +76,12 @@ KD_ODE = ("euler", "heun", "dpm_2", "lms", "dpmpp_2m")
 KD_CALIBRATED = "dpmpp_2m"
 
 
-def rmse(setup: Any, x: Tensor) -> float:
-    return float((x.to(torch.float64) - setup.x_ref).pow(2).mean().sqrt()) if bool(torch.isfinite(x).all()) else math.inf
+def rmse(setup: Any, x: Tensor) -> list[float]:
+    """``[RMSE, median per-sample RMS error]`` against the reference (``inf`` for non-finite samples)."""
+    if not bool(torch.isfinite(x).all()):
+        return [math.inf, math.inf]
+    err = (x.to(torch.float64) - setup.x_ref).reshape(len(x), -1).pow(2).mean(1)
+    return [float(err.mean().sqrt()), float(err.sqrt().median())]
 
 
 def sdediff_run(setup: Any, label: str, steps: int, grid: Any, x_T: Tensor) -> Tensor:
@@ -87,7 +92,7 @@ def sdediff_run(setup: Any, label: str, steps: int, grid: Any, x_T: Tensor) -> T
 
 def kd_on_times(setup: Any, kd_name: str, times: Tensor, x_T: Tensor) -> Tensor:
     sigmas = sigma_of_time(setup.sde, times).to(x_T.device)
-    return apn._kd_run(setup, kd_name, "", len(times) - 1, x_T, sigmas=sigmas)[0]
+    return apn.kd_run(setup, kd_name, "", len(times) - 1, x_T, sigmas=sigmas)[0]
 
 
 def run_problem(setup: Any, nfes: tuple[int, ...], pilot_n: int, max_evals: int, candidates: tuple[str, ...] = CANDIDATES,
@@ -100,11 +105,12 @@ def run_problem(setup: Any, nfes: tuple[int, ...], pilot_n: int, max_evals: int,
         pilot_ref = sdediff.sample(sde, setup.score, pilot.shape, solver="ode", method="dopri8", rtol=1e-10, atol=1e-10,
                                    x_init=pilot, eps=eps)
     log(f"  pilot: {pilot_n} starts, reference in {time.perf_counter() - t0:.0f} s")
+    hf_loop = peers.DiffusersLoop(sde, eps) if peers.load_diffusers()[0] is not None else None
     rows = []
     for nfe in nfes:
         steps = nfe
         row: dict[str, Any] = {"problem": setup.problem.name, "nfe": nfe, "n_eval": len(setup.x_T), "standard": {},
-                               "kd_standard": {}, "calibrated": {}}
+                               "kd_standard": {}, "hf_standard": {}, "calibrated": {}}
         with torch.no_grad():
             for label in SOLVERS:
                 for grid in grids.GRIDS:
@@ -114,8 +120,12 @@ def run_problem(setup: Any, nfes: tuple[int, ...], pilot_n: int, max_evals: int,
                 kd_steps = common.steps_for_budget(nfe, per_step)
                 for schedule in apn.KD_SCHEDULES:
                     if kd_steps >= 1:
-                        x, _ = apn._kd_run(setup, kd_name, schedule, kd_steps)
+                        x, _ = apn.kd_run(setup, kd_name, schedule, kd_steps)
                         row["kd_standard"][f"{kd_name} [{schedule}]"] = rmse(setup, x)
+            if hf_loop is not None:  # diffusers' schedulers on their own schedules
+                for spec, schedule, _, hf_steps, _ in peers.diffusers_runs(hf_loop, peers.SCHEDULERS, [nfe], custom=False):
+                    x, _ = hf_loop.sample(spec, schedule, hf_steps, setup.score, setup.x_T)
+                    row["hf_standard"][f"{spec.label} [{schedule}]"] = rmse(setup, x)
         for label in candidates:
             solver, options = SOLVERS[label]
             t1 = time.perf_counter()
@@ -123,38 +133,50 @@ def run_problem(setup: Any, nfes: tuple[int, ...], pilot_n: int, max_evals: int,
                                  **options)
             with torch.no_grad():
                 held_out = rmse(setup, sdediff_run(setup, label, steps, cal.times, setup.x_T))
-            row["calibrated"][label] = {"pilot_rmse": cal.rmse, "rmse": held_out, "start": cal.start,
+            row["calibrated"][label] = {"pilot_rmse": cal.rmse, "rmse": held_out[0], "median": held_out[1],
+                                        "start": cal.start,
                                         "accepted": cal.accepted, "holdout_rmse": cal.holdout_rmse,
                                         "start_holdout_rmse": cal.start_holdout_rmse,
                                         "evals": cal.evals, "search_nfe": cal.search_nfe,
                                         "seconds": time.perf_counter() - t1, "times": cal.times.tolist()}
             log(f"    NFE {nfe} {label:<22} pilot {cal.rmse:.3g} (from {cal.start} {cal.start_rmse[cal.start]:.3g}), "
                 f"holdout {cal.holdout_rmse:.3g} vs {cal.start_holdout_rmse:.3g} (accepted: {cal.accepted}), "
-                f"evaluation {held_out:.3g}, {cal.evals} runs, {time.perf_counter() - t1:.0f} s")
+                f"evaluation {held_out[0]:.3g}, {cal.evals} runs, {time.perf_counter() - t1:.0f} s")
         t1 = time.perf_counter()
         cal = calibrate_grid(sde, setup.score, pilot, steps, lambda ts, x: kd_on_times(setup, KD_CALIBRATED, ts, x),
                              eps=eps, reference=pilot_ref, max_evals=max_evals)
         with torch.no_grad():
             held_out = rmse(setup, kd_on_times(setup, KD_CALIBRATED, cal.times, setup.x_T))
-        row["kd_calibrated"] = {KD_CALIBRATED: {"pilot_rmse": cal.rmse, "rmse": held_out, "start": cal.start,
+        row["kd_calibrated"] = {KD_CALIBRATED: {"pilot_rmse": cal.rmse, "rmse": held_out[0], "median": held_out[1],
+                                                "start": cal.start,
                                                 "accepted": cal.accepted, "holdout_rmse": cal.holdout_rmse,
                                                 "start_holdout_rmse": cal.start_holdout_rmse,
                                                 "evals": cal.evals, "seconds": time.perf_counter() - t1,
                                                 "times": cal.times.tolist()}}
-        log(f"    NFE {nfe} k-diffusion {KD_CALIBRATED} calibrated: pilot {cal.rmse:.3g}, held-out {held_out:.3g}")
+        log(f"    NFE {nfe} k-diffusion {KD_CALIBRATED} calibrated: pilot {cal.rmse:.3g}, held-out {held_out[0]:.3g}")
         rows.append(row)
     return rows
 
 
 def summarise(row: dict[str, Any]) -> dict[str, Any]:
-    """Best entries of a row; the calibrated sdediff entry is the default solver's (``CANDIDATES[0]``)."""
-    std = min(row["standard"].items(), key=lambda kv: kv[1])
-    kd = min(row["kd_standard"].items(), key=lambda kv: kv[1])
-    pick = CANDIDATES[0], row["calibrated"][CANDIDATES[0]]
+    """Best entries of a row as ``(label, [RMSE, median])``; the calibrated sdediff entry is the default solver's
+    (``CANDIDATES[0]``); ratios are sdediff's RMSE over the peer's."""
+    def best(entries: dict[str, list[float]]) -> tuple[str, list[float]] | None:
+        return min(entries.items(), key=lambda kv: kv[1][0]) if entries else None
+
+    std, kd, hf = best(row["standard"]), best(row["kd_standard"]), best(row.get("hf_standard", {}))
+    pick = row["calibrated"][CANDIDATES[0]]
+    cal = (CANDIDATES[0], [pick["rmse"], pick["median"]])
     kd_cal = row["kd_calibrated"][KD_CALIBRATED]
-    return {"standard": std, "kd": kd, "calibrated": (pick[0], pick[1]["rmse"]), "kd_calibrated": kd_cal["rmse"],
-            "ratio": kd[1] / pick[1]["rmse"], "ratio_standard": kd[1] / std[1],
-            "ratio_both_calibrated": kd_cal["rmse"] / pick[1]["rmse"]}
+    return {"standard": std, "kd": kd, "hf": hf, "calibrated": cal, "kd_calibrated": [kd_cal["rmse"], kd_cal["median"]],
+            "ratio_kd": cal[1][0] / kd[1][0], "ratio_standard_kd": std[1][0] / kd[1][0],
+            "ratio_hf": cal[1][0] / hf[1][0] if hf else math.nan,
+            "ratio_standard_hf": std[1][0] / hf[1][0] if hf else math.nan,
+            "ratio_both_calibrated": cal[1][0] / kd_cal["rmse"]}
+
+
+def _entry(e: tuple[str, list[float]] | None) -> str:
+    return "— | —" if e is None else f"`{e[0]}` | {e[1][0]:.3g} ({e[1][1]:.3g})"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -164,33 +186,37 @@ def markdown(results: dict[str, Any]) -> str:
              "dopri8 at rtol = atol = 1e-10; each calibration (`calibrate_grid` defaults) searches on the first 3/4 "
              f"with at most {results['max_evals']} solver runs (Powell) and keeps the searched grid only if it beats "
              "its start grid on the last 1/4. Evaluation: the starts and reference of "
-             "`accuracy_per_nfe.py` unless `--n` asks for more (pathwise RMSE). The summary's calibrated sdediff solver is "
+             "`accuracy_per_nfe.py` unless `--n` asks for more. The summary's calibrated sdediff solver is "
              f"`{CANDIDATES[0]}` (the default `unipc`, fixed in advance); every calibration is listed below. Standard grids "
              f"({', '.join(f'`{c}`' for c in SOLVERS)}): uniform, quadratic, "
              "log-SNR, Karras for sdediff; Karras, exponential and our uniform and quadratic noise levels for "
-             f"k-diffusion ({', '.join(KD_ODE)}).", "",
-             "| problem | NFE | best sdediff, standard grid | RMSE | best k-diffusion, standard schedule | RMSE | "
-             "sdediff calibrated | RMSE | k-diffusion / sdediff calibrated | k-diffusion / sdediff "
-             f"standard | k-diffusion `{KD_CALIBRATED}` on its own calibrated grid | RMSE | both calibrated: ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"k-diffusion ({', '.join(KD_ODE)}); diffusers' schedulers on their own schedules (`peers.py`: "
+             f"{', '.join(dict.fromkeys(s.cls.replace('Scheduler', '') for s in peers.SCHEDULERS))}). Errors: pathwise "
+             "RMSE (median per-sample error in brackets); ratios: sdediff's RMSE / the peer's (below 1: sdediff's "
+             "error is lower).", "",
+             "| problem | NFE | best sdediff, standard grid | RMSE (median) | best k-diffusion, standard schedule | "
+             "RMSE (median) | best diffusers, own schedule | RMSE (median) | sdediff calibrated | RMSE (median) | "
+             "calibrated / k-diffusion | calibrated / diffusers | standard / k-diffusion | standard / diffusers | k-diffusion "
+             f"`{KD_CALIBRATED}`, calibrated: RMSE | both calibrated: ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         s = summarise(row)
-        lines.append(f"| {row['problem']} | {row['nfe']} | `{s['standard'][0]}` | {s['standard'][1]:.3g} | `{s['kd'][0]}` | "
-                     f"{s['kd'][1]:.3g} | `{s['calibrated'][0]}` | **{s['calibrated'][1]:.3g}** | **{s['ratio']:.2f}** | "
-                     f"{s['ratio_standard']:.2f} | `{KD_CALIBRATED}` | {s['kd_calibrated']:.3g} | "
+        lines.append(f"| {row['problem']} | {row['nfe']} | {_entry(s['standard'])} | {_entry(s['kd'])} | {_entry(s['hf'])} | "
+                     f"{_entry(s['calibrated'])} | **{s['ratio_kd']:.2f}** | **{s['ratio_hf']:.2f}** | "
+                     f"{s['ratio_standard_kd']:.2f} | {s['ratio_standard_hf']:.2f} | {s['kd_calibrated'][0]:.3g} | "
                      f"{s['ratio_both_calibrated']:.2f} |")
     lines += ["", "Evaluation starts per problem: " + ", ".join(
         f"{name} {n}" for name, n in dict.fromkeys((r["problem"], r.get("n_eval")) for r in results["rows"])) + ".",
         "", "## Every calibration", "",
               "| problem | NFE | method | start grid | pilot RMSE (fit part) | holdout RMSE: searched / start grid | "
-              "returned | evaluation RMSE | solver runs | seconds |",
+              "returned | evaluation RMSE (median) | solver runs | seconds |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         for label, c in [*row["calibrated"].items(), *((f"k-diffusion {k}", v) for k, v in row["kd_calibrated"].items())]:
             lines.append(f"| {row['problem']} | {row['nfe']} | `{label}` | {c['start']} | {c['pilot_rmse']:.3g} | "
                          f"{c['holdout_rmse']:.3g} / {c['start_holdout_rmse']:.3g} | "
-                         f"{'searched' if c['accepted'] else 'start grid'} | {c['rmse']:.3g} | {c['evals']} | "
-                         f"{c['seconds']:.0f} |")
+                         f"{'searched' if c['accepted'] else 'start grid'} | {c['rmse']:.3g} ({c['median']:.3g}) | "
+                         f"{c['evals']} | {c['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -209,10 +235,13 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         rows = [r for r in results["rows"] if r["problem"] == name]
         nfe = [r["nfe"] for r in rows]
         summ = [summarise(r) for r in rows]
-        ax.loglog(nfe, [s["standard"][1] for s in summ], "o-", color="C0", label="sdediff, best standard grid")
-        ax.loglog(nfe, [s["calibrated"][1] for s in summ], "o-", color="C3", label="sdediff, calibrated grid")
-        ax.loglog(nfe, [s["kd"][1] for s in summ], "s--", color="C2", label="k-diffusion, best schedule")
-        ax.loglog(nfe, [s["kd_calibrated"] for s in summ], "s:", color="C7", label=f"k-diffusion {KD_CALIBRATED}, calibrated")
+        ax.loglog(nfe, [s["standard"][1][0] for s in summ], "o-", color="C0", label="sdediff, best standard grid")
+        ax.loglog(nfe, [s["calibrated"][1][0] for s in summ], "o-", color="C3", label="sdediff, calibrated grid")
+        ax.loglog(nfe, [s["kd"][1][0] for s in summ], "s--", color="C2", label="k-diffusion, best schedule")
+        if all(s["hf"] for s in summ):
+            ax.loglog(nfe, [s["hf"][1][0] for s in summ], "^--", color="C1", label="diffusers, best own schedule")
+        ax.loglog(nfe, [s["kd_calibrated"][0] for s in summ], "s:", color="C7",
+                  label=f"k-diffusion {KD_CALIBRATED}, calibrated")
         ax.set_title(name)
         ax.set_xlabel("NFE")
         ax.set_xticks(nfe, [str(v) for v in nfe])
@@ -253,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.problems, args.pilot, args.max_evals, args.nfe = args.problems or ["vp2"], 128, 60, args.nfe or [5, 10]
     nfes = tuple(args.nfe or NFES)
-    problems = [q for q in apn.PROBLEMS if args.problems is None or f"{q.sde}{q.dim}" in args.problems]
+    problems = list(apn.PROBLEMS) if args.problems is None else [apn.parse_problem(key) for key in args.problems]
     command = "python benchmarks/calibrated_grids.py " + " ".join(sys.argv[1:] if argv is None else argv)
     results: dict[str, Any] = {"command": command,
                                "environment": f"torch {torch.__version__}, cpu ({common.cpu_name()}), "

@@ -115,6 +115,11 @@ SPECS: list[SolverSpec] = [
       for grid in ("uniform", "quadratic", "log_snr", "karras")],
     SolverSpec("unipc-2 [uniform]", "unipc", "ode", 1, {"order": 2}),
     SolverSpec("edm_heun (karras grid)", "edm_heun", "ode", 2, time_grid="karras"),
+    SolverSpec("dpm_solver-2M midpoint (data)", "dpm_solver", "ode", 1, {"order": 2, "solver_type": "midpoint"},
+               time_grid="log_snr"),
+    # iPNDM and DEIS on the same four grids
+    *[SolverSpec(f"{name} [{grid}]", name, "ode", 1, time_grid=grid)
+      for name in ("ipndm", "deis") for grid in ("uniform", "quadratic", "log_snr", "karras")],
     SolverSpec("adaptive_ode", "adaptive_ode", "ode", None, adaptive=True),
     # --- reverse-SDE samplers (distance to exact samples) ---
     SolverSpec("euler_maruyama", "euler_maruyama", "sde", 1),

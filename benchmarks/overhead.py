@@ -1,8 +1,8 @@
 """Solver overhead: how much time a sampler spends outside the network.
 
 A network that costs a few ms per call on CPU (a 4-layer MLP with a time embedding on 3x32x32 inputs,
-batch 64) drives every sdediff solver, torchdiffeq's ``odeint`` and k-diffusion's samplers, all in
-one run, at about the same NFE (20 by default). For each we report
+batch 64) drives every sdediff solver, torchdiffeq's ``odeint``, torchode's per-sample adaptive solvers,
+k-diffusion's samplers and diffusers' scheduler loops, all in one run, at about the same NFE (20 by default). For each we report
 
     ratio = time of the whole sample / (NFE x time of one network call)
 
@@ -56,17 +56,18 @@ from sdediff._io import atomic_write
 from sdediff.solvers.grids import make_grid
 
 
-def _load_common():
-    name = "sdediff_bench_common"
+def _load(name: str, file: str):
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("common.py"))
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(file))
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
 
 
-common = _load_common()
+common = _load("sdediff_bench_common", "common.py")
+peers = _load("sdediff_bench_peers", "peers.py")
+LOOPS = _load("sdediff_bench_loops", "loops.py").LOOPS
 
 EPS = 1e-3
 #: the in-situ ratio whose time outside the network the pass-cost fit turns into a number of state operations
@@ -92,100 +93,6 @@ class MLP(nn.Module):
         e = t[:, None].to(x.dtype) * self.freqs
         h = torch.cat([x.flatten(1), e.sin(), e.cos()], dim=1)
         return self.net(h).reshape(x.shape)
-
-
-# --------------------------------------------------------------------------------------------------
-# hand-written minimal loops of the same updates (coefficients precomputed as Python floats)
-# --------------------------------------------------------------------------------------------------
-def _coeffs(sde: sdediff.LinearSDE, ts: Tensor) -> dict[str, list[float]]:
-    t = ts.to(torch.float64).cpu()
-    t_next, t_now = t[1:], t[:-1]
-    r, sigma = sde.transition(t_now, t_now - t_next)
-    return {"t": t_now.tolist(), "t_next": t_next.tolist(), "h": (t_next - t_now).tolist(),
-            "a": sde.drift_coef(t_now).tolist(), "a_next": sde.drift_coef(t_next).tolist(),
-            "g2": (sde.diffusion(t_now) ** 2).tolist(), "g2_next": (sde.diffusion(t_next) ** 2).tolist(),
-            "r": r.tolist(), "sigma": sigma.tolist(),
-            "std_ratio": (sde.marginal_std(t_next) / sde.marginal_std(t_now)).tolist(),
-            "alpha_next": sde.discrete_alpha(t_next, t_now - t_next).tolist()}
-
-
-def _tb(ts: Tensor, n: int) -> list[Tensor]:
-    return [ts[i].expand(n) for i in range(len(ts))]
-
-
-def loop_euler(net, sde, x, ts, gen):
-    c, tb = _coeffs(sde, ts), _tb(ts, x.shape[0])
-    for i, h in enumerate(c["h"]):
-        x = x + h * (c["a"][i] * x - 0.5 * c["g2"][i] * net(x, tb[i]))
-    return x
-
-
-def loop_heun(net, sde, x, ts, gen):
-    c, tb = _coeffs(sde, ts), _tb(ts, x.shape[0])
-    for i, h in enumerate(c["h"]):
-        d = c["a"][i] * x - 0.5 * c["g2"][i] * net(x, tb[i])
-        x2 = x + h * d
-        d2 = c["a_next"][i] * x2 - 0.5 * c["g2_next"][i] * net(x2, tb[i + 1])
-        x = x + (0.5 * h) * (d + d2)
-    return x
-
-
-def loop_euler_maruyama(net, sde, x, ts, gen):
-    c, tb = _coeffs(sde, ts), _tb(ts, x.shape[0])
-    for i, h in enumerate(c["h"]):
-        z = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        x = x + h * (c["a"][i] * x - c["g2"][i] * net(x, tb[i])) + math.sqrt(-h * c["g2"][i]) * z
-    return x
-
-
-def loop_reverse_diffusion(net, sde, x, ts, gen):
-    c, tb = _coeffs(sde, ts), _tb(ts, x.shape[0])
-    for i in range(len(c["h"])):
-        z = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        r, G = c["r"][i], c["sigma"][i]
-        x = x - (r - 1) * x + G**2 * net(x, tb[i]) + G * z
-    return x
-
-
-def loop_ancestral(net, sde, x, ts, gen):
-    c, tb = _coeffs(sde, ts), _tb(ts, x.shape[0])
-    for i in range(len(c["h"])):
-        z = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        r, s = c["r"][i], c["sigma"][i]
-        x = (x + s**2 * net(x, tb[i])) / r + (s * c["std_ratio"][i]) * z
-    return x
-
-
-def _langevin(net, x, t, alpha, snr, gen):
-    score = net(x, t)
-    z = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-    ratio = z.flatten(1).norm(dim=1).mean() / score.flatten(1).norm(dim=1).mean()
-    step = 2 * alpha * (snr * ratio) ** 2
-    return x + step * score + (2 * step).sqrt() * z
-
-
-def loop_pc(net, sde, x, ts, gen, snr=0.16):
-    c, tb = _coeffs(sde, ts), _tb(ts, x.shape[0])
-    for i in range(len(c["h"])):
-        z = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        r, G = c["r"][i], c["sigma"][i]
-        x = x - (r - 1) * x + G**2 * net(x, tb[i]) + G * z
-        x = _langevin(net, x, tb[i + 1], c["alpha_next"][i], snr, gen)
-    return x
-
-
-def loop_langevin(net, sde, x, ts, gen, snr=0.16):
-    c, tb = _coeffs(sde, ts), _tb(ts, x.shape[0])
-    for i in range(len(c["h"])):
-        x = _langevin(net, x, tb[i + 1], c["alpha_next"][i], snr, gen)
-    return x
-
-
-#: sdediff solver name -> its hand-written loop (options of the spec must be the defaults the loop assumes)
-LOOPS: dict[str, Callable[..., Tensor]] = {
-    "euler": loop_euler, "heun": loop_heun, "euler_maruyama": loop_euler_maruyama,
-    "reverse_diffusion": loop_reverse_diffusion, "ancestral": loop_ancestral, "pc": loop_pc, "langevin": loop_langevin,
-}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,6 +262,19 @@ class Bench:
                                rtol=tol, atol=tol)
         return counted.calls
 
+    def diffusers_run(self, loop: Any, spec: Any, schedule: str, steps: int) -> int:
+        """diffusers' ``spec`` loop with the network used directly as its model ``net(x_vp, timestep)``."""
+        counted = self.counted()
+        n = self.x_T.shape[0]
+        loop.sample(spec, schedule, steps, None, self.x_T,
+                    model=lambda x, sigma, t: counted(x, torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(n)))
+        return counted.calls
+
+    def torchode_run(self, method: str, tol: float) -> int:
+        """torchode's per-sample adaptive ``method`` on the probability flow with the network as the score."""
+        counted = self.counted()
+        return peers.torchode_solve(self.sde, counted, self.x_T, EPS, method, tol, tol).calls
+
     def kd_run(self, kd_name: str, steps: int, randn_noise: bool = False) -> int:
         kds, _ = common.load_kdiffusion()
         counted = self.counted()  # the network used directly as a denoiser D(y, sigma)
@@ -373,8 +293,11 @@ class Bench:
 
 def run_overhead(bench: Bench, specs: list[common.SolverSpec], nfe: int = 20, tol: float = 1e-3,
                  kdiffusion: bool = True, torchdiffeq_methods: dict[str, int | None] | None = None,
-                 sync_check: bool | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Time every spec (and its hand-written loop), torchdiffeq and k-diffusion at about ``nfe`` NFE."""
+                 sync_check: bool | None = None, schedulers: list[Any] | None = None,
+                 torchode_methods: tuple[str, ...] | None = None,
+                 log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Time every spec (and its hand-written loop), torchdiffeq, torchode, k-diffusion and diffusers' scheduler loops
+    (each on its first own schedule; ``schedulers`` default all) at about ``nfe`` NFE."""
     rows: list[dict[str, Any]] = []
     sync_check = bench.device.type == "cuda" if sync_check is None else sync_check
     x_small = bench.x_T[:2]
@@ -449,6 +372,31 @@ def run_overhead(bench: Bench, specs: list[common.SolverSpec], nfe: int = 20, to
             row["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
         add(row, run)
 
+    for method in (peers.TORCHODE_METHODS if torchode_methods is None else torchode_methods):
+        row = {"impl": "torchode", "label": f"torchode {method}", "kind": "ode", "adaptive": True, "tol": tol}
+        run = lambda method=method: bench.torchode_run(method, tol)  # noqa: E731
+        try:
+            row.update(bench.measure(run))
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        add(row, run)
+
+    if peers.load_diffusers()[0] is not None:
+        loop = peers.DiffusersLoop(bench.sde, EPS)
+        for spec in (peers.SCHEDULERS if schedulers is None else schedulers):
+            schedule = spec.schedules[0]
+            row = {"impl": "diffusers", "label": f"{spec.label} [{schedule}]", "kind": "ode", "adaptive": False}
+            run = None
+            try:
+                steps, _ = loop.steps_for_budget(spec, schedule, nfe)
+                row["steps"] = steps
+                run = lambda spec=spec, schedule=schedule, steps=steps: bench.diffusers_run(  # noqa: E731
+                    loop, spec, schedule, steps)
+                row.update(bench.measure(run))
+            except Exception as err:
+                row["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            add(row, run)
+
     kds, _ = common.load_kdiffusion()
     if kdiffusion and kds is not None:
         variants = [(name, False) for name in common.KD_SAMPLERS]
@@ -499,7 +447,10 @@ def markdown(results: dict[str, Any]) -> str:
            "out-of-place tensor ops; the SDE loops draw their noise, which is part of their floor); `loop in situ` "
            "its in-situ ratio, `loop free µs/NFE` its own cost, `vs loop` = sdediff's in-situ ratio / the loop's.",
            "- k-diffusion's samplers drive the same network as a denoiser D(y, sigma) on a Karras schedule "
-           "(default noise: a seeded Brownian tree for the DPM++ SDE samplers). `samples/s` = batch / wall time.",
+           "(default noise: a seeded Brownian tree for the DPM++ SDE samplers); diffusers' schedulers run their own "
+           "set_timesteps/step loop on their first own schedule with the network as the model net(x, timestep) "
+           "(`peers.py`); torchode's per-sample adaptive solvers (PID controller) at the adaptive tolerance. "
+           "`samples/s` = batch / wall time.",
            "", f"The headline overhead figure is {basis}.", "",
            f"k-diffusion: {results['kdiffusion']}", ""]
     if results["skipped"]:
@@ -569,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tol", type=float, default=1e-3, help="rtol = atol of adaptive solvers (default 1e-3)")
     p.add_argument("--repeats", type=int, default=None, help="whole runs timed per method (default 9, quick 3)")
     p.add_argument("--only", default=None, metavar="REGEX", help="only sdediff specs whose label matches this regular expression")
-    p.add_argument("--no-peers", action="store_true", help="skip torchdiffeq and k-diffusion")
+    p.add_argument("--no-peers", action="store_true", help="skip torchdiffeq, torchode, k-diffusion and diffusers")
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output folder (default benchmarks/results)")
     return p
 
@@ -592,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"network: one call {1e3 * t_call:.3f} ms wall, {1e3 * t_call_cpu:.3f} ms CPU")
     t0 = time.perf_counter()
     rows = run_overhead(bench, specs, nfe=args.nfe, tol=args.tol, kdiffusion=not args.no_peers,
-                        torchdiffeq_methods={} if args.no_peers else None)
+                        torchdiffeq_methods={} if args.no_peers else None, schedulers=[] if args.no_peers else None,
+                        torchode_methods=() if args.no_peers else None)
     results = {"command": "python benchmarks/overhead.py " + " ".join(argv or sys.argv[1:]), "environment": env,
                "device": device.type,
                "network": f"MLP(3x32x32, hidden {args.hidden}, 4 linear layers, SiLU, 32-d time embedding)",

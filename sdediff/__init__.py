@@ -8,6 +8,7 @@ pluggable solvers behind :func:`sample`, and exact likelihoods through :func:`lo
 from . import data, guidance, metrics, score, solvers, training
 from .calibrate import CalibratedGrid, calibrate_grid
 from .compare import ComparisonResult, compare_solvers
+from .compare_model import ModelComparison, compare_on_model
 from .elbo import ELBOResult, elbo
 from .likelihood import LikelihoodResult, bits_per_dim, dequantize, log_likelihood
 from .processes import ReverseProcess
@@ -24,7 +25,8 @@ __all__ = [
     "SDE", "LinearSDE", "VPSDE", "SubVPSDE", "VESDE", "LearnedScheduleSDE", "check_sde", "SDECheck",
     "ReverseProcess", "sample", "SampleResult", "available_solvers", "register_solver",
     "log_likelihood", "LikelihoodResult", "bits_per_dim", "dequantize", "elbo", "ELBOResult", "simulate",
-    "calibrate_grid", "CalibratedGrid", "compare_solvers", "ComparisonResult", "load_run", "Run",
+    "calibrate_grid", "CalibratedGrid", "compare_solvers", "ComparisonResult", "compare_on_model", "ModelComparison",
+    "load_run", "Run",
     "Trainer", "TrainConfig", "dsm_loss", "MLP", "UNet",
     "data", "guidance", "metrics", "score", "solvers", "training", "__version__",
 ]

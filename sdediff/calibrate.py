@@ -18,20 +18,48 @@ method (:func:`scipy.optimize.minimize`) searches them on the logarithm of the e
 standard grid with the lowest pilot error, so the result is never worse than those on the pilot batch.
 
 The same idea, with other objectives, is behind per-model step schedules such as dynamic programming over
-the ELBO (Watson et al. 2021), Align Your Steps (Sabour et al. 2024), GITS (Chen et al. 2024) and the time
-part of Bespoke solvers (Shaul et al. 2023). The cost, one tight reference solve of the pilot batch plus at
-most ``max_evals`` solver runs on it, is paid once per (model, solver, steps); the grid is then passed as
+the ELBO (Watson et al. 2021), Align Your Steps (Sabour et al. 2024), GITS (Chen et al. 2024), LD3 (Tong et
+al. 2024) and the time part of Bespoke solvers (Shaul et al. 2023). The pathwise loss above is LD3's objective
+with its slack set to zero (LD3 descends its gradient through the solver; here Powell's method searches it).
+Two others are offered as ``objective=``, each solved exactly by dynamic programming over a lattice of ``lattice``
+times uniform in log-SNR (:math:`\tau_0 = T > \dots > \tau_{K-1} = \epsilon`): the grid is the :math:`N`-step
+path through the lattice that minimises a sum of per-step costs :math:`C_{ab}` (:math:`a < b`), whatever the
+solver that then runs on it. In the variance-exploding form :math:`y = x/m`, :math:`\sigma = s/m`, with Tweedie's
+denoiser :math:`D(y, \sigma)`:
+
+- ``"gits"`` (GITS): :math:`C_{ab}` is the mean squared error of one DDIM step from the reference trajectory of
+  the pilot at :math:`\tau_a` to :math:`\tau_b`, :math:`y_b \approx D_a + (\sigma_b/\sigma_a)(y_a - D_a)`;
+- ``"ays"`` (Align Your Steps' KL upper bound for the linearised sampler):
+  :math:`C_{ab} = \sum_{a < k \le b} (\sigma_{k-1} - \sigma_k)\,\sigma_k^{-3}\,
+  E\|D(x_0 + \sigma_k\varepsilon, \sigma_k) - D(x_0 + \sigma_a\varepsilon, \sigma_a)\|^2`, a Riemann sum of
+  :math:`\int\sigma^{-3}\,E\|D(\sigma) - D(\sigma_a)\|^2 d\sigma` over the step, with :math:`x_0` the
+  pilot's reference end points and one fixed :math:`\varepsilon` per path.
+
+``loss="trimmed"`` drops the ``trim`` share of pilot paths with the largest error from the pathwise loss: in high
+dimension a few paths that switch mixture component can dominate the mean.
+
+The cost, one tight reference solve of the pilot batch plus at most ``max_evals`` solver runs on it (with
+``"gits"``: a solve onto the lattice and ``lattice`` score evaluations; ``"ays"``: ``lattice`` score
+evaluations), is paid once per (model, solver, steps); the grid is then passed as
 ``time_grid=`` to :func:`sdediff.sample` for every later batch. Check it on held-out starts: with few
 pilot paths the calibrated grid can fit their particular errors (``CalibratedGrid.rmse`` is the pilot
 error, an optimistic estimate); the share of the pilot kept out of the search (``holdout``) catches the
 worst of it and then returns the standard grid instead.
+
+A grid fitted for a trained run can be kept with it: :func:`save_calibrated_grid` adds it to the run folder's
+``calibrated_grids.json`` (keyed by solver, options, steps, final time and checkpoint) and
+:func:`load_calibrated_grid` finds it again; ``sdediff bench --run RUN --save-grids`` writes them and
+``sdediff sample --time-grid calibrated`` uses a matching one instead of calibrating again.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,14 +68,22 @@ from scipy.optimize import minimize
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._validate import check_float, check_int
+from ._io import atomic_write, json_safe
+from ._validate import check_choice, check_float, check_int
 from .sampling import sample
 from .sdes.base import SDE
 from .sdes.linear import require_linear
 from .solvers.base import FixedStepSolver, Solver, get_solver
 from .solvers.grids import GRIDS
 
-__all__ = ["CalibratedGrid", "calibrate_grid"]
+__all__ = ["CalibratedGrid", "calibrate_grid", "save_calibrated_grid", "load_calibrated_grid", "GRID_FILE"]
+
+#: what a grid can be fitted to (module docstring)
+OBJECTIVES = ("pathwise", "gits", "ays")
+LOSSES = ("mse", "trimmed")
+#: the file of a run folder that holds its calibrated grids
+GRID_FILE = "calibrated_grids.json"
+GRID_FORMAT = "sdediff-calibrated-grids"
 
 #: a solver given as a function: (times from T to eps, x_T) -> x_eps
 Runner = Callable[[Tensor, Tensor], Tensor]
@@ -99,7 +135,8 @@ def calibrate_grid(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x_T: 
                    solver: str | Solver | Runner = "unipc", *, eps: float = 1e-3, reference: Tensor | None = None,
                    reference_tol: float | None = None, starts: Sequence[str] = ("uniform", "quadratic", "log_snr", "karras"),
                    max_evals: int = 1000, holdout: float = 0.25, progress: bool = False,
-                   **solver_options: Any) -> CalibratedGrid:
+                   objective: str = "pathwise", loss: str = "mse", trim: float = 0.1, lattice: int = 100,
+                   generator: torch.Generator | None = None, **solver_options: Any) -> CalibratedGrid:
     r"""Find the ``steps``-step time grid on which ``solver`` best reproduces the probability-flow ODE.
 
     Minimises the pilot mean squared error :math:`\frac{1}{JD}\sum_j \|\Phi(x_T^{(j)}) - x_\epsilon^{(j)}\|^2`
@@ -140,6 +177,18 @@ def calibrate_grid(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x_T: 
         ``0`` returns the searched grid unchecked.
     progress : bool
         Show a progress bar over solver runs.
+    objective : {"pathwise", "gits", "ays"}
+        What the grid minimises (module docstring): the solver's pilot error (searched by Powell's method), or
+        GITS's or Align Your Steps' cost, solved by dynamic programming on the lattice.
+    loss : {"mse", "trimmed"}
+        The pilot error: the mean squared error per coordinate, or that mean over all but the ``trim`` share of
+        paths with the largest error (``rmse`` and the holdout figures are then its square root too).
+    trim : float
+        Share of paths ``loss="trimmed"`` leaves out, in ``[0, 1)``.
+    lattice : int
+        Lattice times of the dynamic programming objectives (more than ``steps``).
+    generator : torch.Generator, optional
+        The noise :math:`\varepsilon` of ``objective="ays"``.
     **solver_options
         Options of the solver (e.g. ``order=3``).
 
@@ -164,6 +213,11 @@ def calibrate_grid(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x_T: 
     n_hold = math.ceil(holdout * x_T.shape[0])
     if x_T.shape[0] - n_hold < 1 or (holdout > 0 and n_hold < 1):
         raise ValueError(f"x_T has {x_T.shape[0]} pilot starts, too few to keep a share of {holdout} for the holdout")
+    check_choice("objective", objective, OBJECTIVES)
+    check_choice("loss", loss, LOSSES)
+    check_float("trim", trim, 0, 1, high_open=True)
+    if objective != "pathwise":
+        check_int("lattice", lattice, steps + 1)
     unknown = [s for s in starts if s not in GRIDS]
     if unknown or not starts:
         raise ValueError(f"starts must name grids among {', '.join(GRIDS)}, got {list(starts)!r}")
@@ -171,9 +225,9 @@ def calibrate_grid(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x_T: 
     nfe = [0]  # score evaluations of the search's solver runs
     run = _runner(sde, score_fn, solver, steps, eps, solver_options, nfe)
     reference_nfe = None
+    if reference_tol is None:
+        reference_tol = 1e-8 if x_T.dtype == torch.float64 else 1e-5
     if reference is None:
-        if reference_tol is None:
-            reference_tol = 1e-8 if x_T.dtype == torch.float64 else 1e-5
         ref = _sample(sde, score_fn, x_T, "ode", 1, eps, None, {"rtol": reference_tol, "atol": reference_tol})
         reference, reference_nfe = ref.samples, ref.nfe
     elif not isinstance(reference, Tensor) or reference.shape != x_T.shape:
@@ -197,11 +251,14 @@ def calibrate_grid(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x_T: 
             out = run(ts, x)
         except (FloatingPointError, RuntimeError):  # a grid that makes the solver blow up is just a bad grid
             return math.inf
-        mse = float((out.to(ref.dtype) - ref).pow(2).mean())
+        per_path = (out.to(ref.dtype) - ref).reshape(len(ref), -1).pow(2).mean(1)
+        if loss == "trimmed":
+            per_path = per_path.sort().values[:max(1, math.ceil((1 - trim) * len(per_path)))]
+        mse = float(per_path.mean())
         return math.log(mse) if math.isfinite(mse) and mse > 0 else (-math.inf if mse == 0 else math.inf)
 
-    def loss(ts: Tensor) -> float:
-        """log of the pilot MSE (``inf`` for a grid that is not strictly decreasing or a failed run)."""
+    def evaluate(ts: Tensor) -> float:
+        """log of the pilot loss (``inf`` for a grid that is not strictly decreasing or a failed run)."""
         nonlocal evals
         if evals >= max_evals or not bool((ts[1:] < ts[:-1]).all()):
             return math.inf
@@ -217,14 +274,20 @@ def calibrate_grid(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x_T: 
     z0, start = None, starts[0]
     for name in starts:
         ts = start_times[name] = GRIDS[name](sde, steps, eps)
-        value = loss(ts)
+        value = evaluate(ts)
         start_rmse[name] = math.exp(value / 2) if math.isfinite(value) else math.inf
         if z0 is None or start_rmse[name] < start_rmse[start]:
             u = (sde.log_snr(ts) - lam_T) / (lam_eps - lam_T)
             inc = torch.diff(u).clamp_min(1e-12).log()
             z0, start = (inc[1:] - inc[0]).numpy(), name
-    if evals < max_evals:
-        minimize(lambda z: loss(times_of(z)), z0, method="Powell",
+    if objective != "pathwise":
+        lat = sde.time_of_log_snr(torch.linspace(lam_T, lam_eps, lattice, dtype=torch.float64), eps)
+        lat[0], lat[-1] = sde.T, eps
+        cost = (_gits_cost if objective == "gits" else _ays_cost)(sde, score_fn, x_fit, ref_fit, lat, reference_tol,
+                                                                   generator)
+        evaluate(lat[_cheapest_path(cost, steps)])
+    elif evals < max_evals:
+        minimize(lambda z: evaluate(times_of(z)), z0, method="Powell",
                  options={"maxfev": max_evals - evals, "xtol": 1e-3, "ftol": 1e-4})
     bar.close()
     if best["times"] is None:
@@ -238,6 +301,67 @@ def calibrate_grid(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x_T: 
     return CalibratedGrid(times=times, rmse=rmse, start=start, start_rmse=start_rmse, evals=evals, accepted=accepted,
                           holdout_rmse=hold, start_holdout_rmse=start_hold, reference_nfe=reference_nfe,
                           search_nfe=None if _is_function(solver) else nfe[0])
+
+
+def _cheapest_path(cost: Tensor, steps: int) -> Tensor:
+    r"""Indices ``0 = i_0 < ... < i_N = K - 1`` minimising :math:`\sum_n C_{i_{n-1} i_n}` (dynamic programming;
+    ``cost[a, b]`` for ``a < b``)."""
+    k = cost.shape[0]
+    step_cost = torch.where(torch.ones(k, k, dtype=torch.bool).triu(1), cost, torch.full_like(cost, math.inf))
+    best = torch.full((k,), math.inf, dtype=cost.dtype)
+    best[0] = 0.0
+    back = []
+    for _ in range(steps):  # best[b]: cheapest path from node 0 to b with the steps so far
+        best, arg = (best[:, None] + step_cost).min(0)
+        back.append(arg)
+    path = [k - 1]
+    for arg in reversed(back):
+        path.append(int(arg[path[-1]]))
+    return torch.tensor(path[::-1])
+
+
+@torch.no_grad()
+def _denoised(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: float) -> Tensor:
+    r"""Tweedie's :math:`\hat x_0` at ``(x, t)``."""
+    tt = torch.full((len(x),), t, dtype=x.dtype, device=x.device)
+    return sde.denoise(x, tt, score_fn(x, tt))
+
+
+def _sigmas_and_means(sde: SDE, times: Tensor) -> tuple[Tensor, Tensor]:
+    m, s = sde.mean_coeff(times), sde.marginal_std(times)
+    return s / m, m
+
+
+def _gits_cost(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, ref: Tensor, times: Tensor,
+               tol: float, generator: torch.Generator | None) -> Tensor:
+    """GITS: mean squared error of one DDIM step between the pilot's reference trajectory at the lattice times."""
+    traj = sample(sde, score_fn, x_T.shape, solver="ode", steps=len(times) - 1, eps=float(times[-1]), x_init=x_T,
+                  time_grid=times.to(x_T.dtype), keep_trajectory=True, rtol=tol, atol=tol).trajectory
+    sigma, m = _sigmas_and_means(sde, times)
+    y = torch.stack([traj[k] / float(m[k]) for k in range(len(times))]).flatten(2).double()
+    den = torch.stack([_denoised(sde, score_fn, traj[k], float(times[k])) for k in range(len(times))]).flatten(2).double()
+    cost = torch.zeros(len(times), len(times), dtype=torch.float64)
+    for a in range(len(times) - 1):
+        ratio = (sigma[a + 1:] / sigma[a]).to(y)[:, None, None]
+        pred = den[a] + ratio * (y[a] - den[a])  # DDIM from lattice time a to every later one, in y = x / m
+        cost[a, a + 1:] = ((pred - y[a + 1:]) * m[a + 1:, None, None].to(y)).pow(2).mean((1, 2))
+    return cost
+
+
+def _ays_cost(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, ref: Tensor, times: Tensor,
+              tol: float, generator: torch.Generator | None) -> Tensor:
+    """Align Your Steps: the KL upper bound of each step, a Riemann sum over the lattice (module docstring)."""
+    sigma, m = _sigmas_and_means(sde, times)
+    noise = torch.randn(ref.shape, generator=generator, dtype=ref.dtype, device=ref.device)
+    den = torch.stack([_denoised(sde, score_fn, float(m[k]) * (ref + float(sigma[k]) * noise), float(times[k]))
+                       for k in range(len(times))]).flatten(2).double()
+    weight = torch.zeros(len(times), dtype=torch.float64)
+    weight[1:] = (sigma[:-1] - sigma[1:]) / sigma[1:] ** 3
+    cost = torch.zeros(len(times), len(times), dtype=torch.float64)
+    for a in range(len(times) - 1):
+        gap = (den[a + 1:] - den[a]).pow(2).sum(2).mean(1)  # E ||D(sigma_k) - D(sigma_a)||^2, k > a
+        cost[a, a + 1:] = torch.cumsum(weight[a + 1:] * gap, 0)
+    return cost
 
 
 def _is_function(solver: object) -> bool:
@@ -271,3 +395,60 @@ def _runner(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], solver: str 
         return res.samples
 
     return run
+
+
+# --- calibrated grids kept in a run folder ------------------------------------------------------------------
+def _grid_key(solver: str, options: dict[str, Any], steps: int, eps: float, checkpoint: str | None) -> dict[str, Any]:
+    return {"solver": solver, "options": json_safe(dict(options)), "steps": int(steps), "eps": float(eps),
+            "checkpoint": checkpoint}
+
+
+def _read_grids(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is damaged (not valid JSON): {err}") from err
+    if not isinstance(doc, dict) or doc.get("format") != GRID_FORMAT or not isinstance(doc.get("grids"), list):
+        raise ValueError(f"{path} is not a calibrated-grid file (format {GRID_FORMAT!r})")
+    return [g for g in doc["grids"] if isinstance(g, dict)]
+
+
+def save_calibrated_grid(directory: str | os.PathLike, times: Tensor | Sequence[float], *, solver: str,
+                         options: dict[str, Any] | None = None, steps: int, eps: float, checkpoint: str | None = None,
+                         info: dict[str, Any] | None = None) -> Path:
+    """Add a calibrated grid to ``directory/calibrated_grids.json`` (written atomically), replacing one with the same
+    solver, options, steps, final time and checkpoint (the checkpoint's file name: a grid belongs to the weights it
+    was fitted on). ``info`` (e.g. the calibration's figures) is stored beside it. Returns the file's path."""
+    times = [float(t) for t in (times.tolist() if isinstance(times, Tensor) else times)]
+    if len(times) != steps + 1 or any(b >= a for a, b in zip(times, times[1:], strict=False)):
+        raise ValueError(f"times must be {steps + 1} strictly decreasing times for a {steps}-step grid")
+    path = Path(directory) / GRID_FILE
+    key = _grid_key(solver, options or {}, steps, eps, checkpoint)
+    grids = [g for g in _read_grids(path) if {k: g.get(k) for k in key} != key]
+    grids.append({**key, "times": times, **json_safe(dict(info or {}))})
+    atomic_write(path, json.dumps({"format": GRID_FORMAT, "grids": grids}, indent=1) + "\n")
+    return path
+
+
+def load_calibrated_grid(directory: str | os.PathLike, *, solver: str, options: dict[str, Any] | None = None,
+                         steps: int, eps: float, checkpoint: str | None = None) -> dict[str, Any] | None:
+    """The entry of ``directory/calibrated_grids.json`` for this solver, options, steps, final time and checkpoint
+    (``times`` and the stored figures), or ``None``. The file is JSON only; nothing in it is executed.
+
+    Raises
+    ------
+    ValueError
+        If the file exists but is damaged, or the matching entry's times are not a valid grid.
+    """
+    key = _grid_key(solver, options or {}, steps, eps, checkpoint)
+    path = Path(directory) / GRID_FILE
+    for g in reversed(_read_grids(path)):
+        if {k: g.get(k) for k in key} == key:
+            times = g.get("times")
+            if not (isinstance(times, list) and len(times) == steps + 1 and all(isinstance(t, (int, float)) for t in times)
+                    and all(b < a for a, b in zip(times, times[1:], strict=False))):
+                raise ValueError(f"{path}: the grid for {solver} with {steps} steps is not {steps + 1} decreasing times")
+            return g
+    return None

@@ -16,6 +16,7 @@ import sdediff
 acc = load_benchmark("accuracy_per_nfe")
 ovh = load_benchmark("overhead")
 cal = load_benchmark("calibrated_grids")
+peers = load_benchmark("peers")
 common = acc.common
 SPEC = {s.label: s for s in common.SPECS}
 
@@ -41,7 +42,8 @@ def test_reference_is_tight_and_fixed_step_errors_converge(setup):
     info = setup.info
     assert info["ref_check_rmse"] < 1e-7 * info["x_ref_rms"]  # dopri8 at 1e-9 vs 1e-8 agree
     records = acc.run_problem(setup, [SPEC["euler"], SPEC["heun"]], (4, 16), kdiffusion=False,
-                              torchdiffeq_methods=(), torchsde_methods=(), log=lambda m: None)
+                              torchdiffeq_methods=(), torchsde_methods=(), diffusers=False,
+                              torchode_methods=(), log=lambda m: None)
     assert all("error" not in r for r in records)
     heun = _by_label(records, "heun")
     assert [r["nfe"] for r in heun] == [4, 16] and [r["steps"] for r in heun] == [2, 8]
@@ -51,7 +53,8 @@ def test_reference_is_tight_and_fixed_step_errors_converge(setup):
     assert euler[1]["rmse"] < euler[0]["rmse"]
     # an independent adaptive solve at a tight tolerance lands on the reference
     ladder = acc.run_problem(setup, [SPEC["ode (dopri5, adaptive)"]], (10_000,), kdiffusion=False,
-                             torchdiffeq_methods=(), torchsde_methods=(), tols=(1e-3, 1e-7), log=lambda m: None)
+                             torchdiffeq_methods=(), torchsde_methods=(), tols=(1e-3, 1e-7), diffusers=False,
+                             torchode_methods=(), log=lambda m: None)
     assert [r["tol"] for r in ladder] == [1e-3, 1e-7] and ladder[1]["nfe"] > ladder[0]["nfe"]
     assert ladder[1]["rmse"] < 1e-5 < ladder[0]["rmse"]
 
@@ -65,7 +68,7 @@ def test_sde_metrics_against_truth(setup):
     spread = acc.evaluate(setup, 1.5 * p_eps.sample(64, generator=gen, dtype=torch.float64), "sde")
     assert spread["logp_gap"] < -4 * spread["logp_gap_se"] and spread["sw2"] > evaluate_exact["sw2"]
     records = acc.run_problem(setup, [SPEC["euler_maruyama"]], (10,), kdiffusion=False, torchdiffeq_methods=(),
-                              torchsde_methods=(), log=lambda m: None)
+                              torchsde_methods=(), diffusers=False, torchode_methods=(), log=lambda m: None)
     (em,) = records
     assert em["nfe"] == 10 and math.isfinite(em["sw2"]) and math.isfinite(em["logp_gap"]) and "rmse" not in em
 
@@ -89,7 +92,8 @@ def test_sigma_to_time_and_denoiser(make_sde):
 def test_kdiffusion_through_the_adapter_converges(setup):
     _kdiffusion()
     records = acc.run_problem(setup, [], (4, 40), kd_samplers=("heun", "dpmpp_2m", "dpmpp_2m_sde"),
-                              torchdiffeq_methods=(), torchsde_methods=(), log=lambda m: None)
+                              torchdiffeq_methods=(), torchsde_methods=(), diffusers=False,
+                              torchode_methods=(), log=lambda m: None)
     assert all("error" not in r for r in records)
     for schedule in ("time", "karras"):
         heun = _by_label(records, f"heun [{schedule}]")
@@ -101,10 +105,66 @@ def test_kdiffusion_through_the_adapter_converges(setup):
         assert all(math.isfinite(r["sw2"]) for r in sde_run)
 
 
+def _diffusers():
+    if peers.load_diffusers()[0] is None:
+        pytest.skip(peers.load_diffusers()[1])
+
+
+@pytest.mark.parametrize("make_sde", [sdediff.VPSDE, sdediff.VESDE, sdediff.SubVPSDE])
+def test_diffusers_first_order_loop_is_ddim_on_its_own_noise_levels(make_sde):
+    """DPMSolverMultistep at order 1 (dpmsolver++, i.e. DDIM) through the driver's loop, on sdediff's uniform grid
+    passed as timesteps=, equals sdediff's ddim on the times of the scheduler's (float32) noise levels."""
+    _diffusers()
+    sde = make_sde()
+    eps = acc.EPS[{sdediff.VPSDE: "vp", sdediff.VESDE: "ve", sdediff.SubVPSDE: "subvp"}[make_sde]]
+    mixture = sdediff.data.GaussianMixture.random(3, 2, generator=torch.Generator().manual_seed(0))
+    score = mixture.score_fn(sde)
+    x_T = mixture.marginal(sde, sde.T).sample(16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    loop = peers.DiffusersLoop(sde, eps)
+    spec = peers.SchedulerSpec("DDIM", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 1,
+                                                                      "final_sigmas_type": "sigma_min"}, custom="timesteps")
+    x, nfe = loop.sample(spec, "custom:uniform", 8, score, x_T)
+    sigmas = loop.scheduler(spec, "custom:uniform", 8).sigmas.double()
+    times = sde.time_of_log_snr(-2 * sigmas.log(), 0.0)
+    times[-1] = eps  # the loop ends where sdediff's does; its final level is sigma(eps) to float32 precision
+    ddim = sdediff.sample(sde, score, x_T.shape, solver="ddim", steps=8, time_grid=times, eps=eps, x_init=x_T)
+    assert nfe == 8 and float((x - ddim).abs().max()) < 1e-4 * float(ddim.abs().max())
+
+
+def test_diffusers_schedulers_count_their_calls_end_at_eps_and_converge(setup):
+    _diffusers()
+    loop = peers.DiffusersLoop(setup.sde, setup.problem.eps)
+    for spec in peers.SCHEDULERS:
+        schedule = spec.schedule_names()[-1]  # a custom grid where it takes one, else its last own schedule
+        errors = []
+        for budget in (10, 40):
+            steps, nfe = loop.steps_for_budget(spec, schedule, budget)
+            counted = common.Counted(loop.exact_model(spec, setup.score))
+            x, calls = loop.sample(spec, schedule, steps, setup.score, setup.x_T, model=counted)
+            assert calls == counted.calls == nfe <= budget < loop.nfe(spec, schedule, steps + 1), spec.label
+            errors.append(float((x - setup.x_ref).pow(2).mean().sqrt()))
+        assert errors[1] < min(errors[0] / 2, 0.2), (spec.label, schedule, errors)
+    heun = next(s for s in peers.SCHEDULERS if s.cls == "HeunDiscreteScheduler")
+    assert loop.nfe(heun, "linspace", 6) == 10  # 5 Heun steps to sigma(eps); the Euler step to sigma = 0 is not taken
+
+
+def test_torchode_next_to_adaptive_ode(setup):
+    if peers.load_torchode()[0] is None:
+        pytest.skip(peers.load_torchode()[1])
+    for method in peers.TORCHODE_METHODS:
+        res = peers.torchode_solve(setup.sde, setup.score, setup.x_T, setup.problem.eps, method, 1e-8, 1e-8)
+        assert bool((res.status == 0).all()) and res.calls >= int(res.steps.max())
+        assert float((res.x - setup.x_ref).pow(2).mean().sqrt()) < 1e-5
+    records = acc.run_problem(setup, [SPEC["adaptive_ode"]], (20,), kdiffusion=False, torchdiffeq_methods=(),
+                              torchsde_methods=(), diffusers=False, torchode_methods=("dopri5",), log=lambda m: None)
+    text = "\n".join(acc.adaptive_table(records))
+    assert "| 1e-05 |" in text and "torchode dopri5: NFE, RMSE" in text
+
+
 def test_overhead_smoke():
     bench = ovh.Bench(torch.device("cpu"), batch=4, shape=(3, 4, 4), hidden=8, repeats=1, call_repeats=2)
     rows = ovh.run_overhead(bench, [SPEC["euler"], SPEC["heun"], SPEC["euler_maruyama"]], nfe=4, kdiffusion=False,
-                            torchdiffeq_methods={"euler": 1}, log=lambda m: None)
+                            torchdiffeq_methods={"euler": 1}, schedulers=[], torchode_methods=(), log=lambda m: None)
     assert [r["label"] for r in rows] == ["euler", "heun", "euler_maruyama", "odeint euler"]
     for r in rows:
         assert "error" not in r and r["nfe"] == 4
@@ -119,6 +179,19 @@ def test_overhead_smoke():
                          "t_call_cpu_ms": 1.0, "batch": 4, "nfe": 4, "tol": 1e-3, "repeats": 1, "call_repeats": 2,
                          "kdiffusion": "n/a", "skipped": [], "rows": rows})
     assert "| euler_maruyama | sdediff | 4 |" in text
+
+
+def test_overhead_of_diffusers_loops_and_torchode():
+    _diffusers()
+    if peers.load_torchode()[0] is None:
+        pytest.skip(peers.load_torchode()[1])
+    bench = ovh.Bench(torch.device("cpu"), batch=4, shape=(3, 4, 4), hidden=8, repeats=1, call_repeats=2)
+    rows = ovh.run_overhead(bench, [], nfe=6, kdiffusion=False, torchdiffeq_methods={}, schedulers=peers.SCHEDULERS[:1],
+                            torchode_methods=("tsit5",), log=lambda m: None)
+    assert [(r["impl"], r["label"]) for r in rows] == [("torchode", "torchode tsit5"),
+                                                       ("diffusers", "DPMSolverMultistep dpmsolver++ 2M [linspace]")]
+    assert all("error" not in r and math.isfinite(r["ratio"]) and r["free_us_per_nfe"] > 0 for r in rows)
+    assert rows[1]["nfe"] == 6 and rows[1]["steps"] == 6
 
 
 def test_pass_cost_fit_recovers_a_line():

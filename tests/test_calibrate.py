@@ -4,12 +4,17 @@ The "network" is the exact score of a 2-D Gaussian mixture; errors are pathwise 
 reference solve. The calibrated grid is fitted on one batch of prior draws and judged on another.
 """
 
+import itertools
+import math
+
 import pytest
 import torch
 from problems import EPS, MIXTURE, T64, gen
 
 import sdediff
+from sdediff import calibrate
 from sdediff.calibrate import calibrate_grid
+from sdediff.data import GaussianMixture
 from sdediff.solvers import grids
 
 STEPS = 6
@@ -108,6 +113,10 @@ def test_a_grid_that_does_worse_on_the_holdout_is_not_returned():
     ({"eps": 1.5}, "eps"),
     ({"reference": torch.zeros(3, 2, dtype=T64)}, "reference"),
     ({"x_T": torch.zeros(())}, "x_T"),
+    ({"objective": "fid"}, "objective"),
+    ({"loss": "huber"}, "loss"),
+    ({"trim": 1.0}, "trim"),
+    ({"objective": "gits", "lattice": 4}, "lattice"),
 ])
 def test_bad_arguments_are_named(kwargs, match):
     sde = sdediff.VPSDE()
@@ -122,3 +131,69 @@ def test_options_with_a_function_and_non_linear_sdes_are_refused():
         calibrate_grid(sde, MIXTURE.score_fn(sde), starts(8, 5, sde), 4, lambda ts, x: x, order=2)
     with pytest.raises(TypeError, match="solver"):
         calibrate_grid(sde, MIXTURE.score_fn(sde), starts(8, 5, sde), 4, 3)
+
+
+# --- the dynamic-programming objectives (GITS, Align Your Steps) and the trimmed loss ------------------------------
+def test_cheapest_path_is_the_brute_force_minimum():
+    cost = torch.rand(8, 8, generator=gen(0), dtype=T64)
+    for steps in (1, 3, 7):
+        path = calibrate._cheapest_path(cost, steps)
+        brute = min(((0, *mid, 7) for mid in itertools.combinations(range(1, 7), steps - 1)),
+                    key=lambda p: sum(float(cost[a, b]) for a, b in itertools.pairwise(p)))
+        assert path.tolist() == list(brute)
+
+
+def test_gits_cost_is_the_error_of_one_ddim_step_from_the_reference_trajectory():
+    sde = sdediff.VPSDE()
+    score = MIXTURE.score_fn(sde)
+    x_T = starts(64, 6, sde)
+    lat = sde.time_of_log_snr(torch.linspace(*sde.log_snr(torch.tensor([1.0, EPS], dtype=T64)).tolist(), 9,
+                                             dtype=T64), EPS)
+    lat[0], lat[-1] = 1.0, EPS
+    cost = calibrate._gits_cost(sde, score, x_T, None, lat, 1e-9, None)
+    traj = sdediff.sample(sde, score, x_T.shape, solver="ode", steps=8, eps=EPS, x_init=x_T, time_grid=lat,
+                          keep_trajectory=True, rtol=1e-9, atol=1e-9).trajectory
+    for a, b in ((0, 1), (2, 7), (5, 8)):
+        one = sdediff.sample(sde, score, x_T.shape, solver="ddim", steps=1, eps=float(lat[b]), x_init=traj[a],
+                             time_grid=lat[[a, b]])
+        assert math.isclose(float(cost[a, b]), float((one - traj[b]).pow(2).mean()), rel_tol=1e-8)
+
+
+def test_ays_cost_matches_its_closed_form_on_gaussian_data():
+    """Data N(mu, c^2 I): D(x0 + sigma e, sigma) = mu + r (x0 + sigma e - mu), r = c^2 / (c^2 + sigma^2), so
+    E||D_k - D_a||^2 = d ((r_k - r_a)^2 c^2 + (r_k sigma_k - r_a sigma_a)^2) for x0 ~ N(mu, c^2 I)."""
+    c, d, n = 0.5, 3, 20_000
+    gauss = GaussianMixture(torch.ones(1, dtype=T64), torch.ones(1, d, dtype=T64), torch.eye(d, dtype=T64)[None] * c**2)
+    sde = sdediff.VESDE()
+    x0 = gauss.sample(n, generator=gen(7), dtype=T64)
+    lat = torch.tensor([1.0, 0.7, 0.5, 0.3, 0.1], dtype=T64)
+    cost = calibrate._ays_cost(sde, gauss.score_fn(sde), None, x0, lat, 1e-9, gen(8))
+    sigma = sde.marginal_std(lat) / sde.mean_coeff(lat)
+    r = c**2 / (c**2 + sigma**2)
+    gap = d * ((r - r[0]) ** 2 * c**2 + (r * sigma - r[0] * sigma[0]) ** 2)
+    weight = (sigma[:-1] - sigma[1:]) / sigma[1:] ** 3
+    assert torch.allclose(cost[0, 1:], torch.cumsum(weight * gap[1:], 0), rtol=0.03)
+
+
+@pytest.mark.parametrize("objective", ["gits", "ays"])
+def test_dynamic_programming_objectives_give_a_valid_grid_at_little_cost(objective):
+    sde = sdediff.VPSDE()
+    pilot = starts(128, 9, sde)
+    cal = calibrate_grid(sde, MIXTURE.score_fn(sde), pilot, STEPS, "unipc", eps=EPS, objective=objective, lattice=40,
+                         generator=gen(10), order=2)
+    assert len(cal.times) == STEPS + 1 and cal.times[0] == sde.T and cal.times[-1] == EPS
+    assert bool((cal.times[1:] < cal.times[:-1]).all())
+    assert cal.evals == len(cal.start_rmse) + 1  # the standard grids and the lattice path, nothing searched
+    assert cal.rmse <= min(cal.start_rmse.values())
+
+
+def test_the_trimmed_loss_leaves_out_the_worst_paths():
+    sde = sdediff.VPSDE()
+    pilot = starts(64, 11, sde)
+    full, trimmed = (calibrate_grid(sde, MIXTURE.score_fn(sde), pilot, 4, "unipc", eps=EPS, max_evals=len(grids.GRIDS),
+                                    holdout=0, loss=loss, trim=0.25, order=2) for loss in ("mse", "trimmed"))
+    ref = end_points(sde, pilot)
+    x = end_points(sde, pilot, "unipc", 4, full.start, order=2)
+    err = (x - ref).pow(2).mean(1).sort().values
+    assert math.isclose(full.start_rmse[full.start], float(err.mean().sqrt()), rel_tol=1e-6)
+    assert math.isclose(trimmed.start_rmse[full.start], float(err[:48].mean().sqrt()), rel_tol=1e-6)

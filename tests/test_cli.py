@@ -14,6 +14,7 @@ import torch
 
 import sdediff
 from sdediff import cli
+from sdediff.calibrate import save_calibrated_grid
 from sdediff.cli import parser as cli_parser
 from sdediff.config import ConfigError, config_defaults, dump_toml, load_toml
 
@@ -321,6 +322,33 @@ def test_bench_quick(tmp_path, capsys):
     assert run("bench", "--quick", "--n", "100", "--out", tmp_path, "--no-plot") == 0
     assert "| heun |" in capsys.readouterr().out
     assert json.loads((tmp_path / "metrics.json").read_text())["n"] == 100
+
+
+def test_bench_on_a_trained_run_recommends_and_saves_its_calibrated_grids(moons_run, tmp_path, capsys):
+    """bench --run: every solver and grid on the run's model per budget, a recommendation, the tables and JSON, the
+    winning calibrated grids saved into the run, where sample --time-grid calibrated uses them without calibrating."""
+    folder = tmp_path / "moons"
+    shutil.copytree(moons_run, folder)
+    out = tmp_path / "bench"
+    assert run("bench", "--run", folder, "--budgets", "8", "4", "--n", "64", "--calibration-pilot", "32",
+               "--calibration-evals", "20", "--save-grids", "--out", out, "--no-progress", "--no-plot") == 0
+    text = capsys.readouterr().out
+    assert "| NFE ≤ | recommended, standard grid |" in text and "data floor" in text
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["budgets"] == [4, 8] and set(doc["recommended"]) == {"4", "8"} and doc["reference"]["sw2"] > 0
+    assert all(r["nfe"] <= r["budget"] for r in doc["rows"] if r["error"] is None)
+    assert {r["kind"] for r in doc["rows"]} == {"ode", "sde"} and (out / "table.md").is_file()
+    winners = {b: r for b, r in doc["recommended"].items() if r["grid"] == "calibrated"}
+    assert sorted(str(g["budget"]) for g in doc["saved_grids"]) == sorted(winners)
+    # a grid in the run's calibrated_grids.json is used as it is
+    grid = [1.0, 0.3, 0.05, 1e-3]
+    save_calibrated_grid(folder, grid, solver="dpm_solver", options={"order": 2}, steps=3, eps=1e-3,
+                         checkpoint=sdediff.load_run(folder).checkpoint.name, info={"pilot_rmse": 0.25})
+    assert run("sample", "--run", folder, "--solver", "dpm_solver", "--solver-option", "order=2", "--steps", "3",
+               "--time-grid", "calibrated", "--n", "16", "--out", tmp_path / "s.npy", "--no-plot", "--no-progress") == 0
+    assert "using the calibrated 3-step grid saved in" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s.json").read_text())["calibration"]["times"] == grid
+    assert run("bench", "--run", tmp_path / "nope") == 2
 
 
 def test_bench_runs_without_a_source_checkout(tmp_path):

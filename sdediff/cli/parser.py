@@ -164,12 +164,19 @@ sdediff.data.digits.digits_bits_per_dim. For the gaussian_mixture set the true N
     "bench": """examples:
   sdediff bench                          # 2000 samples per solver: 7.5 s wall on one CPU thread (2-core box)
   sdediff bench --sde ve --float64 --n 8000
+  sdediff bench --run runs/moons-vp --save-grids   # your model: which solver and grid per NFE budget
 
 Solvers: euler_maruyama (500 steps), pc (500 steps, snr 0.16), heun (50 steps), ode (adaptive, rtol =
 atol = 1e-5), all from the same prior draws; each against exact samples of p_eps (sliced W2 next to
 its noise floor), the exact log-density and the mixture weights. Then the exact likelihood of 256
 exact points through the probability-flow ODE. The same comparison on your own model or solvers:
-sdediff.compare.compare_solvers (docs/compare_solvers.md). The benchmark scripts against other
+sdediff.compare.compare_solvers (docs/compare_solvers.md).
+
+With --run RUN: from the same prior draws, a tight reference solve, then every deterministic solver on
+every standard grid and a calibrated grid at each --budgets NFE (pathwise error, wall time, sliced W2
+to held-out data for the toy sets) and the stochastic solvers (sliced W2 next to the reference ODE
+samples and the data floor); prints the recommended solver and grid per budget and writes table.md,
+metrics.json and error_vs_nfe.png into RUN/bench (sdediff.compare_model.compare_on_model). The benchmark scripts against other
 libraries are run from a source checkout: python benchmarks/accuracy_per_nfe.py (benchmarks/README.md).""",
     "demo": """The demo trains for about a minute on one CPU thread, then samples, scores and plots;
 'sdediff demo --steps 200 --n 1000' is a quick smoke run (which will not meet the target).""",
@@ -328,14 +335,30 @@ def build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]
     # bench
     p = add("bench", "compare solvers on an analytic 2-D Gaussian mixture with its exact score: sliced W2 to exact "
                      "samples next to the noise floor, log-density gap, mode weights, NFE and time, and the exact "
-                     "ODE likelihood", bench.run)
+                     "ODE likelihood; with --run, which solver and time grid suit that trained model per NFE budget",
+            bench.run)
     p.add_argument("--quick", action="store_true",
                    help="accepted for compatibility: the built-in comparison is what bench runs")
-    p.add_argument("--n", type=positive_int, default=2000, help="samples per solver")
-    p.add_argument("--out", default="sdediff-bench", help="output folder")
-    p.add_argument("--float64", action="store_true", help="sample in float64")
-    p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write samples.png")
+    p.add_argument("--n", type=positive_int, help="samples per solver (default: 2000; 512 prior draws with --run)")
+    p.add_argument("--out", help="output folder (default: sdediff-bench; RUN/bench with --run)")
+    p.add_argument("--float64", action="store_true", help="sample in float64 (with --run: the network too)")
+    p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
+                   help="write samples.png (error_vs_nfe.png with --run)")
     add_sde_options(p)
+    g = p.add_argument_group("your own model (--run)")
+    add_run_options(g)
+    g.add_argument("--budgets", type=positive_int, nargs="+", default=[5, 10, 20, 50], metavar="NFE",
+                   help="NFE budgets: every deterministic solver on every standard grid and a calibrated grid at each")
+    g.add_argument("--eps", type=positive_float, default=1e-3, help="final time")
+    g.add_argument("--reference-tol", type=positive_float,
+                   help="rtol = atol of the reference solve (default 1e-5 in float32, 1e-8 in float64)")
+    g.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                   help="fit a grid to the model for each budget's best solver")
+    g.add_argument("--calibration-pilot", type=positive_int, default=256,
+                   help="prior draws the grid is fitted on (3/4) and checked on (1/4)")
+    g.add_argument("--calibration-evals", type=positive_int, default=200, help="solver runs of each calibration")
+    g.add_argument("--save-grids", action="store_true",
+                   help="save each budget's winning calibrated grid into the run (used by sample --time-grid calibrated)")
     add_common(p, device="cpu")
     return parser, subs
 

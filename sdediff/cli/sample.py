@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import __version__
 from .._io import remove_stale_temporaries
-from ..calibrate import calibrate_grid
+from ..calibrate import GRID_FILE, calibrate_grid, load_calibrated_grid
 from ..compare import nearest_class_accuracy
 from ..data.toy import TOY_DATASETS, make_toy
 from ..distributed import chunk_generator, chunk_slices, local_device, process_rank, world_size
@@ -70,10 +70,19 @@ def sample_labels(run: Run, classes: list[int] | None, scale: float, n: int) -> 
 
 def calibrated_grid(run: Run, args: argparse.Namespace, options: dict[str, Any], device: torch.device,
                     labels: Tensor | None, progress: bool) -> tuple[Tensor, dict[str, Any]]:
-    """``--time-grid calibrated``: :func:`sdediff.calibrate_grid` for the run's model and the chosen solver on
-    ``--calibration-pilot`` prior draws (seeded apart from the samples; the same grid in every process)."""
+    """``--time-grid calibrated``: the grid saved in the run for this checkpoint, solver, options, steps and final time
+    (``sdediff bench --run RUN --save-grids``), else :func:`sdediff.calibrate_grid` for the run's model and the chosen
+    solver on ``--calibration-pilot`` prior draws (seeded apart from the samples; the same grid in every process)."""
     if labels is not None:
         raise CLIError("--time-grid calibrated: not available with --classes (calibrate on unconditional runs)")
+    try:
+        saved = load_calibrated_grid(run.directory, solver=args.solver, options=options, steps=args.steps, eps=args.eps,
+                                     checkpoint=run.checkpoint.name)
+    except ValueError as err:  # a damaged file: calibrate afresh
+        print(f"warning: {err}; calibrating afresh", file=sys.stderr)
+        saved = None
+    if saved is not None:
+        return torch.tensor(saved["times"], dtype=torch.float64), {**saved, "saved": str(run.directory / GRID_FILE)}
     gen = torch.Generator(device).manual_seed(args.seed + 7919)
     pilot = run.sde.prior_sample((args.calibration_pilot, *run.shape), generator=gen, device=device)
     start = time.perf_counter()
@@ -115,7 +124,10 @@ def run(args: argparse.Namespace) -> int:
     time_grid, calibration = args.time_grid, None
     if time_grid == "calibrated":
         time_grid, calibration = calibrated_grid(trained, args, options, device, labels, progress=args.progress and main)
-        if main:
+        if main and "saved" in calibration:
+            print(f"using the calibrated {args.steps}-step grid saved in {calibration['saved']} (pilot RMSE "
+                  f"{calibration.get('pilot_rmse', math.nan):.3g}); no calibration run")
+        elif main:
             verdict = "kept" if calibration["accepted"] else f"not better on the held-out quarter: using {calibration['start']}"
             print(f"calibrated {args.steps}-step grid on {args.calibration_pilot} pilot paths: RMSE "
                   f"{calibration['pilot_rmse']:.3g} (best standard grid, {calibration['start']}: "
