@@ -57,8 +57,11 @@ class LikelihoodResult:
         ``(batch,)`` the method's estimate of the integration error of ``log_prob`` in nats: the sum of the moduli of
         its local error estimates (``method="adams"``; NaN for the torchdiffeq methods, which give none).
     std_error : Tensor
-        ``(batch,)`` the standard error of ``log_prob`` due to the Hutchinson probes, :math:`s/\sqrt k` from the spread
-        :math:`s` of the ``k`` probes' integrals (zero for the exact trace, NaN with a single probe).
+        ``(batch,)`` the standard error of ``log_prob`` due to the Hutchinson probes (zero for the exact trace, NaN with
+        a single probe, whose spread cannot be seen): with ``method="adams"``,
+        :math:`\sqrt{\sum_j W_j^2 s_j^2/k}` over the nodes :math:`j` of the point's path, with :math:`W_j` the node's
+        quadrature weight and :math:`s_j` the spread of its ``k`` probes; with a torchdiffeq method (probes fixed along
+        the path) :math:`s/\sqrt k` from the spread :math:`s` of the ``k`` probes' integrals.
     num_probes : int
         Hutchinson probes per point (0 for the exact trace).
     method : str
@@ -245,60 +248,56 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
     try:
         for start in range(0, n, chunk):
             xc = x[start:start + chunk].detach()
-            probes = draw_probes(xc, k, noise, generator) if k else None
             if method == "adams":
-                parts.append(_adams(sde, score_fn, xc, eps, tol, rtol, atol, probes, opts))
+                parts.append(_adams(sde, score_fn, xc, eps, tol, rtol, atol, k, noise, generator, opts))
             else:
+                probes = draw_probes(xc, k, noise, generator) if k else None
                 parts.append(_torchdiffeq(sde, score_fn, xc, eps, rtol, atol, probes, method, opts))
             bar.update(len(xc))
     finally:
         bar.close()
     if not parts:
         parts.append(_empty(x))
-    latent = torch.cat([p[0] for p in parts])
-    ells = torch.cat([p[1] for p in parts])
-    delta = ells.mean(1)
+    latent, delta, std_error = (torch.cat([p[i] for p in parts]) for i in (0, 1, 5))
     prior = sde.prior_log_prob(latent) if n else x.new_zeros(0)
-    if k >= 2:
-        std_error = ells.std(1) / math.sqrt(k)
-    else:
-        std_error = torch.full_like(delta, math.nan if k == 1 else 0.0)
     return LikelihoodResult(log_prob=prior + delta, latent=latent, nfe=sum(p[2] for p in parts), prior_log_prob=prior,
                             delta_log_prob=delta, nfe_per_point=torch.cat([p[3] for p in parts]),
                             integration_error=torch.cat([p[4] for p in parts]), std_error=std_error, num_probes=k,
                             method=method)
 
 
-Part = tuple[Tensor, Tensor, int, Tensor, Tensor]  # latent, ell (n, columns), nfe, nfe per point, integration error
+#: latent, delta (n,), nfe, nfe per point, integration error, probe standard error
+Part = tuple[Tensor, Tensor, int, Tensor, Tensor, Tensor]
 
 
 def _empty(x: Tensor) -> Part:
     zeros = x.new_zeros(0)
-    return x[:0], x.new_zeros(0, 1), 0, torch.zeros(0, dtype=torch.long, device=x.device), zeros
+    return x[:0], zeros, 0, torch.zeros(0, dtype=torch.long, device=x.device), zeros, zeros
 
 
 def _adams(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float, tol: float | None, rtol: float | None,
-           atol: float | None, probes: Tensor | None, opts: dict[str, Any]) -> Part:
+           atol: float | None, num_probes: int, noise: str, generator: torch.Generator | None,
+           opts: dict[str, Any]) -> Part:
     event = tuple(x.shape[1:])
     if isinstance(sde, LinearSDE) and opts["time"] == "noise":
         flow: NoiseLevelFlow | TimeFlow = NoiseLevelFlow(sde, score_fn, eps, event, tuple(opts["noise_range"]))
     else:
         flow = TimeFlow(sde, score_fn, eps, event)
-    span = flow.span(x)
     solver = AdamsLikelihood(flow, tol=tol, rtol=rtol, atol=atol, order=opts["order"],
                              quadrature_order=opts["quadrature_order"], first_step=opts["first_step"],
-                             max_steps=opts["max_steps"], probes=probes)
-    columns = 1 if probes is None else probes.shape[1]
-    state = torch.cat([flow.initial_state(x), x.new_zeros(x.shape[0], columns + 1)], 1)
+                             max_steps=opts["max_steps"], num_probes=num_probes, noise=noise, generator=generator)
+    state = torch.cat([flow.initial_state(x), x.new_zeros(x.shape[0], 3)], 1)
     try:
-        sol = solver.solve(None, state, span)
+        sol = solver.solve(None, state, flow.span(x))
     except (FloatingPointError, RuntimeError) as err:
-        if "log_likelihood" in str(err):
+        if str(err).startswith("log_likelihood"):
             raise
-        raise type(err)(f"log_likelihood (method 'adams', in {'the noise-level time' if isinstance(flow, NoiseLevelFlow) else 't'}): {err}") from err
-    zs, ells, errs = state_columns(flow.dim, columns)
-    latent, ell = flow.finish(sol.x[:, zs], sol.x[:, ells])
-    return latent, ell, solver.calls, sol.stats["nfe_per_sample"], sol.x[:, errs]
+        where = "the noise-level time" if isinstance(flow, NoiseLevelFlow) else "t"
+        raise type(err)(f"log_likelihood (method 'adams', integrating in {where}): {err}") from err
+    zs, ells, errs, vars_ = state_columns(flow.dim)
+    latent, delta = flow.finish(sol.x[:, zs], sol.x[:, ells])
+    std_error = sol.x[:, vars_].sqrt() if num_probes != 1 else torch.full_like(delta, math.nan)
+    return latent, delta, solver.calls, sol.stats["nfe_per_sample"], sol.x[:, errs], std_error
 
 
 def _torchdiffeq(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float, rtol: float, atol: float, probes: Tensor | None,
@@ -319,5 +318,7 @@ def _torchdiffeq(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float, rtol: float
     xs, ells = odeint(augmented, state0, flow.span(x), rtol=rtol, atol=atol, method=method, options=options,
                       what="log_likelihood")
     latent, ell = flow.finish(xs[-1], ells[-1])
+    k = ell.shape[1]
+    std_error = ell.std(1) / math.sqrt(k) if k > 1 else torch.full_like(ell[:, 0], math.nan if probes is not None else 0.0)
     nfe = torch.full((x.shape[0],), calls[0], dtype=torch.long, device=x.device)
-    return latent, ell, calls[0], nfe, torch.full((x.shape[0],), math.nan, dtype=x.dtype, device=x.device)
+    return latent, ell.mean(1), calls[0], nfe, torch.full_like(std_error, math.nan), std_error
