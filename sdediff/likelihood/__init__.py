@@ -21,6 +21,7 @@ from .bits import BitsPerDim, bits_per_dim, dequantize
 from .divergence import divergence_exact, divergence_hutchinson
 from .engine import DEFAULT_TOL, METHODS, LikelihoodResult, log_likelihood
 from .flows import NotDifferentiableError
+from .sharded import sharded_log_likelihood
 
 __all__ = ["log_likelihood", "LikelihoodResult", "bits_per_dim", "BitsPerDim", "dequantize", "divergence_exact",
-           "divergence_hutchinson", "NotDifferentiableError", "METHODS", "DEFAULT_TOL"]
+           "divergence_hutchinson", "NotDifferentiableError", "METHODS", "DEFAULT_TOL", "sharded_log_likelihood"]

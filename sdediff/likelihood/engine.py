@@ -21,7 +21,7 @@ from .adams import AdamsLikelihood, state_columns
 from .divergence import NOISES, draw_probes
 from .flows import DEFAULT_NOISE_RANGE, NoiseLevelFlow, TimeFlow, ensure_finite
 
-__all__ = ["LikelihoodResult", "log_likelihood", "METHODS", "TRACES", "DEFAULT_TOL", "ADAMS_OPTIONS"]
+__all__ = ["LikelihoodResult", "log_likelihood", "cat_results", "METHODS", "TRACES", "DEFAULT_TOL", "ADAMS_OPTIONS"]
 
 TRACES = ("exact", "hutchinson")
 #: ``"adams"`` (the default) and torchdiffeq's adaptive methods, which integrate the whole batch with one step size in t
@@ -78,6 +78,11 @@ class LikelihoodResult:
     std_error: Tensor
     num_probes: int = 0
     method: str = "adams"
+
+    def to(self, device: torch.device | str) -> LikelihoodResult:
+        """The result with its tensors on ``device``."""
+        fields = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in vars(self).items()}
+        return LikelihoodResult(**fields)
 
     @property
     def nfe_mean(self) -> float:
@@ -249,21 +254,32 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
         for start in range(0, n, chunk):
             xc = x[start:start + chunk].detach()
             if method == "adams":
-                parts.append(_adams(sde, score_fn, xc, eps, tol, rtol, atol, k, noise, generator, opts))
+                part = _adams(sde, score_fn, xc, eps, tol, rtol, atol, k, noise, generator, opts)
             else:
                 probes = draw_probes(xc, k, noise, generator) if k else None
-                parts.append(_torchdiffeq(sde, score_fn, xc, eps, rtol, atol, probes, method, opts))
+                part = _torchdiffeq(sde, score_fn, xc, eps, rtol, atol, probes, method, opts)
+            parts.append(_result(sde, part, k, method))
             bar.update(len(xc))
     finally:
         bar.close()
-    if not parts:
-        parts.append(_empty(x))
-    latent, delta, std_error = (torch.cat([p[i] for p in parts]) for i in (0, 1, 5))
-    prior = sde.prior_log_prob(latent) if n else x.new_zeros(0)
-    return LikelihoodResult(log_prob=prior + delta, latent=latent, nfe=sum(p[2] for p in parts), prior_log_prob=prior,
-                            delta_log_prob=delta, nfe_per_point=torch.cat([p[3] for p in parts]),
-                            integration_error=torch.cat([p[4] for p in parts]), std_error=std_error, num_probes=k,
-                            method=method)
+    return cat_results(parts) if parts else _result(sde, _empty(x), k, method)
+
+
+def cat_results(results: list[LikelihoodResult]) -> LikelihoodResult:
+    """The results of consecutive chunks of points as one (``nfe`` adds up: the calls of every chunk)."""
+    if not results:
+        raise ValueError("cat_results needs at least one result")
+    first = results[0]
+    tensors = {k: torch.cat([getattr(r, k) for r in results]) for k, v in vars(first).items() if isinstance(v, Tensor)}
+    return LikelihoodResult(**tensors, nfe=sum(r.nfe for r in results), num_probes=first.num_probes, method=first.method)
+
+
+def _result(sde: SDE, part: Part, num_probes: int, method: str) -> LikelihoodResult:
+    latent, delta, nfe, nfe_per_point, integration_error, std_error = part
+    prior = sde.prior_log_prob(latent) if latent.shape[0] else delta.new_zeros(0)
+    return LikelihoodResult(log_prob=prior + delta, latent=latent, nfe=nfe, prior_log_prob=prior, delta_log_prob=delta,
+                            nfe_per_point=nfe_per_point, integration_error=integration_error, std_error=std_error,
+                            num_probes=num_probes, method=method)
 
 
 #: latent, delta (n,), nfe, nfe per point, integration error, probe standard error
