@@ -52,23 +52,26 @@ class BitsPerDim:
         return f"{self.mean:.4f} ± {self.std_error:.4f} bits/dim"
 
 
-def _offset(num_dims: int, bits: int, data_width: float) -> tuple[float, float]:
-    """``(1/(D ln 2), b - log2 w)`` after checking the arguments."""
+def _offset(num_dims: int, bits: int, data_width: float, levels: int | None) -> tuple[float, float]:
+    """``(1/(D ln 2), log2 K - log2 w)`` with ``K = levels`` or ``2**bits``, after checking the arguments."""
     check_int("num_dims", num_dims)
     check_int("bits", bits)
     check_float("data_width", data_width, 0.0, low_open=True)
-    return 1.0 / (num_dims * math.log(2)), bits - math.log2(data_width)
+    log2_levels = bits if levels is None else math.log2(check_int("levels", levels, 2))
+    return 1.0 / (num_dims * math.log(2)), log2_levels - math.log2(data_width)
 
 
 @overload
-def bits_per_dim(log_prob: Tensor, num_dims: int, bits: int = 8, data_width: float = 2.0) -> Tensor: ...
+def bits_per_dim(log_prob: Tensor, num_dims: int, bits: int = 8, data_width: float = 2.0, *,
+                 levels: int | None = None) -> Tensor: ...
 
 
 @overload
-def bits_per_dim(log_prob: LikelihoodResult, num_dims: int, bits: int = 8, data_width: float = 2.0) -> BitsPerDim: ...
+def bits_per_dim(log_prob: LikelihoodResult, num_dims: int, bits: int = 8, data_width: float = 2.0, *,
+                 levels: int | None = None) -> BitsPerDim: ...
 
 
-def bits_per_dim(log_prob, num_dims, bits=8, data_width=2.0):
+def bits_per_dim(log_prob, num_dims, bits=8, data_width=2.0, *, levels=None):
     r"""Bits per dimension of ``b``-bit data from a log-density of its dequantised, rescaled version.
 
     Integer data :math:`k \in \{0, \dots, 2^b-1\}^D` dequantised and mapped to an interval of width
@@ -95,13 +98,16 @@ def bits_per_dim(log_prob, num_dims, bits=8, data_width=2.0):
         Bit depth ``b`` of the raw data (8 for images).
     data_width : float
         Width ``w`` of the interval the data were mapped to (2 for ``[-1, 1]``, 1 for ``[0, 1]``); finite and > 0.
+    levels : int, optional
+        Number of quantisation levels :math:`K` when it is not a power of two (the offset is then
+        :math:`\log_2 K - \log_2 w`; ``bits`` is not used).
 
     Returns
     -------
     Tensor or BitsPerDim
         Per-point bits/dim like ``log_prob``; for a result, with the error bars.
     """
-    scale, offset = _offset(num_dims, bits, data_width)
+    scale, offset = _offset(num_dims, bits, data_width, levels)
     if isinstance(log_prob, Tensor):
         return -log_prob * scale + offset
     from .engine import LikelihoodResult
