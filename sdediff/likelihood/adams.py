@@ -64,13 +64,20 @@ __all__ = ["AdamsLikelihood", "AdamsCarry", "state_columns"]
 
 
 class AdamsCarry(NamedTuple):
-    """What a point carries from one step to the next (rows of the per-sample loop)."""
+    """What a point carries from one step to the next (rows of the per-sample loop).
 
-    tau: Tensor  #: ``(n, S)`` times of the last nodes, newest first
-    f: Tensor  #: ``(n, order + 1, D)`` the state's derivative there
+    The last ``S`` nodes are kept in ring buffers: slot ``head`` holds the newest node, slot ``head - j`` (mod ``S``)
+    the one ``j`` steps older (its *age*). A step writes one slot instead of shifting the buffers, and since the
+    quadrature weights of a set of nodes do not depend on the order they are listed in, the buffers are used in
+    their slot order.
+    """
+
+    tau: Tensor  #: ``(n, S)`` times of the last nodes
+    f: Tensor  #: ``(n, S, D)`` the state's derivative there
     h: Tensor  #: ``(n, S)`` the divergence integrand there (the mean over the probes)
     h_var: Tensor  #: ``(n, S)`` the variance of that mean due to the probes (zero for the exact trace)
     weight: Tensor  #: ``(n, S)`` the quadrature weight each node has collected so far
+    head: Tensor  #: ``(n,)`` the slot of the newest node
     count: Tensor  #: ``(n,)`` nodes so far (the start is one)
     index: Tensor  #: ``(n,)`` the point's row in the batch
 
@@ -145,10 +152,12 @@ class AdamsLikelihood(PerSampleAdaptiveSolver):
         self.calls += 1
         probes = None
         if self.num_probes:
-            shape = (self.rows, *self.flow.event_shape)
-            probes = draw_probes(z.new_empty(shape), self.num_probes, self.noise, self.generator)[index]
+            probes = draw_probes(z.new_empty(self.rows, *self.flow.event_shape), self.num_probes, self.noise,
+                                 self.generator)
+            if len(index) < self.rows:  # every row is drawn for, so that a point's draws do not depend on the others
+                probes = probes[index]
         ev = self.flow.evaluate(z, tau, probes, check=check)
-        ensure_finite(ev, self.flow.time(tau), index)
+        ensure_finite(ev, index)
         k = ev.h.shape[1]
         h_var = ev.h.var(1) / k if k > 1 else torch.zeros_like(ev.h[:, 0])  # one probe: no spread to see
         return ev, ev.h.mean(1), h_var
@@ -161,66 +170,66 @@ class AdamsLikelihood(PerSampleAdaptiveSolver):
         self.rows, self.end = n, self.flow.span(x)[1]
         index = torch.arange(n, device=x.device)
         ev, h, h_var = self.evaluate(x[:, :d], t, index, check=True)
-        f = x.new_zeros(n, self.order + 1, d)
+        f = x.new_zeros(n, S, d)
         f[:, 0] = ev.f
+        zero = torch.zeros(n, dtype=torch.long, device=x.device)
         carry = AdamsCarry(tau=t[:, None].repeat(1, S), f=f, h=F.pad(h[:, None], (0, S - 1)),
-                           h_var=F.pad(h_var[:, None], (0, S - 1)), weight=x.new_zeros(n, S),
-                           count=torch.ones(n, dtype=torch.long, device=x.device), index=index)
+                           h_var=F.pad(h_var[:, None], (0, S - 1)), weight=x.new_zeros(n, S), head=zero,
+                           count=zero + 1, index=index)
         return Start(carry=carry, nfe=1)
 
     def attempt(self, process: Any, workspace: Any, x: Tensor, t: Tensor, h: Tensor, t_next: Tensor,
                 carry: AdamsCarry) -> Attempt:
         K, P, S = self.order, self.quadrature_order, self.slots
+        exact = not self.num_probes
         zs, ells, errs, vars_ = state_columns(self.flow.dim)
         z, ell = x[:, zs], x[:, ells]
-        slot = torch.arange(S, device=x.device)[None]
-        history = slot < carry.count[:, None]  # (n, S): nodes that exist
-        tau_all = torch.cat([t_next[:, None], carry.tau], 1)  # the new node, then the history
-        yes = torch.ones_like(history[:, :1])
-
-        def nodes(m: int, new: bool) -> Tensor:
-            """Validity of the ``m`` newest history nodes that exist, after the new one if ``new``."""
-            own = history & (slot < m)
-            return torch.cat([yes, own], 1) if new else own
-
+        slots = torch.arange(S, device=x.device)
+        age = (carry.head[:, None] - slots) % S  # (n, S): how many steps older than the newest each slot is
+        exists = age < carry.count[:, None]
         order_now = carry.count.clamp(max=K)
-        pred = history & (slot < order_now[:, None])
-        corr = torch.cat([yes, pred], 1)
-        beta = lagrange_integrals(carry.tau, pred, t, t_next)  # (n, S)
-        gamma = lagrange_integrals(tau_all, corr, t, t_next)  # (n, S + 1)
-        z_pred = z + torch.einsum("ns,nsd->nd", beta[:, :K + 1], carry.f)
-        ev, h_new, var_new = self.evaluate(z_pred, t_next, carry.index)
-        f_all = torch.cat([ev.f[:, None], carry.f], 1)  # (n, K + 2, D)
-        z_corr = z + torch.einsum("ns,nsd->nd", gamma[:, :K + 2], f_all)
-        h_all = torch.cat([h_new[:, None], carry.h], 1)  # (n, S + 1)
-        var_all = torch.cat([var_new[:, None], carry.h_var], 1)
 
-        # the state's error: divided difference over the corrector's nodes and one more, or the P-C difference
+        # every rule's coefficients at once (they depend on the times only), over [new node, history slots]
+        nodes = torch.cat([t_next[:, None], carry.tau], 1)
+
+        def rule(m: Tensor | int, new: bool = True) -> Tensor:
+            own = exists & (age < (m[:, None] if isinstance(m, Tensor) else m))
+            return F.pad(own, (1, 0), value=new)
+
+        pred, corr, quad = rule(order_now, False), rule(order_now), rule(P - 1)
+        lag = lagrange_integrals(nodes, torch.stack([pred, corr, quad], 1), t, t_next)  # (n, 3, S + 1)
+        omega = node_polynomial_integral(nodes, torch.stack([corr, quad], 1), t, t_next)  # (n, 2)
+        dd_sets = [rule(K + 1)] + ([rule(P), rule(P + 1, False)] if exact else [])
+        dd = divided_difference_weights(nodes, torch.stack(dd_sets, 1))  # (n, 1 or 3, S + 1)
+
+        z_pred = torch.baddbmm(z[:, None], lag[:, 0:1, 1:], carry.f).squeeze(1)
+        ev, h_new, var_new = self.evaluate(z_pred, t_next, carry.index)
+        # the corrector and the divided difference of f over its nodes and one more, in one pass over the buffer
+        both = torch.bmm(torch.stack([lag[:, 1, 1:], dd[:, 0, 1:]], 1), carry.f)  # (n, 2, D)
+        z_corr = both[:, 0].add_(z).addcmul_(lag[:, 1, :1], ev.f)
         full = carry.count >= K + 1
-        dd = divided_difference_weights(tau_all[:, :K + 2], nodes(K + 1, True)[:, :K + 2])
-        omega = node_polynomial_integral(tau_all, corr, t, t_next)
-        dz = torch.where(full[:, None], torch.einsum("ns,nsd->nd", dd, f_all) * omega[:, None], z_corr - z_pred)
-        est = (ev.grad * dz).sum(1).abs()
+        dz = both[:, 1].addcmul_(dd[:, 0, :1], ev.f).mul_(omega[:, :1])  # the corrector's local error
+        if not bool(full.all()):  # too few nodes for the divided difference: the P-C difference instead
+            dz = torch.where(full[:, None], dz, z_corr - z_pred)
+        est = torch.linalg.vecdot(ev.grad, dz).abs()  # its effect on the log-density
 
         # the divergence quadrature, its weights collected per node, and (exact trace) its error
-        quad = nodes(P - 1, True)
-        w = lagrange_integrals(tau_all, quad, t, t_next)
-        ell_next = ell + (w * h_all).sum(1)
-        weight_all = torch.cat([torch.zeros_like(w[:, :1]), carry.weight], 1) + w
+        w = lag[:, 2]
+        ell_next = ell + w[:, 0] * h_new + (w[:, 1:] * carry.h).sum(1)
+        weight = carry.weight + w[:, 1:]
         e_quad = torch.zeros_like(est)
-        if not self.num_probes:
-            pc = ((gamma - F.pad(beta, (1, 0))) * h_all).sum(1).abs()
-            omega_q = node_polynomial_integral(tau_all, quad, t, t_next)
-            dd_now = (divided_difference_weights(tau_all, nodes(P, True)) * h_all).sum(1)
-            dd_prev = (divided_difference_weights(tau_all[:, 1:], nodes(P + 1, False)) * h_all[:, 1:]).sum(1)
-            dd_prev = torch.where(carry.count >= P + 1, dd_prev, torch.zeros_like(dd_prev))
-            e_quad = torch.where(carry.count >= P,
-                                 torch.maximum(torch.maximum(dd_now.abs(), dd_prev.abs()) * omega_q.abs(), 0.1 * pc), pc)
+        if exact:
+            h_all = torch.cat([h_new[:, None], carry.h], 1)
+            pc = ((lag[:, 1] - lag[:, 0]) * h_all).sum(1).abs()  # corrector minus predictor rule on h
+            dd_h = (dd[:, 1:] * h_all[:, None]).sum(2)  # (n, 2): the current window's and the previous one's
+            dd_h[:, 1] = torch.where(carry.count >= P + 1, dd_h[:, 1], torch.zeros_like(dd_h[:, 1]))
+            e_quad = torch.where(carry.count >= P, torch.maximum(dd_h.abs().amax(1) * omega[:, 1].abs(), 0.1 * pc), pc)
             est = est + e_quad
-        # the probes' variance of every node whose weight is now final: the oldest of the window, or all at the end
+        # the probes' variance of every node whose weight is now final: the one leaving the window, or all at the end
         final = t_next == self.end
-        done = torch.where(final[:, None], quad, quad & (torch.arange(S + 1, device=x.device)[None] == P - 1))
-        var_next = x[:, vars_] + torch.where(done, weight_all**2 * var_all, torch.zeros_like(var_all)).sum(1)
+        done = quad[:, 1:] & (final[:, None] | (age == P - 2))
+        var_next = (x[:, vars_] + torch.where(done, weight**2 * carry.h_var, torch.zeros_like(weight)).sum(1)
+                    + torch.where(final, w[:, 0] ** 2 * var_new, torch.zeros_like(var_new)))
 
         error = est / self.tol if self.tol is not None else torch.zeros_like(est)
         if self.rtol is not None:
@@ -235,13 +244,22 @@ class AdamsLikelihood(PerSampleAdaptiveSolver):
         proposal = torch.cat([z_corr, ell_next[:, None], (x[:, errs] + est)[:, None], var_next[:, None]], 1)
 
         def update(ok: Tensor) -> AdamsCarry:
-            def shift(old: Tensor, new: Tensor) -> Tensor:
-                moved = torch.cat([new[:, None], old[:, :-1]], 1)
-                return torch.where(ok.reshape(-1, *[1] * (old.dim() - 1)), moved, old)
+            # accepted points write the new node into the slot after their head (their oldest node's); the others
+            # write their newest node back onto itself
+            head = torch.where(ok, (carry.head + 1) % S, carry.head)
+            rows = torch.arange(len(ok), device=ok.device)
+            f_row = ev.f if bool(ok.all()) else torch.where(ok[:, None], ev.f, carry.f[rows, carry.head])
+            carry.f[rows, head] = f_row
 
-            return carry._replace(tau=shift(carry.tau, t_next), f=shift(carry.f, ev.f), h=shift(carry.h, h_new),
-                                  h_var=shift(carry.h_var, var_new),
-                                  weight=torch.where(ok[:, None], weight_all[:, :S], carry.weight),
-                                  count=carry.count + ok.long())
+            def put(buffer: Tensor, value: Tensor) -> Tensor:
+                out = buffer.clone()
+                out[rows, head] = torch.where(ok, value, buffer[rows, carry.head])
+                return out
+
+            new_weight = torch.where(ok[:, None], weight, carry.weight)
+            new_weight[rows, head] = torch.where(ok, w[:, 0], carry.weight[rows, carry.head])
+            return carry._replace(tau=put(carry.tau, t_next), h=put(carry.h, h_new), h_var=put(carry.h_var, var_new),
+                                  weight=new_weight, head=head, count=carry.count + ok.long())
 
         return Attempt(x=proposal, error=error, update=update, nfe=1)
+

@@ -8,18 +8,20 @@ vmaps the backward graph) and, where a network's operations do not support that,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from .._utils import randn, sum_except_batch
+from .._utils import randn
 from .._validate import check_choice, check_int
 
 __all__ = ["divergence_exact", "divergence_hutchinson", "draw_probes", "vector_jacobian_products", "NOISES",
            "EXACT_GROUP"]
 
 NOISES = ("rademacher", "gaussian")
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
 #: basis vectors per batched backward pass of the exact divergence (bounds its memory at ``EXACT_GROUP`` states)
 EXACT_GROUP = 64
 
@@ -75,7 +77,8 @@ def divergence_hutchinson(fn: Callable[[Tensor], Tensor], x: Tensor, probe: Tens
         v = fn(x)
         vectors = probe if probe.dim() == x.dim() + 1 else probe[None]
         vjp = vector_jacobian_products(v, x, vectors)
-    est = sum_except_batch((vjp * vectors).reshape(-1, *x.shape[1:])).reshape(vectors.shape[0], x.shape[0])
+    flat = vectors.shape[0] * x.shape[0], -1
+    est = torch.linalg.vecdot(vjp.reshape(flat), vectors.reshape(flat)).reshape(vectors.shape[0], x.shape[0])
     return v.detach(), est if probe.dim() == x.dim() + 1 else est[0]
 
 
@@ -83,11 +86,18 @@ def draw_probes(x: Tensor, num_probes: int, noise: str = "rademacher",
                 generator: torch.Generator | None = None) -> Tensor:
     r"""``num_probes`` Hutchinson probes per sample, ``(batch, num_probes, *x.shape[1:])``, with :math:`E[zz^\top] = I`.
 
-    ``"rademacher"`` draws :math:`\pm 1` (the sign of a standard normal draw), ``"gaussian"`` standard normals; the
-    draws are made sample after sample (sample-major), so splitting a batch into consecutive chunks drawn from one
-    generator gives the same probes.
+    ``"rademacher"`` draws :math:`\pm 1` from the bits of uniform random bytes (eight signs per byte), ``"gaussian"``
+    standard normals; the draws are made sample after sample (sample-major), so splitting a batch into consecutive
+    chunks drawn from one generator gives the same probes.
     """
     check_choice("noise", noise, NOISES)
     num_probes = check_int("num_probes", num_probes)
-    z = randn((x.shape[0], num_probes, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
-    return z.sign() if noise == "rademacher" else z
+    shape = (x.shape[0], num_probes, *x.shape[1:])
+    if noise == "gaussian":
+        return randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+    d = math.prod(x.shape[1:])
+    device = generator.device if generator is not None else x.device
+    draws = torch.randint(0, 256, (x.shape[0], num_probes, (d + 7) // 8), generator=generator, device=device,
+                          dtype=torch.uint8).to(x.device)
+    bits = (draws[..., None] >> _SHIFTS.to(x.device)) & 1  # (batch, k, bytes, 8)
+    return bits.reshape(x.shape[0], num_probes, -1)[..., :d].to(x.dtype).mul_(2).sub_(1).reshape(shape)

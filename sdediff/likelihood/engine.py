@@ -326,7 +326,7 @@ def _torchdiffeq(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float, rtol: float
         calls[0] += 1
         tau = t.clamp(0.0, sde.T).expand(state[0].shape[0])
         ev = flow.evaluate(state[0], tau, probes, check=calls[0] == 1)
-        ensure_finite(ev, tau, rows)
+        ensure_finite(ev, rows)
         return ev.f, ev.h
 
     columns = 1 if probes is None else probes.shape[1]

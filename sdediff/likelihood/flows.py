@@ -64,6 +64,7 @@ class Evaluation(NamedTuple):
     f: Tensor  #: ``(n, D)`` the state's derivative in the integration time
     h: Tensor  #: ``(n, k)`` the divergence integrand, one column per Hutchinson probe (``k = 1`` for the exact trace)
     grad: Tensor  #: ``(n, D)`` the gradient of the log-density with respect to the state
+    t: Tensor  #: ``(n,)`` the SDE times of the states
 
 
 def checked_score(score_fn: ScoreFn, x: Tensor, t: Tensor) -> Tensor:
@@ -94,15 +95,15 @@ def checked_score(score_fn: ScoreFn, x: Tensor, t: Tensor) -> Tensor:
     return out
 
 
-def ensure_finite(ev: Evaluation, t: Tensor, index: Tensor) -> None:
-    """Raise :class:`FloatingPointError` naming the first point (its row ``index``) and its time ``t`` where the flow's
-    values are not finite (one host synchronisation)."""
+def ensure_finite(ev: Evaluation, index: Tensor) -> None:
+    """Raise :class:`FloatingPointError` naming the first point (its row ``index``) and its time where the flow's values
+    are not finite (one host synchronisation)."""
     if all_finite(ev.f) and all_finite(ev.h):
         return
     bad = ~(torch.isfinite(ev.f).all(1) & torch.isfinite(ev.h).all(1))
     i = int(bad.nonzero()[0, 0])
     raise FloatingPointError(
-        f"log_likelihood: the probability flow is not finite at point {int(index[i])} at t = {float(t[i]):.6g} "
+        f"log_likelihood: the probability flow is not finite at point {int(index[i])} at t = {float(ev.t[i]):.6g} "
         f"({int(bad.sum())} point(s) of this evaluation): score_fn returned NaN or Inf there, or the state blew up "
         "(check the score function and eps)")
 
@@ -206,10 +207,10 @@ class NoiseLevelFlow:
         score = score.reshape(z.shape)
         if check:
             check_jacobian(score, div)
-        f = (-(b * s)[:, None] * score - z) * ((sigma + a) / b)[:, None]
-        g = -(s**2)[:, None] * div
-        h = ((sigma + a) / b)[:, None] * (((sigma + b) / sigma)[:, None] * g - self.dim)
-        return Evaluation(f=f, h=h, grad=score * x_scale[:, None])
+        c = ((sigma + a) / b)[:, None]
+        f = torch.mul(score, -(b * s)[:, None] * c).addcmul_(z, c, value=-1)  # (sigma + a)/b (b eps_hat - z)
+        h = c * (-((sigma + b) / sigma * s**2)[:, None] * div - self.dim)
+        return Evaluation(f=f, h=h, grad=score.mul_(x_scale[:, None]), t=t)
 
 
 class TimeFlow:
@@ -255,4 +256,4 @@ class TimeFlow:
             return self.sde.drift(q, tau) + expand_as(weight, q) * scores[-1]
 
         v, div = _divergence(velocity, x, probes)
-        return Evaluation(f=v.reshape(z.shape), h=div, grad=scores[-1].detach().reshape(z.shape))
+        return Evaluation(f=v.reshape(z.shape), h=div, grad=scores[-1].detach().reshape(z.shape), t=tau)

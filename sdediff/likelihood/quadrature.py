@@ -28,22 +28,29 @@ GAUSS_POINTS = 10
 
 
 @functools.cache
-def _gauss_legendre(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _gauss_legendre(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     x, w = np.polynomial.legendre.leggauss(n)
-    return tuple(x.tolist()), tuple(w.tolist())
+    return torch.tensor(x, dtype=dtype, device=device), torch.tensor(w, dtype=dtype, device=device)
 
 
 def _points(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     """Gauss–Legendre points ``(n, Q)`` on each ``[lo_i, hi_i]`` and their weights ``(n, Q)``."""
-    x, w = (torch.tensor(v, dtype=lo.dtype, device=lo.device) for v in _gauss_legendre(GAUSS_POINTS))
+    x, w = _gauss_legendre(GAUSS_POINTS, lo.dtype, lo.device)
     half = (hi - lo)[:, None] / 2
     return lo[:, None] + half * (x + 1), w * half
 
 
 def _off_diagonal(valid: Tensor) -> Tensor:
-    """``(n, M, M)``: pairs ``(j, m)`` of distinct valid nodes."""
-    eye = torch.eye(valid.shape[1], dtype=torch.bool, device=valid.device)
-    return valid[:, :, None] & valid[:, None, :] & ~eye
+    """``(..., M, M)``: pairs ``(j, m)`` of distinct valid nodes."""
+    eye = torch.eye(valid.shape[-1], dtype=torch.bool, device=valid.device)
+    return valid[..., :, None] & valid[..., None, :] & ~eye
+
+
+def _rules(nodes: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """``valid`` as ``(n, R, M)`` (``R`` rules on the same nodes), ``nodes`` as ``(n, 1, M)``, and whether ``valid``
+    had the rule dimension."""
+    ruled = valid.dim() == 3
+    return nodes[:, None], valid if ruled else valid[:, None], ruled
 
 
 def lagrange_integrals(nodes: Tensor, valid: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -54,48 +61,57 @@ def lagrange_integrals(nodes: Tensor, valid: Tensor, lo: Tensor, hi: Tensor) -> 
     nodes : Tensor
         ``(n, M)`` nodes of each sample (distinct among the valid ones).
     valid : Tensor
-        ``(n, M)`` bool: the nodes that take part; each row needs at least one.
+        ``(n, M)`` bool: the nodes that take part (at least one per row); or ``(n, R, M)`` for ``R`` rules on the
+        same nodes at once.
     lo, hi : Tensor
         ``(n,)`` limits of each sample's integral.
 
     Returns
     -------
     Tensor
-        ``(n, M)`` weights, zero at the invalid nodes; :math:`\sum_j w_j y_j` integrates the polynomial.
+        Weights shaped like ``valid``, zero at the invalid nodes; :math:`\sum_j w_j y_j` integrates the polynomial.
     """
     r, w = _points(lo, hi)
-    pair = _off_diagonal(valid)
-    denom = torch.where(pair, nodes[:, :, None] - nodes[:, None, :], torch.ones((), dtype=nodes.dtype, device=nodes.device))
-    factors = (r[:, :, None, None] - nodes[:, None, None, :]) / denom[:, None]  # (n, Q, j, m)
-    basis = torch.where(pair[:, None], factors, torch.ones((), dtype=nodes.dtype, device=nodes.device)).prod(-1)
-    return (w[:, :, None] * basis).sum(1) * valid
+    node, valid, ruled = _rules(nodes, valid)
+    pair = _off_diagonal(valid)  # (n, R, M, M)
+    one = torch.ones((), dtype=nodes.dtype, device=nodes.device)
+    denom = torch.where(pair, node[..., :, None] - node[..., None, :], one)
+    factors = (r[:, None, :, None, None] - node[:, :, None, None, :]) / denom[:, :, None]  # (n, R, Q, j, m)
+    basis = torch.where(pair[:, :, None], factors, one).prod(-1)
+    out = (w[:, None, :, None] * basis).sum(2) * valid
+    return out if ruled else out[:, 0]
 
 
 def divided_difference_weights(nodes: Tensor, valid: Tensor) -> Tensor:
     r"""Weights :math:`c_j = 1/\prod_{m \ne j}(\tau_j - \tau_m)` of the divided difference over the valid nodes.
 
     :math:`y[\tau_0, \dots, \tau_{M-1}] = \sum_j c_j y_j`, which is :math:`y^{(M-1)}(\xi)/(M-1)!` for some
-    :math:`\xi` between the nodes (the leading coefficient of the interpolating polynomial).
+    :math:`\xi` between the nodes (the leading coefficient of the interpolating polynomial). ``valid`` is ``(n, M)``
+    or ``(n, R, M)`` (``R`` sets of nodes).
 
     Returns
     -------
     Tensor
-        ``(n, M)`` weights, zero at the invalid nodes.
+        Weights shaped like ``valid``, zero at the invalid nodes.
     """
-    pair = _off_diagonal(valid)
+    node, valid, ruled = _rules(nodes, valid)
     one = torch.ones((), dtype=nodes.dtype, device=nodes.device)
-    prod = torch.where(pair, nodes[:, :, None] - nodes[:, None, :], one).prod(-1)
-    return torch.where(valid, 1.0 / prod, torch.zeros_like(prod))
+    prod = torch.where(_off_diagonal(valid), node[..., :, None] - node[..., None, :], one).prod(-1)
+    out = torch.where(valid, 1.0 / prod, torch.zeros_like(prod))
+    return out if ruled else out[:, 0]
 
 
 def node_polynomial_integral(nodes: Tensor, valid: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    r""":math:`\int_{lo}^{hi} \prod_{j\ \mathrm{valid}} (\tau - \tau_j)\,d\tau`, ``(n,)``.
+    r""":math:`\int_{lo}^{hi} \prod_{j\ \mathrm{valid}} (\tau - \tau_j)\,d\tau`, ``(n,)`` (``(n, R)`` for ``valid``
+    ``(n, R, M)``).
 
     With :func:`divided_difference_weights` over the same nodes and one more, the product estimates the error of
     the rule of :func:`lagrange_integrals`: :math:`\int (y - p) \approx y[\tau_0, \dots, \tau_{M-1}, \tau_M]
     \int \omega`.
     """
     r, w = _points(lo, hi)
+    node, valid, ruled = _rules(nodes, valid)
     one = torch.ones((), dtype=nodes.dtype, device=nodes.device)
-    omega = torch.where(valid[:, None, :], r[:, :, None] - nodes[:, None, :], one).prod(-1)
-    return (omega * w).sum(1)
+    omega = torch.where(valid[:, :, None, :], r[:, None, :, None] - node[:, :, None, :], one).prod(-1)  # (n, R, Q)
+    out = (omega * w[:, None]).sum(2)
+    return out if ruled else out[:, 0]
