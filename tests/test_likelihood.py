@@ -135,8 +135,8 @@ def test_hutchinson_is_unbiased(name, noise):
     assert (se < 0.75).all(), se  # the check below has power (VP ~0.1 nats, VE with Gaussian probes ~0.5)
     z = (mean - exact.log_prob) / se
     assert (z.abs() < 4).all(), z
-    # the state part of the flow does not depend on the probe
-    torch.testing.assert_close(est.latent, exact.latent.repeat(reps, 1), rtol=1e-4, atol=1e-4)
+    # the state part of the flow does not depend on the probe (but for the steps the probe's integrand asks for)
+    torch.testing.assert_close(est.latent, exact.latent.repeat(reps, 1), rtol=2e-3, atol=1e-4)
     torch.testing.assert_close(est.prior_log_prob, exact.prior_log_prob.repeat(reps), rtol=0, atol=1e-2)
 
 
@@ -198,13 +198,16 @@ def test_nfe_counts_score_calls(trace):
     calls = []
 
     def score_fn(x, t):
-        calls.append(t.shape)
+        calls.append((x.shape[0], t.shape))
         return inner(x, t)
 
     x = mixture_points(gm, sde, 5, seed=16)
     res = sdediff.log_likelihood(sde, score_fn, x, eps=EPS, trace=trace, generator=gen(17))
     assert res.nfe > 0 and res.nfe == len(calls)
-    assert all(shape == (5,) for shape in calls)  # t reaches the score as a (batch,) tensor
+    assert all(t_shape == (n,) for n, t_shape in calls)  # t reaches the score as a (batch,) tensor
+    assert calls[0][0] == 5  # the first evaluation is on every point, the others on those still integrating
+    # every point takes part in as many evaluations as its own steps need; the calls add up
+    assert sum(n for n, _ in calls) == int(res.nfe_per_point.sum()) and res.nfe_max <= res.nfe
     assert res.latent.shape == x.shape
 
 

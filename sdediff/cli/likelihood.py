@@ -16,7 +16,8 @@ from torch import Tensor
 from .. import __version__
 from ..data.toy import make_toy, toy_mixture
 from ..distributed import chunk_generator, chunk_slices, local_device, process_rank, world_size
-from ..likelihood import log_likelihood
+from ..likelihood import LikelihoodResult, bits_per_dim, log_likelihood
+from ..likelihood.engine import cat_results
 from ..metrics import mean_se
 from ..runs import Run
 from .common import (
@@ -73,41 +74,52 @@ def run(args: argparse.Namespace) -> int:
     chunks = chunk_slices(len(x), args.batch_size)
     main = process_rank() == 0
     if main:
+        accuracy = ", ".join(f"{k}={v:g}" for k, v in (("tol", args.tol), ("rtol", args.rtol), ("atol", args.atol))
+                             if v is not None) or "default tol"
         print(f"sdediff {__version__} likelihood: {len(x)} {data} points ({args.split} split) under "
-              f"{trained.describe()}; probability-flow ODE from eps={eps:g}, {trace} trace, rtol={args.rtol:g}, "
-              f"atol={args.atol:g}, on {device}, {threads}; {describe_sharding(chunks)}")
+              f"{trained.describe()}; probability-flow ODE from eps={eps:g}, {trace} trace"
+              f"{f' ({args.probes} probe(s))' if trace == 'hutchinson' else ''}, {accuracy}, on {device}, {threads}; "
+              f"{describe_sharding(chunks)}")
 
-    def score_chunk(k: int) -> tuple[Tensor, int, Tensor | None]:
+    def score_chunk(k: int) -> tuple[LikelihoodResult, Tensor | None]:
         gen = chunk_generator(args.seed, k, device)  # the Hutchinson probes, then the bound's times and noise
         xk = x[chunks[k]]
-        res = log_likelihood(trained.sde, trained.score, xk, eps=eps, rtol=args.rtol, atol=args.atol, trace=trace,
-                             generator=gen, progress=args.progress and main and len(chunks) == 1)
+        res = log_likelihood(trained.sde, trained.score, xk, eps=eps, tol=args.tol, rtol=args.rtol, atol=args.atol,
+                             trace=trace, num_probes=args.probes, generator=gen,
+                             progress=args.progress and main and len(chunks) == 1)
         bound = None
         if args.bound:
             bound = nll_bound_in_chunks(trained.sde, trained.score, xk, eps, args.bound_times, gen).cpu()
-        return res.log_prob.detach().cpu(), res.nfe, bound
+        return res.to("cpu"), bound
 
     start = time.perf_counter()
     parts = sharded_map(device, score_chunk, len(chunks), args.progress)
     if parts is None:  # a torchrun rank other than 0: rank 0 writes the results
         return 0
     seconds = time.perf_counter() - start
-    log_prob, nfe = torch.cat([part[0] for part in parts]), sum(part[1] for part in parts)
+    res = cat_results([part[0] for part in parts])
+    log_prob = res.log_prob.detach()
     nll, nll_se = mean_se(-log_prob)
     doc: dict[str, Any] = {"checkpoint": str(trained.checkpoint), "step": trained.step, "data": data,
-                           "split": args.split, "n": len(x), "eps": eps, "trace": trace, "rtol": args.rtol,
-                           "atol": args.atol, "nfe": nfe, "batch_size": args.batch_size, "world_size": world_size(),
-                           "seconds": seconds, "nll": nll, "nll_se": nll_se, "nll_per_dim": nll / d}
-    lines = [f"NLL {nll:.4f} ± {nll_se:.4f} nats ({nll / d:.4f} nats/dim), {nfe} NFE, {seconds:.1f} s"]
+                           "split": args.split, "n": len(x), "eps": eps, "trace": trace, "probes": res.num_probes,
+                           "tol": args.tol, "rtol": args.rtol, "atol": args.atol, "nfe": res.nfe,
+                           "nfe_per_point_mean": res.nfe_mean, "nfe_per_point_max": res.nfe_max,
+                           "batch_size": args.batch_size, "world_size": world_size(), "seconds": seconds, "nll": nll,
+                           "nll_se": nll_se, "nll_per_dim": nll / d,
+                           "integration_error_mean": float(res.integration_error.mean())}
+    lines = [f"NLL {nll:.4f} ± {nll_se:.4f} nats ({nll / d:.4f} nats/dim), {res.nfe_mean:.1f} NFE per point (max "
+             f"{res.nfe_max}), {seconds:.1f} s; integration error estimate {doc['integration_error_mean']:.2g} nats"]
     if image:
-        from ..data.digits import digits_bits_per_dim
+        from ..data.digits import DIGITS_LEVELS
 
-        bpd, bpd_se = mean_se(digits_bits_per_dim(log_prob.cpu()))
-        doc.update(bits_per_dim=bpd, bits_per_dim_se=bpd_se)
-        lines.append(f"bits/dim {bpd:.4f} ± {bpd_se:.4f} (17 grey levels, uniform dequantisation; a uniform model "
-                     f"scores {math.log2(17):.3f})")
+        bpd = bits_per_dim(res, d, levels=DIGITS_LEVELS)
+        doc.update(bits_per_dim=bpd.mean, bits_per_dim_se=bpd.std_error, bits_per_dim_probe_se=bpd.probe_std_error)
+        probe = (f"{bpd.probe_std_error:.4f} of it from the probes" if math.isfinite(bpd.probe_std_error) else
+                 "probe part not estimated with one probe (--probes 2)")
+        lines.append(f"bits/dim {bpd.mean:.4f} ± {bpd.std_error:.4f} (standard error over points, {probe}; 17 grey "
+                     f"levels, uniform dequantisation; a uniform model scores {math.log2(17):.3f})")
     if args.bound:
-        b, b_se = mean_se(torch.cat([part[2] for part in parts]))
+        b, b_se = mean_se(torch.cat([part[1] for part in parts]))
         doc.update(nll_bound=b, nll_bound_se=b_se)
         lines.append(f"NLL upper bound (ELBO, {args.bound_times} times per point) {b:.4f} ± {b_se:.4f} nats")
         if image:

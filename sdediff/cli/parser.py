@@ -322,8 +322,12 @@ def build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]
     p.add_argument("--eps", type=positive_float, help="start time of the ODE (default: the run's --t-eps)")
     p.add_argument("--trace", choices=("auto", "exact", "hutchinson"), default="auto",
                    help="divergence estimator (auto: exact up to 16 dimensions)")
-    p.add_argument("--rtol", type=positive_float, default=1e-5, help="ODE relative tolerance")
-    p.add_argument("--atol", type=positive_float, default=1e-5, help="ODE absolute tolerance")
+    p.add_argument("--tol", type=positive_float, help="accuracy of each log-density in nats (default 1e-4, or only "
+                                                       "--rtol/--atol when given)")
+    p.add_argument("--rtol", type=positive_float, help="also a relative tolerance on the latent (with --atol)")
+    p.add_argument("--atol", type=positive_float, help="also an absolute tolerance on the latent (with --rtol)")
+    p.add_argument("--probes", type=positive_int, default=1, help="Hutchinson probes per evaluation (2 or more: "
+                                                                 "each point's probe standard error)")
     p.add_argument("--batch-size", type=positive_int, default=500, help=f"points per chunk (one ODE solve); {CHUNKS}")
     p.add_argument("--bound", action=argparse.BooleanOptionalAction, default=True, help="also the ELBO upper bound")
     p.add_argument("--bound-times", type=positive_int, default=64, help="Monte Carlo times per point of the bound")

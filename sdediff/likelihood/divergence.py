@@ -1,0 +1,103 @@
+r"""Divergences :math:`\nabla\cdot v = \operatorname{tr}(\partial v/\partial x)` by autograd: exactly, or by
+Hutchinson's estimate with one or several probes.
+
+Both need ``v`` differentiable in ``x``. The vector–Jacobian products :math:`u^\top (\partial v/\partial x)` of several
+vectors ``u`` are taken in one batched backward pass (``torch.autograd.grad(..., is_grads_batched=True)``, which
+vmaps the backward graph) and, where a network's operations do not support that, one after the other.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .._utils import randn
+from .._validate import check_choice, check_int
+
+__all__ = ["divergence_exact", "divergence_hutchinson", "draw_probes", "vector_jacobian_products", "NOISES",
+           "EXACT_GROUP"]
+
+NOISES = ("rademacher", "gaussian")
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+#: basis vectors per batched backward pass of the exact divergence (bounds its memory at ``EXACT_GROUP`` states)
+EXACT_GROUP = 64
+
+
+def vector_jacobian_products(v: Tensor, x: Tensor, vectors: Tensor, retain_graph: bool = False) -> Tensor:
+    r""":math:`u_j^\top \partial v/\partial x` for the ``k`` vectors ``vectors[j]`` (each shaped like ``v``), ``(k, *x.shape)``.
+
+    One batched backward pass; if the graph cannot be vmapped (an operation without a batching rule), ``k``
+    passes. The graph is kept if ``retain_graph``.
+    """
+    if vectors.shape[0] == 1:
+        (g,) = torch.autograd.grad(v, x, grad_outputs=vectors[0], retain_graph=retain_graph)
+        return g[None]
+    try:
+        (g,) = torch.autograd.grad(v, x, grad_outputs=vectors, retain_graph=True, is_grads_batched=True)
+    except RuntimeError:  # no batching rule for an operation of the network: one pass per vector
+        g = torch.stack([torch.autograd.grad(v, x, grad_outputs=u, retain_graph=True)[0] for u in vectors])
+    if not retain_graph:
+        del v
+    return g
+
+
+def divergence_exact(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``(v, ∇·v)`` for ``v = fn(x)``: the divergence exactly, :math:`\sum_i \partial v_i/\partial x_i`.
+
+    Costs ``D`` vector–Jacobian products (the basis vectors :math:`e_i`, :data:`EXACT_GROUP` per batched backward
+    pass), so it suits small dimensions ``D``. Returns ``v`` detached and the divergence, ``(batch,)``.
+    """
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        v = fn(x)
+        n, d = x.shape[0], x[0].numel()
+        div = x.new_zeros(n)
+        eye = torch.eye(d, dtype=x.dtype, device=x.device)
+        for start in range(0, d, EXACT_GROUP):
+            rows = eye[start:start + EXACT_GROUP]  # (g, d): the basis vectors e_start .. e_start+g-1
+            vectors = rows[:, None, :].expand(len(rows), n, d).reshape(len(rows), *v.shape)
+            grads = vector_jacobian_products(v, x, vectors, retain_graph=start + EXACT_GROUP < d)
+            div = div + (grads.reshape(len(rows), n, d) * rows[:, None, :]).sum(dim=(0, 2))
+    return v.detach(), div
+
+
+def divergence_hutchinson(fn: Callable[[Tensor], Tensor], x: Tensor, probe: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``(v, z^T (∂v/∂x) z)``: Hutchinson's unbiased estimate of :math:`\nabla\cdot v` with probe ``z``.
+
+    :math:`E_z[z^\top J z] = \operatorname{tr} J` for any probe with :math:`E[zz^\top] = I` (Rademacher or
+    standard Gaussian). ``probe`` shaped like ``x`` gives one estimate per sample, ``(batch,)``, from one
+    vector–Jacobian product; shaped ``(k, *x.shape)`` it gives ``k`` estimates, ``(k, batch)``, from one batched
+    backward pass.
+    """
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        v = fn(x)
+        vectors = probe if probe.dim() == x.dim() + 1 else probe[None]
+        vjp = vector_jacobian_products(v, x, vectors)
+    flat = vectors.shape[0] * x.shape[0], -1
+    est = torch.linalg.vecdot(vjp.reshape(flat), vectors.reshape(flat)).reshape(vectors.shape[0], x.shape[0])
+    return v.detach(), est if probe.dim() == x.dim() + 1 else est[0]
+
+
+def draw_probes(x: Tensor, num_probes: int, noise: str = "rademacher",
+                generator: torch.Generator | None = None) -> Tensor:
+    r"""``num_probes`` Hutchinson probes per sample, ``(batch, num_probes, *x.shape[1:])``, with :math:`E[zz^\top] = I`.
+
+    ``"rademacher"`` draws :math:`\pm 1` from the bits of uniform random bytes (eight signs per byte), ``"gaussian"``
+    standard normals; the draws are made sample after sample (sample-major), so splitting a batch into consecutive
+    chunks drawn from one generator gives the same probes.
+    """
+    check_choice("noise", noise, NOISES)
+    num_probes = check_int("num_probes", num_probes)
+    shape = (x.shape[0], num_probes, *x.shape[1:])
+    if noise == "gaussian":
+        return randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+    d = math.prod(x.shape[1:])
+    device = generator.device if generator is not None else x.device
+    draws = torch.randint(0, 256, (x.shape[0], num_probes, (d + 7) // 8), generator=generator, device=device,
+                          dtype=torch.uint8).to(x.device)
+    bits = (draws[..., None] >> _SHIFTS.to(x.device)) & 1  # (batch, k, bytes, 8)
+    return bits.reshape(x.shape[0], num_probes, -1)[..., :d].to(x.dtype).mul_(2).sub_(1).reshape(shape)
