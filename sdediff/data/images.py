@@ -30,9 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._io import atomic_write_file
 from .._validate import check_choice, check_int
 
-__all__ = ["IMAGE_SUFFIXES", "RESIZE_MODES", "ImageFiles", "find_images", "stack_images", "read_torchvision"]
+__all__ = ["IMAGE_SUFFIXES", "RESIZE_MODES", "ImageFiles", "find_images", "stack_images", "read_torchvision", "image_grid",
+           "save_image_grid"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 RESIZE_MODES = ("center_crop", "resize")
@@ -239,3 +241,42 @@ def read_torchvision(name: str, data_root: str | Path, image_size: int | None = 
     classes = getattr(dataset, "classes", None)
     class_names = tuple(str(c) for c in classes) if isinstance(classes, (list, tuple)) and labels is not None else None
     return array, labels, class_names
+
+
+def image_grid(images: np.ndarray | torch.Tensor, columns: int = 8, rows: int | None = None,
+               padding: int = 1) -> np.ndarray:
+    """Tile ``uint8`` images ``(N, C, H, W)`` (``C`` 1 or 3) into one picture, row by row.
+
+    The grid has ``columns`` columns and ``rows`` rows (default: as many as ``N`` needs; with ``rows`` given, the
+    images beyond ``rows * columns`` are left out and missing ones stay blank), ``padding`` white pixels between
+    and around the tiles. Returns ``(H', W')`` for greyscale, ``(H', W', 3)`` for colour (what Pillow's
+    ``Image.fromarray`` takes).
+    """
+    array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1] not in (1, 3) or array.shape[0] < 1:
+        raise ValueError(f"images must be uint8 of shape (N, C, H, W) with C 1 or 3 and N >= 1, got {array.dtype} "
+                         f"{array.shape}")
+    columns = check_int("columns", columns)
+    rows = check_int("rows", rows, optional=True) or -(-array.shape[0] // columns)
+    padding = check_int("padding", padding, 0)
+    n, c, h, w = array.shape
+    canvas = np.full((c, padding + rows * (h + padding), padding + columns * (w + padding)), 255, dtype=np.uint8)
+    for i in range(min(n, rows * columns)):
+        r, col = divmod(i, columns)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        canvas[:, top:top + h, left:left + w] = array[i]
+    return canvas[0] if c == 1 else canvas.transpose(1, 2, 0)
+
+
+def save_image_grid(path: str | Path, images: np.ndarray | torch.Tensor, columns: int = 8, rows: int | None = None,
+                    padding: int = 1, scale: int = 1) -> Path:
+    """Write :func:`image_grid` of ``uint8`` images ``(N, C, H, W)`` as a PNG (atomically), each pixel drawn as a
+    ``scale`` × ``scale`` block (nearest neighbour, so levels are not blurred); returns the path."""
+    from PIL import Image
+
+    scale = check_int("scale", scale)
+    grid = image_grid(images, columns, rows, padding)
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    picture = Image.fromarray(grid)
+    return atomic_write_file(path, lambda tmp: picture.save(tmp, format="PNG"))

@@ -19,6 +19,7 @@ means that token for every sample.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -192,8 +193,35 @@ def _groups(channels: int, groups: int) -> int:
     return max(g for g in range(1, min(groups, channels) + 1) if channels % g == 0)
 
 
+class _Attention(nn.Module):
+    r"""Self-attention over the :math:`HW` positions of a feature map, added to it:
+    :math:`x + W_o\,\mathrm{softmax}(Q^\top K/\sqrt{d})\,V` per head, with :math:`Q, K, V` 1×1 convolutions of
+    ``GroupNorm(x)``, :math:`d` = channels per head, and :math:`W_o` a zero-initialised 1×1 convolution (so the
+    block starts as the identity). Written with plain matrix products, so it has every derivative a likelihood or
+    a sliced score-matching loss asks for."""
+
+    def __init__(self, channels: int, heads: int, groups: int) -> None:
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"attention_heads={heads} must divide the {channels} channels of every attention level")
+        self.heads = heads
+        self.norm = nn.GroupNorm(_groups(channels, groups), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
+        weights = torch.softmax(torch.einsum("bhdi,bhdj->bhij", q, k) / math.sqrt(c // self.heads), dim=-1)
+        out = torch.einsum("bhij,bhdj->bhdi", weights, v).reshape(b, c, h, w)
+        return x + self.proj(out)
+
+
 class _ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, dropout: float) -> None:
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, dropout: float,
+                 attention_heads: int | None = None) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(_groups(cin, groups), cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
@@ -204,11 +232,13 @@ class _ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.attn = None if attention_heads is None else _Attention(cout, attention_heads, groups)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x))) + self.emb(emb)[:, :, None, None]
         h = self.conv2(self.drop(F.silu(self.norm2(h))))
-        return self.skip(x) + h
+        out = self.skip(x) + h
+        return out if self.attn is None else self.attn(out)
 
 
 class _Down(nn.Conv2d):
@@ -231,8 +261,12 @@ class UNet(_ScoreNet):
     (``+1`` on the way up, each fed a skip connection), stride-2 convolutions down, nearest-neighbour
     upsampling + convolution up, two residual blocks in the middle. Residual blocks are
     GroupNorm → SiLU → conv, plus a projection of the time (+ class) embedding, then GroupNorm → SiLU →
-    dropout → zero-initialised conv. ``H`` and ``W`` must be divisible by ``2**(len(channel_mults) - 1)``:
-    ``(1, 2)`` suits 8×8 digits, ``(1, 2, 2)`` or ``(1, 2, 2, 2)`` 32×32 images.
+    dropout → zero-initialised conv. At the levels of ``attention_levels`` (0 is the input resolution, level
+    ``i`` has :math:`H/2^i \times W/2^i` positions) every residual block is followed by a self-attention block
+    with ``attention_heads`` heads, and so is the first middle block when the lowest level is among them (as in
+    DDPM). ``H`` and ``W`` must be divisible by ``2**(len(channel_mults) - 1)``: ``(1, 2)`` suits 8×8 digits,
+    ``(1, 2, 2)`` 28×28 or 32×32 images, ``(1, 2, 2, 2)`` 64×64. :func:`unet_config` picks all of these from the
+    shape of the data.
 
     Parameters
     ----------
@@ -256,46 +290,56 @@ class UNet(_ScoreNet):
         Output channels (default ``in_channels``).
     fourier_scale : float
         Frequency scale of the ``"fourier"`` embedding.
+    attention_levels : tuple of int
+        Levels (``0 .. len(channel_mults) - 1``) with self-attention after each residual block; ``()``: none.
+    attention_heads : int
+        Heads of every attention block (they must divide its channels).
     """
 
     def __init__(self, in_channels: int = 1, base_channels: int = 32, channel_mults: tuple[int, ...] = (1, 2),
                  num_res_blocks: int = 1, time_embed: str = "sinusoidal", num_classes: int | None = None,
                  dropout: float = 0.0, groups: int = 8, out_channels: int | None = None,
-                 fourier_scale: float = 4.0) -> None:
+                 fourier_scale: float = 4.0, attention_levels: tuple[int, ...] = (), attention_heads: int = 1) -> None:
         super().__init__()
         for value, name in ((in_channels, "in_channels"), (base_channels, "base_channels"),
-                            (num_res_blocks, "num_res_blocks"), (groups, "groups")):
+                            (num_res_blocks, "num_res_blocks"), (groups, "groups"), (attention_heads, "attention_heads")):
             check_int(name, value)
         mults = check_ints("channel_mults", channel_mults)
+        attention = tuple(sorted(set(check_ints("attention_levels", attention_levels, 0)))) if len(attention_levels) else ()
+        if attention and attention[-1] >= len(mults):
+            raise ValueError(f"attention_levels must lie in 0..{len(mults) - 1} (one per channel multiplier), got "
+                             f"{tuple(attention_levels)!r}")
         dropout = check_float("dropout", dropout, 0, 1, high_open=True)
         _check_even(base_channels, "base_channels")
         out_channels = in_channels if out_channels is None else check_int("out_channels", out_channels)
         self.config: dict[str, Any] = {
             "in_channels": in_channels, "base_channels": base_channels, "channel_mults": list(mults),
             "num_res_blocks": num_res_blocks, "time_embed": time_embed, "num_classes": num_classes,
-            "dropout": dropout, "groups": groups, "out_channels": out_channels, "fourier_scale": fourier_scale}
+            "dropout": dropout, "groups": groups, "out_channels": out_channels, "fourier_scale": fourier_scale,
+            "attention_levels": list(attention), "attention_heads": attention_heads}
         emb_dim = 4 * base_channels
         self.cond = _Conditioning(time_embed, base_channels, emb_dim, num_classes, fourier_scale)
         self.inp = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
-        def res(cin: int, cout: int) -> _ResBlock:
-            return _ResBlock(cin, cout, emb_dim, groups, dropout)
+        def res(cin: int, cout: int, level: int) -> _ResBlock:
+            return _ResBlock(cin, cout, emb_dim, groups, dropout, attention_heads if level in attention else None)
 
         ch, skips = base_channels, [base_channels]
         self.down = nn.ModuleList()
         for level, mult in enumerate(mults):
             for _ in range(num_res_blocks):
-                self.down.append(res(ch, base_channels * mult))
+                self.down.append(res(ch, base_channels * mult, level))
                 ch = base_channels * mult
                 skips.append(ch)
             if level < len(mults) - 1:
                 self.down.append(_Down(ch))
                 skips.append(ch)
-        self.mid = nn.ModuleList([res(ch, ch), res(ch, ch)])
+        lowest = len(mults) - 1
+        self.mid = nn.ModuleList([res(ch, ch, lowest), res(ch, ch, -1)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(mults))):
             for _ in range(num_res_blocks + 1):
-                self.up.append(res(ch + skips.pop(), base_channels * mult))
+                self.up.append(res(ch + skips.pop(), base_channels * mult, level))
                 ch = base_channels * mult
             if level > 0:
                 self.up.append(_Up(ch))
@@ -322,6 +366,44 @@ class UNet(_ScoreNet):
         for block in self.up:
             h = block(h) if isinstance(block, _Up) else block(torch.cat([h, hs.pop()], dim=1), emb)
         return self.out(F.silu(self.out_norm(h)))
+
+
+def unet_config(sample_shape: tuple[int, ...], **overrides: Any) -> dict[str, Any]:
+    r"""The :class:`UNet` arguments sdediff picks for images of ``sample_shape = (C, H, W)``, with ``overrides``
+    (any :class:`UNet` argument) applied on top.
+
+    With :math:`s = \min(H, W)`:
+
+    * levels: 2 for :math:`s \le 12`, 3 for :math:`s \le 32`, 4 for :math:`s \le 64`, 5 above, fewer where
+      :math:`H` or :math:`W` is not divisible by :math:`2^{\text{levels} - 1}`; ``channel_mults`` ``(1, 2, 2, ...)``;
+    * ``base_channels`` 32 for :math:`s \le 12` (the 8×8 digits), else 16, one residual block per level: sized
+      for training on a CPU (on a GPU, ``base_channels=64`` or more and ``num_res_blocks=2``);
+    * self-attention at the lowest level (7×7 for 28×28 images, 8×8 for 32×32 and 64×64) for :math:`s \ge 16`,
+      none for smaller images; one head;
+    * dropout 0 (0.1 is usual for long runs on a small data set), the sinusoidal time embedding.
+
+    Returns
+    -------
+    dict
+        Keyword arguments of :class:`UNet` (``in_channels`` included); ``UNet(**unet_config(shape))`` builds it.
+    """
+    shape = check_ints("sample_shape", sample_shape)
+    if len(shape) != 3:
+        raise ValueError(f"sample_shape must be (C, H, W) for a UNet, got {tuple(sample_shape)!r}")
+    c, h, w = shape
+    side = min(h, w)
+    levels = 2 if side <= 12 else 3 if side <= 32 else 4 if side <= 64 else 5
+    while levels > 1 and (h % 2 ** (levels - 1) or w % 2 ** (levels - 1)):
+        levels -= 1
+    config: dict[str, Any] = {"in_channels": c, "base_channels": 32 if side <= 12 else 16,
+                              "channel_mults": (1, *[2] * (levels - 1)), "num_res_blocks": 1,
+                              "attention_levels": (levels - 1,) if side >= 16 else (), "attention_heads": 1,
+                              "dropout": 0.0, "time_embed": "sinusoidal"}
+    unknown = sorted(set(overrides) - set(inspect.signature(UNet).parameters))
+    if unknown:
+        raise ValueError(f"unknown UNet arguments: {', '.join(unknown)}")
+    config.update(overrides)
+    return config
 
 
 MODELS = {"MLP": MLP, "UNet": UNet}
