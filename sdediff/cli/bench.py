@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         return run_model(args)
     args.n = args.n or 2000
     device = pick_device(args.device)
-    check_output_folder(args.out)  # before the comparison, so that a finished result is not lost
+    check_output_folder(args.out or "sdediff-bench")  # before the comparison, so that a finished result is not lost
     threads = set_threads(args.threads, device, small=True)
     dtype = torch.float64 if args.float64 else torch.float32
     sde = make_sde(args)
@@ -94,8 +94,8 @@ def run_model(args: argparse.Namespace) -> int:
     """``sdediff bench --run RUN``: :func:`~sdediff.compare_model.compare_on_model` on the run's model, held-out data
     from its toy set (where it has one), tables, JSON, plot and, with ``--save-grids``, the winning calibrated grids."""
     device = pick_device(args.device)
-    check_output_folder(args.out)  # before the comparison, so that a finished result is not lost
     trained = open_run(args.run, args.checkpoint, device, ema=not args.raw_weights)
+    check_output_folder(args.out or trained.directory / "bench")  # before the comparison: a finished result is kept
     threads = set_threads(args.threads, device, small=len(trained.shape) == 1)
     dtype = torch.float64 if args.float64 else torch.float32
     if args.float64:
