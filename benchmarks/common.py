@@ -29,6 +29,7 @@ from torch import Tensor
 import sdediff
 from sdediff._io import atomic_write
 from sdediff.interop.kdiffusion import KDiffusionDenoiser, load_sampling, sigma_of_time
+from sdediff.likelihood.engine import cat_results
 from sdediff.solvers import get_solver
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -275,10 +276,11 @@ def add_run_args(p: argparse.ArgumentParser, *, steps: int, quick_steps: int, ba
 
 
 def add_likelihood_args(p: argparse.ArgumentParser, *, bound_t: int) -> None:
-    """Options of the digits test-set scoring: ``--t-eps --n-test --tol --nll-batch --bound-t``."""
+    """Options of the test-set scoring: ``--t-eps --n-test --tol --nll-batch --bound-t``."""
     p.add_argument("--t-eps", type=float, default=1e-5, help="smallest training time, ODE start and bound t_eps")
     p.add_argument("--n-test", type=int, default=None, help="test images scored (default all 359; 16 with --quick)")
-    p.add_argument("--tol", type=float, default=1e-5, help="rtol = atol of the likelihood ODE")
+    p.add_argument("--tol", type=float, default=sdediff.likelihood.DEFAULT_TOL,
+                   help="accuracy of the ODE likelihood in nats (log_likelihood's tol; default the library's, %(default)g)")
     p.add_argument("--nll-batch", type=int, default=180, help="test images per log_likelihood call")
     p.add_argument("--bound-t", type=int, default=bound_t, help="Monte Carlo times per image for the bound")
 
@@ -339,18 +341,36 @@ def fit_logged(trainer: sdediff.Trainer, tag: str = "", resume: bool = False) ->
     return seconds
 
 
+@dataclass
+class ODELikelihood:
+    """What :func:`ode_log_probs` measured: the result over all chunks, the NFE of each chunk's calls, wall seconds."""
+
+    result: Any  # sdediff.LikelihoodResult of all the points, chunks concatenated
+    chunk_nfe: list[int]
+    seconds: float
+
+    @property
+    def log_prob(self) -> Tensor:
+        """float64 log-densities on the CPU."""
+        return self.result.log_prob.detach().double().cpu()
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON-ready cost figures: NFE per point (mean, max), calls per chunk, seconds, the method."""
+        return {"method": self.result.method, "nfe_per_point_mean": self.result.nfe_mean,
+                "nfe_per_point_max": self.result.nfe_max, "nfe": self.chunk_nfe, "seconds": self.seconds,
+                "integration_error_mean": float(self.result.integration_error.double().mean())}
+
+
 def ode_log_probs(sde: Any, score: Callable[[Tensor, Tensor], Tensor], x: Tensor, args: argparse.Namespace,
-                  generator: torch.Generator, trace: str = "hutchinson") -> tuple[Tensor, list[int], float]:
-    """:func:`sdediff.log_likelihood` of ``x`` in chunks of ``args.nll_batch`` (from ``args.t_eps``, rtol = atol =
-    ``args.tol``): float64 log-densities on the CPU, the NFE of each chunk, wall seconds."""
+                  generator: torch.Generator, trace: str = "hutchinson", **options: Any) -> ODELikelihood:
+    """:func:`sdediff.log_likelihood` of ``x`` in chunks of ``args.nll_batch`` from ``args.t_eps`` with ``tol =
+    args.tol`` (``options``, e.g. ``method="dopri5", rtol=1e-5, atol=1e-5``, replace it)."""
+    kwargs = {"tol": args.tol} | options
     tic = time.perf_counter()
-    log_probs, nfes = [], []
-    for chunk in x.split(args.nll_batch):
-        res = sdediff.log_likelihood(sde, score, chunk, eps=args.t_eps, rtol=args.tol, atol=args.tol, trace=trace,
-                                     generator=generator)
-        log_probs.append(res.log_prob.detach().double().cpu())
-        nfes.append(res.nfe)
-    return torch.cat(log_probs), nfes, time.perf_counter() - tic
+    parts = [sdediff.log_likelihood(sde, score, chunk, eps=args.t_eps, trace=trace, generator=generator, **kwargs)
+             for chunk in x.split(args.nll_batch)]
+    seconds = time.perf_counter() - tic
+    return ODELikelihood(cat_results(parts), [r.nfe for r in parts], seconds)
 
 
 # --------------------------------------------------------------------------------------------------

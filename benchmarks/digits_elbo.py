@@ -10,7 +10,7 @@ dequantisation every step (``sdediff.data.digits_to_model``), for the same numbe
     fed the noise level ``sde.noise_level(t)``.
 
 Each EMA model is scored on the test split (all 359 images unless ``--n-test``) with one shared dequantisation
-draw: :func:`sdediff.log_likelihood` (probability-flow ODE, dopri5, Hutchinson trace) and :func:`sdediff.elbo`
+draw: :func:`sdediff.log_likelihood` (probability-flow ODE, its defaults, Hutchinson trace) and :func:`sdediff.elbo`
 (``--bound-t`` importance-sampled times per image, Gaussian decoder), both in bits/dim of the 17-level data
 (``-log p / (64 ln 2) + log2 17 - 1``); and the discrete-decoder bound of :func:`sdediff.elbo` on the integer
 levels themselves (VDM's reconstruction; no dequantisation). The models were trained on dequantised data, which
@@ -82,8 +82,8 @@ def evaluate(args: argparse.Namespace, trainer: Trainer, x_test: Tensor, test_k:
     score = trainer.score_fn(ema=True)
     sde = score.sde  # for the learned schedule, its EMA: the schedule the EMA weights go with (no gradients)
     ge = torch.Generator(device).manual_seed(args.seed + 2)
-    log_probs, nfes, ode_seconds = common.ode_log_probs(sde, score, x_test, args, ge)
-    ode = mean_se(digits_bits_per_dim(log_probs))
+    ode_run = common.ode_log_probs(sde, score, x_test, args, ge)
+    ode = mean_se(digits_bits_per_dim(ode_run.log_prob))
     tic = time.perf_counter()
     parts: dict[str, list[Tensor]] = {"bpd": [], "se": [], "prior": [], "diffusion": [], "reconstruction": []}
     width = 2 / DIGITS_LEVELS
@@ -106,7 +106,7 @@ def evaluate(args: argparse.Namespace, trainer: Trainer, x_test: Tensor, test_k:
                                     levels=DIGITS_LEVELS, generator=ge)
                 parts[f"discrete_{fraction}"].append(disc.bits_per_dim)
     cat = {k: torch.cat(v).double().cpu() for k, v in parts.items()}
-    out = {"ode_bpd": ode[0], "ode_se": ode[1], "ode_nfe": nfes, "ode_seconds": ode_seconds,
+    out = {"ode_bpd": ode[0], "ode_se": ode[1], **{f"ode_{k}": v for k, v in ode_run.summary().items()},
            "bound_bpd": mean_se(cat["bpd"])[0], "bound_se": mean_se(cat["bpd"])[1],
            "bound_mc_se_per_image": float(cat["se"].pow(2).mean().sqrt()),
            "bound_terms_bpd": {k: float(cat[k].mean()) for k in ("prior", "diffusion", "reconstruction")},
@@ -195,8 +195,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"steps, batch {a['batch_size']}, AdamW lr {a['lr']:g} (warm-up, cosine), EMA {a['ema_decay']}, t_eps "
         f"{a['t_eps']:g}, fresh dequantisation every step. (a) `loss=\"dsm\"`, importance-sampled t, network input t; "
         "(b) `loss=\"elbo\"` with `LearnedScheduleSDE()` (VDM's initial endpoints −13.3, 5), uniform t, network input "
-        f"`sde.noise_level(t)`. ODE: dopri5, rtol = atol = {a['tol']:g}, Hutchinson trace, NFE {vp['ode_nfe']} (a) and "
-        f"{le['ode_nfe']} (b). Training {vp['train_seconds']:.0f} s (a) and {le['train_seconds']:.0f} s (b) wall; whole "
+        f"`sde.noise_level(t)`. ODE: `log_likelihood` defaults, tol = {a['tol']:g} nats, Hutchinson trace, "
+        f"{vp['ode_nfe_per_point_mean']:.0f} (a) and {le['ode_nfe_per_point_mean']:.0f} (b) NFE per image. "
+        f"Training {vp['train_seconds']:.0f} s (a) and {le['train_seconds']:.0f} s (b) wall; whole "
         f"script {r['total_seconds']:.0f} s wall, {r['total_cpu_seconds']:.0f} s CPU.",
         "",
     ]

@@ -11,9 +11,10 @@ split by ``torch.randperm`` seeded with 0 into 4,500 training and 500 test image
    times (what ``sdediff train`` does on images), the network fed ``t``; (b) **learned schedule**
    (:class:`sdediff.LearnedScheduleSDE` trained on the whole bound, ``loss="elbo"``), fed ``sde.noise_level(t)``.
 3. **Likelihood** of the EMA weights on the first ``--n-test`` test images (one dequantisation draw shared by every
-   row): :func:`sdediff.log_likelihood` through the probability-flow ODE (dopri5, Hutchinson trace, one Rademacher
-   probe per image) and :func:`sdediff.elbo` (``--bound-t`` importance-sampled times, Gaussian decoder), in
-   bits/dim of the 8-bit data (``-log p / (784 ln 2) + 8 - 1``, :func:`sdediff.bits_per_dim`).
+   row): :func:`sdediff.log_likelihood` through the probability-flow ODE (its defaults: per-image Adams steps in the
+   noise level, ``tol`` in nats; Hutchinson trace, one Rademacher probe per image) and :func:`sdediff.elbo`
+   (``--bound-t`` importance-sampled times, Gaussian decoder), in bits/dim of the 8-bit data
+   (``-log p / (784 ln 2) + 8 - 1``, :func:`sdediff.bits_per_dim`).
 4. **Sample quality without a download** (:mod:`sdediff.features`, not FID): a small CNN classifier trained on the
    training split; Fréchet and kernel distances between its features of the test images and of ``--n-samples``
    samples of model (a) from three solvers at 10, 20 and 50 score evaluations, plus class balance and confidence;
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training steps of the learned-schedule model (default: --steps; 0: not trained)")
     p.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps (at most a quarter of the run)")
     common.add_likelihood_args(p, bound_t=64)
-    p.set_defaults(tol=1e-4, nll_batch=100)
+    p.set_defaults(nll_batch=100)
     p.add_argument("--fit-draws", type=int, default=4, help="dequantisation draws of the Gaussian baseline's fit")
     p.add_argument("--n-samples", type=int, default=500, help="samples per solver and NFE (default 500; 64 quick)")
     p.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50], help="score evaluations per sample")
@@ -124,12 +125,12 @@ def likelihoods(args: argparse.Namespace, trainer: Trainer, data: LoadedData, x_
     score = trainer.score_fn(ema=True)
     sde = score.sde  # the learned schedule's EMA: the schedule the EMA weights go with
     g = torch.Generator(device).manual_seed(args.seed + 2)
-    log_probs, nfes, ode_seconds = common.ode_log_probs(sde, score, x_test, args, g)
-    ode = mean_se(sdediff.bits_per_dim(log_probs, D, bits=8))
+    ode = common.ode_log_probs(sde, score, x_test, args, g)
+    bpd = mean_se(sdediff.bits_per_dim(ode.log_prob, D, bits=8))
     tic = time.perf_counter()
     bound = mean_se(bound_bpd(sde, score, x_test, args, g))
-    return {"ode_bpd": ode[0], "ode_se": ode[1], "ode_nfe": nfes, "ode_seconds": ode_seconds, "bound_bpd": bound[0],
-            "bound_se": bound[1], "bound_seconds": time.perf_counter() - tic}
+    return {"ode_bpd": bpd[0], "ode_se": bpd[1], **{f"ode_{k}": v for k, v in ode.summary().items()},
+            "bound_bpd": bound[0], "bound_se": bound[1], "bound_seconds": time.perf_counter() - tic}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,7 +252,8 @@ def markdown(r: dict[str, Any]) -> str:
     for kind, m in models.items():
         lines.append(f"| {names[kind]} | {m['steps']} steps, {m['train']['wall'] / 60:.1f} min wall | "
                      f"**{m['ode_bpd']:.4f}** ± {m['ode_se']:.4f} | {m['bound_bpd']:.4f} ± {m['bound_se']:.4f} | "
-                     f"ODE NFE {m['ode_nfe']}, {m['ode_seconds']:.0f} s |")
+                     f"ODE {m['ode_nfe_per_point_mean']:.0f} NFE per image (max {m['ode_nfe_per_point_max']}), "
+                     f"{m['ode_seconds']:.0f} s |")
     if "learned" not in models:
         lines += ["", "The learned-schedule model was not trained in this run (`--learned-steps 0`)."]
     lines += [
@@ -261,8 +263,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"{tuple(u['attention_levels'])} (7×7), dropout {u['dropout']}; {vp['params']:,} parameters. Batch "
         f"{a['batch_size']}, AdamW lr {a['lr']:g} (warm-up, cosine), EMA {a['ema_decay']}, t_eps {a['t_eps']:g}, "
         "fresh dequantisation every step. (a) `loss=\"dsm\"`, importance-sampled t; (b) `loss=\"elbo\"` with "
-        "`LearnedScheduleSDE()`, uniform t, network input `sde.noise_level(t)`. ODE: dopri5, rtol = atol = "
-        f"{a['tol']:g}, Hutchinson trace; bound: {a['bound_t']} importance-sampled times per image, Gaussian decoder.",
+        "`LearnedScheduleSDE()`, uniform t, network input `sde.noise_level(t)`. ODE: `log_likelihood` defaults (per-image Adams "
+        f"steps in the noise level), tol = {a['tol']:g} nats, Hutchinson trace (one Rademacher probe); bound: "
+        f"{a['bound_t']} importance-sampled times per image, Gaussian decoder.",
         "",
         "## Training speed, one CPU thread",
         "",

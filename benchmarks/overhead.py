@@ -48,8 +48,7 @@ import numpy as np
 import torch
 import torchdiffeq
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.overrides import TorchFunctionMode
 
 import sdediff
 from sdediff._io import atomic_write
@@ -125,20 +124,36 @@ def count_syncs(fn: Callable[[], Any]) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-class StateOps(TorchDispatchMode):
-    """Count the tensor operations that touch a state-sized tensor: every non-view op with an input or output
-    of at least half the state's elements (a pass over memory of about the state's size; views, allocations
-    and small coefficient arithmetic are not counted). Run under it with a free network, the count per NFE is the
-    solver's own number of passes over the state."""
+def _tensors(tree: Any) -> list[Tensor]:
+    """The tensors in nested lists, tuples and dicts."""
+    if isinstance(tree, Tensor):
+        return [tree]
+    items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
+    return [t for item in items for t in _tensors(item)]
+
+
+class StateOps(TorchFunctionMode):
+    """Count the torch calls that pass over a state-sized tensor: every call with an input or output of at least half
+    the state's elements that computes a tensor or writes in place (a pass over memory of about the state's size).
+    Views (an output sharing an input's storage), allocations, attribute reads and small coefficient arithmetic are
+    not counted. Run under it with a free network, the count per NFE is the solver's own number of passes over the
+    state. (Calls are counted as the solver makes them, at the level of ``torch`` functions and tensor methods.)"""
 
     def __init__(self, numel: int) -> None:
         super().__init__()
         self.numel, self.count = numel, 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        out = func(*args, **(kwargs or {}))
-        touches = any(isinstance(v, Tensor) and 2 * v.numel() >= self.numel for v in tree_flatten((args, kwargs or {}, out))[0])
-        if touches and not func.is_view and not func.__name__.startswith("empty"):
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        inputs, outputs = _tensors((args, kwargs)), _tensors(out)
+        if not any(2 * t.numel() >= self.numel for t in inputs + outputs) or name.startswith(("empty", "new_empty")):
+            return out
+        writes = (name.endswith("_") and not name.endswith("__")) or name == "__setitem__" or "out" in kwargs
+        shared = {t.untyped_storage().data_ptr() for t in _tensors((args, {k: v for k, v in kwargs.items() if k != "out"}))}
+        view = bool(outputs) and all(t.untyped_storage().data_ptr() in shared for t in outputs)
+        if writes or (outputs and not view):
             self.count += 1
         return out
 
