@@ -354,7 +354,11 @@ def build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out and the .json and .png beside it if they exist (else it is an error)")
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
-                   help="write a PNG beside --out (2-D points, or the first 64 images)")
+                   help="write a PNG beside --out (2-D points, or the first 64 images; with --classes, one row per "
+                        "class)")
+    p.add_argument("--fid", action="store_true", help="runs on 8-bit images: also FID to the held-out images with "
+                   "pytorch-fid's Inception network, where pytorch-fid and its weights are installed (nothing is "
+                   "downloaded; an error otherwise). The default feature scores of a run with a classifier are not FID")
     add_common(p)
 
     # likelihood
