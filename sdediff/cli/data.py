@@ -25,6 +25,7 @@ from torch import Tensor
 from .._io import save_safetensors
 from ..data import LoadedData, load
 from ..data.images import save_image_grid
+from ..data.loader import BUILTIN_SOURCES
 from ..data.record import DatasetRecord, dataset_kind
 from ..data.values import ValueTransform
 from ..features import (
@@ -61,7 +62,11 @@ def is_builtin(source: str) -> bool:
 
 
 def check_data_options(args: argparse.Namespace) -> None:
-    """Refuse the data options that do not apply to a toy set or the digits (argument errors)."""
+    """Refuse, before any work, a ``--data`` that is neither a known name nor an existing path, and the data
+    options that do not apply to a toy set or the digits (argument errors)."""
+    if dataset_kind(args.data) in ("folder", "array") and not Path(args.data).exists():
+        raise CLIError(f"--data {args.data}: no such file or folder, and not a known name ({', '.join(BUILTIN_SOURCES)}"
+                       ", torchvision:NAME)")
     if is_builtin(args.data):
         given = [f"--{name.replace('_', '-')}" for name in DATA_OPTIONS if getattr(args, name) not in (None, False)]
         if given:
