@@ -3,11 +3,11 @@ an SDE, a network and its score function by :func:`load_run`.
 
 A run folder holds ``ckpt_*.safetensors`` files written by :class:`~sdediff.training.Trainer` (see
 :mod:`sdediff.training.checkpoint`) and, when the command line trained it, ``run.json``: the data set, the sample
-shape, the seed, the size of the training set, the SDE and model configurations and the command's options
-(:func:`run_record`). A checkpoint alone is enough for a run trained in Python on vectors with an
-:class:`~sdediff.training.MLP` (the shape is the MLP's dimension). Nothing in these files is executed: the SDE is
-rebuilt by :func:`sdediff.sdes.sde_from_config` from its registered class and the network by
-:func:`sdediff.training.load_model`.
+shape, the seed, the size of the training set, the SDE and model configurations, the command's options and the
+training data's :class:`~sdediff.data.record.DatasetRecord` (:func:`run_record`). A checkpoint alone is enough
+for a run trained in Python on vectors with an :class:`~sdediff.training.MLP` (the shape is the MLP's dimension).
+Nothing in these files is executed: the SDE is rebuilt by :func:`sdediff.sdes.sde_from_config` from its registered
+class and the network by :func:`sdediff.training.load_model`.
 """
 
 from __future__ import annotations

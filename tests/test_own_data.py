@@ -227,3 +227,28 @@ def test_torchvision_set_not_on_disk(tmp_path, capsys):
 def test_builtin_sets_refuse_data_options(tmp_path, capsys):
     assert run("train", "--data", "digits", "--split", "0.2", "--out", tmp_path / "run") == 2
     assert "--split apply to images" in capsys.readouterr().err
+
+
+def test_train_transform_dequantises_then_flips_half():
+    from sdediff.cli.data import TrainTransform
+    from sdediff.data import ValueTransform
+
+    values = ValueTransform.bits(8)
+    k = torch.randint(0, 256, (2000, 1, 2, 3), generator=torch.Generator().manual_seed(0))
+    k[:, :, :, 0] = 0  # left column black, right column white: a flip is visible in every image
+    k[:, :, :, 2] = 255
+    x = values.to_model(k, torch.float32)
+    y = TrainTransform(values, hflip=True)(x, torch.Generator().manual_seed(1))
+    levels = values.to_data(y)
+    flipped = (levels == k.flip(-1)).flatten(1).all(1)
+    assert bool((flipped | (levels == k).flatten(1).all(1)).all())  # each image as it was or mirrored, same bins
+    assert abs(flipped.double().mean().item() - 0.5) < 0.05  # 2000 fair coins: sd 0.011
+    assert not torch.equal(y, values.to_model(levels, torch.float32))  # spread within the bins, not bin centres
+    assert torch.equal(TrainTransform(values, hflip=False)(x, torch.Generator().manual_seed(1)),
+                       values.dequantize(x, torch.Generator().manual_seed(1)))
+
+
+def test_split_zero_is_refused(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.arange(20.0).reshape(10, 2))
+    assert run("train", "--data", tmp_path / "x.npy", "--split", "0", "--out", tmp_path / "run") == 2
+    assert "--split must be above 0" in capsys.readouterr().err

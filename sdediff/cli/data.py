@@ -25,7 +25,7 @@ from torch import Tensor
 from .._io import save_safetensors
 from ..data import LoadedData, load
 from ..data.images import save_image_grid
-from ..data.loader import BUILTIN_SOURCES
+from ..data.loader import BUILTIN_SOURCES, DEFAULT_SPLIT
 from ..data.record import DatasetRecord, dataset_kind
 from ..data.values import ValueTransform
 from ..features import (
@@ -53,7 +53,7 @@ CLASSIFIER_FILE = "classifier.safetensors"
 #: the train options that apply to the sources read by :func:`sdediff.data.load`, not to the toy sets or digits
 DATA_OPTIONS = ("image_size", "data_root", "split", "hflip")
 #: the library's argument names as the command line spells them
-FLAGS = {"image_size=": "--image-size", "data_root=": "--data-root", "split=": "--split"}
+FLAGS = {"image_size=": "--image-size", "data_root=": "--data-root"}
 
 
 def is_builtin(source: str) -> bool:
@@ -67,6 +67,8 @@ def check_data_options(args: argparse.Namespace) -> None:
     if dataset_kind(args.data) in ("folder", "array") and not Path(args.data).exists():
         raise CLIError(f"--data {args.data}: no such file or folder, and not a known name ({', '.join(BUILTIN_SOURCES)}"
                        ", torchvision:NAME)")
+    if args.split == 0:
+        raise CLIError("--split must be above 0: sample and likelihood --run score the held-out part")
     if is_builtin(args.data):
         given = [f"--{name.replace('_', '-')}" for name in DATA_OPTIONS if getattr(args, name) not in (None, False)]
         if given:
@@ -77,8 +79,8 @@ def cli_message(err: BaseException) -> str:
     """A data error's message with the library's argument names as the command line's flags."""
     text = str(err)
     for name, flag in FLAGS.items():
-        text = re.sub(rf"\b{re.escape(name)}", flag + " ", text)
-    return text.replace("  ", " ")
+        text = re.sub(rf"\b{re.escape(name)}", flag, text)
+    return text
 
 
 def record_source(source: str) -> str:
@@ -98,7 +100,8 @@ def load_training_data(args: argparse.Namespace) -> tuple[LoadedData, DatasetRec
                     data_root=data_root)
     except (ValueError, FileNotFoundError) as err:
         raise CLIError(f"--data {source}: {cli_message(err)}") from None
-    record = DatasetRecord.of(data, record_source(source), dataset_kind(source), split=args.split or 0.1,
+    split = DEFAULT_SPLIT if args.split is None else args.split
+    record = DatasetRecord.of(data, record_source(source), dataset_kind(source), split=split,
                               image_size=args.image_size, resize=args.resize, data_root=data_root)
     return data, record
 
@@ -139,7 +142,7 @@ def reload_data(run: Run) -> tuple[LoadedData, DatasetRecord]:
 def to_data_units(x: Tensor, transform: ValueTransform) -> Tensor:
     """Model values to the data's own units: images to ``uint8`` levels, integers to ``int64``, floats affinely."""
     y = transform.to_data(x)
-    return y.to(torch.uint8) if transform.levels is not None and transform.levels <= 256 and transform.low >= 0 else y
+    return y.to(torch.uint8) if transform.quantised and 0 <= transform.low and transform.high <= 255 else y
 
 
 def picture_kind(shape: tuple[int, ...], transform: ValueTransform) -> str | None:
