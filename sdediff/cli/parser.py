@@ -294,32 +294,33 @@ def build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]
     g.add_argument("--time-embed", choices=("fourier", "sinusoidal"), help="time embedding (default: fourier for "
                    "the MLP, sinusoidal for the UNet)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=positive_int, help="training steps (default: 4000 for 2-D sets, 2500 for digits)")
-    g.add_argument("--batch-size", type=positive_int, help="batch size (default: 512 for 2-D sets, 128 for digits)")
-    g.add_argument("--lr", type=positive_float, help="peak learning rate (default: 2e-3 for 2-D sets, 1e-3 for digits)")
+    g.add_argument("--steps", type=positive_int, help="training steps (default: 4000 for 2-D sets and arrays, 2500 for images)")
+    g.add_argument("--batch-size", type=positive_int, help="batch size (default: 512 for 2-D sets and arrays, 128 for images)")
+    g.add_argument("--lr", type=positive_float, help="peak learning rate (default: 2e-3 for 2-D sets and arrays, 1e-3 "
+                   "for images)")
     g.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine", help="after the warm-up")
     g.add_argument("--warmup-steps", type=nonneg_int, help="linear learning-rate warm-up (default: 100 for 2-D "
-                   "sets, 200 for digits)")
+                   "sets and arrays, 200 for images)")
     g.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=nonneg_float, default=1.0, help="gradient-norm clipping (0: none)")
-    g.add_argument("--ema-decay", type=unit_float, help="EMA decay (default: 0.995 for 2-D sets, 0.999 for digits)")
+    g.add_argument("--ema-decay", type=unit_float, help="EMA decay (default: 0.995 for 2-D sets and arrays, 0.999 for images)")
     g.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
     g = p.add_argument_group("loss")
     g.add_argument("--prediction", choices=PREDICTIONS, default="eps", help="what the network predicts")
     g.add_argument("--weighting", choices=("simple", "likelihood"), help="DSM loss weighting (default: simple for "
-                   "2-D sets, likelihood for digits)")
+                   "2-D sets and arrays, likelihood for images)")
     g.add_argument("--t-sampling", choices=("uniform", "importance"), help="how training times are drawn (default: "
-                   "uniform for 2-D sets, importance for digits)")
+                   "uniform for 2-D sets and arrays, importance for images)")
     g.add_argument("--t-eps", type=positive_float, default=1e-5, help="smallest training time")
     g = p.add_argument_group("logging, evaluation and checkpoints")
     g.add_argument("--log-every", type=positive_int, default=100, help="steps between loss log entries")
     g.add_argument("--eval-every", type=nonneg_int, default=0, help="steps between evaluations (0: only at the end)")
     g.add_argument("--eval-samples", type=nonneg_int, help="samples drawn at each evaluation and plotted "
-                   "(default: 2000 for 2-D sets, 64 for digits; 0: none)")
+                   "(default: 2000 for 2-D sets and arrays, 64 for images; 0: none)")
     g.add_argument("--eval-solver", type=solver_name, default="heun", help="solver of the evaluation samples")
     g.add_argument("--eval-sample-steps", type=positive_int, default=50, help="its steps")
     g.add_argument("--eval-nll-points", type=nonneg_int, help="held-out points of the evaluation NLL "
-                   "(default: 256 for 2-D sets, 64 for digits; 0: none)")
+                   "(default: 256 for 2-D sets and arrays, 64 for images; 0: none)")
     g.add_argument("--ckpt-every", type=nonneg_int, default=1000, help="steps between checkpoints (0: only the last)")
     g.add_argument("--keep-checkpoints", type=nonneg_int, default=3, help="periodic checkpoints kept (0: all)")
     g.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write samples.png")
@@ -362,14 +363,15 @@ def build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]
     add_common(p)
 
     # likelihood
-    p = add("likelihood", "negative log-likelihood of data under a trained run (nats; bits/dim for digits)",
-            likelihood.run)
+    p = add("likelihood", "negative log-likelihood of data under a trained run (nats; bits/dim for digits, images and "
+                          "other quantised data)", likelihood.run)
     add_run_options(p)
     p.add_argument("--data", choices=DATASETS, help="data set (default: the run's)")
     p.add_argument("--split", choices=("test", "train"), default="test",
-                   help="test: held-out points (digits: the fixed test split); train: the training set")
+                   help="test: held-out points (digits: the fixed test split; your own data: the recorded held-out "
+                        "split); train: the training set")
     p.add_argument("--n", type=positive_int, help="number of points (default: 1000 for 2-D sets, the whole split for "
-                                                 "digits)")
+                                                 "digits, up to 1000 of the split for your own data)")
     p.add_argument("--eps", type=positive_float, help="start time of the ODE (default: the run's --t-eps)")
     p.add_argument("--trace", choices=("auto", "exact", "hutchinson"), default="auto",
                    help="divergence estimator (auto: exact up to 16 dimensions)")
