@@ -252,3 +252,15 @@ def test_split_zero_is_refused(tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.arange(20.0).reshape(10, 2))
     assert run("train", "--data", tmp_path / "x.npy", "--split", "0", "--out", tmp_path / "run") == 2
     assert "--split must be above 0" in capsys.readouterr().err
+
+
+def test_changed_source_is_refused(tmp_path, capsys):
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(2).normal(size=(30, 2)))
+    out = tmp_path / "run"
+    assert run("train", "--data", data, "--out", out, "--hidden", "8", "--depth", "1", "--steps", "2", "--batch-size",
+               "8", "--eval-samples", "0", "--eval-nll-points", "0", "--no-plot", "--no-progress") == 0
+    assert run("likelihood", "--run", out, "--n", "2", "--no-bound", "--out", tmp_path / "a.json") == 0
+    np.save(data, np.random.default_rng(3).normal(size=(31, 2)))  # another sample count: another split
+    assert run("likelihood", "--run", out, "--n", "2", "--no-bound", "--out", tmp_path / "b.json") == 2
+    assert "has changed since" in capsys.readouterr().err and not (tmp_path / "b.json").exists()
