@@ -66,7 +66,7 @@ def test_top_level_help_and_version(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["train", "--steps", "-1"], "--steps: must be a positive integer"),
     (["train", "--data", "no_such_set"], "--data no_such_set: no such file or folder, and not a known name"),
-    (["train", "--data", "moons", "--image-size", "8"], "--image-size apply to images"),
+    (["train", "--data", "moons", "--image-size", "8"], "--image-size applies to images"),
     (["train", "--lr", "fast"], "--lr: must be a positive number"),
     (["sample", "--solver", "rk99"], "unknown solver 'rk99'"),
     (["sample", "--out", "x.txt"], "must end in .safetensors, .pt or .npy"),

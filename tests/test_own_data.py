@@ -226,7 +226,7 @@ def test_torchvision_set_not_on_disk(tmp_path, capsys):
 
 def test_builtin_sets_refuse_data_options(tmp_path, capsys):
     assert run("train", "--data", "digits", "--split", "0.2", "--out", tmp_path / "run") == 2
-    assert "--split apply to images" in capsys.readouterr().err
+    assert "--split applies to images" in capsys.readouterr().err
 
 
 def test_train_transform_dequantises_then_flips_half():

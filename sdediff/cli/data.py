@@ -72,7 +72,8 @@ def check_data_options(args: argparse.Namespace) -> None:
     if is_builtin(args.data):
         given = [f"--{name.replace('_', '-')}" for name in DATA_OPTIONS if getattr(args, name) not in (None, False)]
         if given:
-            raise CLIError(f"{', '.join(given)} apply to images, array files and mnist, not to --data {args.data}")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise CLIError(f"{', '.join(given)} {verb} to images, array files and mnist, not to --data {args.data}")
 
 
 def cli_message(err: BaseException) -> str:

@@ -50,7 +50,7 @@ from .data import (
     save_split,
 )
 
-# Defaults that depend on the data: 2-D toy sets (MLP) or 8x8 digits (UNet).
+# Defaults that depend on the data: 2-D toy sets and arrays (MLP) or images such as the 8x8 digits (UNet).
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {  # the digits values are those of benchmarks/digits_nll.py
     "2d": {"steps": 4000, "batch_size": 512, "lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.995,
            "weighting": "simple", "t_sampling": "uniform", "eval_samples": 2000, "eval_nll_points": 256},
