@@ -3,11 +3,11 @@ an SDE, a network and its score function by :func:`load_run`.
 
 A run folder holds ``ckpt_*.safetensors`` files written by :class:`~sdediff.training.Trainer` (see
 :mod:`sdediff.training.checkpoint`) and, when the command line trained it, ``run.json``: the data set, the sample
-shape, the seed, the size of the training set, the SDE and model configurations and the command's options
-(:func:`run_record`). A checkpoint alone is enough for a run trained in Python on vectors with an
-:class:`~sdediff.training.MLP` (the shape is the MLP's dimension). Nothing in these files is executed: the SDE is
-rebuilt by :func:`sdediff.sdes.sde_from_config` from its registered class and the network by
-:func:`sdediff.training.load_model`.
+shape, the seed, the size of the training set, the SDE and model configurations, the command's options and the
+training data's :class:`~sdediff.data.record.DatasetRecord` (:func:`run_record`). A checkpoint alone is enough
+for a run trained in Python on vectors with an :class:`~sdediff.training.MLP` (the shape is the MLP's dimension).
+Nothing in these files is executed: the SDE is rebuilt by :func:`sdediff.sdes.sde_from_config` from its registered
+class and the network by :func:`sdediff.training.load_model`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ._io import json_safe
 from ._validate import check_choice, check_float, check_int, is_int
+from .data.record import DatasetRecord, legacy_dataset
 from .score import PREDICTIONS, ScoreModel
 from .sdes import SDE, sde_from_config
 from .sdes.registry import registered_sde_class
@@ -37,7 +38,7 @@ __all__ = ["Run", "load_run", "run_record", "read_run_record", "resume_conflicts
 RUN_FORMAT = "sdediff-run"
 RUN_VERSION = 1
 #: the ``run.json`` fields that fix what a run is: resuming it with other values would mix two runs
-RUN_IDENTITY = ("data", "shape", "seed", "n_train", "sde", "model")
+RUN_IDENTITY = ("data", "shape", "seed", "n_train", "sde", "model", "dataset")
 
 
 @dataclass
@@ -70,6 +71,9 @@ class Run:
         The contents of ``run.json`` (``None`` without one).
     metadata : dict
         The checkpoint's metadata (training configuration, model and SDE description, loss log, ...).
+    dataset : DatasetRecord or None
+        The training data: source, kind, sample shape, value transform, split and class names (``run.json``'s
+        ``"dataset"``; for older toy and digits records, rebuilt from the data set's name; ``None`` otherwise).
     """
 
     sde: SDE
@@ -84,6 +88,7 @@ class Run:
     checkpoint: Path
     record: dict[str, Any] | None
     metadata: dict[str, Any]
+    dataset: DatasetRecord | None = None
 
     def describe(self) -> str:
         """One line: checkpoint, step, network class, SDE and data set."""
@@ -178,8 +183,29 @@ def load_run(path: str | os.PathLike, device: torch.device | str | None = None, 
         raise ValueError(f"{directory} has no run.json, so the sample shape of this {type(net).__name__} is unknown; "
                          "use a folder written by 'sdediff train'")
     score = ScoreModel(net, sde, prediction, resolve_time_input(time_input, sde, ckpt))
-    return Run(sde=sde, score=score, net=net, shape=shape, data=(record or {}).get("data"), step=step, seed=seed,
-               t_eps=t_eps, directory=directory, checkpoint=ckpt, record=record, metadata=meta)
+    data = (record or {}).get("data")
+    return Run(sde=sde, score=score, net=net, shape=shape, data=data, step=step, seed=seed, t_eps=t_eps,
+               directory=directory, checkpoint=ckpt, record=record, metadata=meta,
+               dataset=_record_dataset(record, shape, seed, directory))
+
+
+def _record_dataset(record: dict[str, Any] | None, shape: tuple[int, ...], seed: int,
+                    directory: Path) -> DatasetRecord | None:
+    """The ``"dataset"`` of a ``run.json`` (which must describe samples of the run's ``shape``), or the record of
+    an older toy or digits run rebuilt from its name."""
+    if record is None:
+        return None
+    if record.get("dataset") is None:
+        n_train = record.get("n_train")
+        return legacy_dataset(record.get("data"), shape, seed, n_train if is_int(n_train) else None)
+    try:
+        dataset = DatasetRecord.from_dict(record["dataset"])
+    except ValueError as err:
+        raise CheckpointError(f"{directory / 'run.json'} is damaged: {err}") from None
+    if dataset.shape != shape:
+        raise CheckpointError(f"{directory / 'run.json'} is damaged: its dataset has samples of shape "
+                              f"{list(dataset.shape)}, but the run's shape is {list(shape)}")
+    return dataset
 
 
 def _record_shape(record: dict[str, Any], directory: Path) -> tuple[int, ...]:
@@ -270,16 +296,20 @@ def resolve_time_input(description: str | None, sde: SDE,
 
 # --- run.json --------------------------------------------------------------------------------------------
 def run_record(command: str, data: str, shape: Sequence[int], seed: int, n_train: int | None, sde: SDE,
-               net: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
+               net: nn.Module, options: dict[str, Any], dataset: DatasetRecord | None = None,
+               model_choice: str | None = None) -> dict[str, Any]:
     """The ``run.json`` document of a run trained by ``command``: format, data set, sample shape, seed, training set
     size (``None`` for a fixed data set), the SDE's :meth:`~sdediff.SDE.to_config`, the model's class and
-    configuration, the sdediff version and the command's ``options``."""
+    configuration (with ``model_choice``, how it was picked), the sdediff version, the command's ``options`` and
+    the ``dataset`` record (:meth:`DatasetRecord.to_dict`)."""
     from . import __version__
 
+    model = {"class": type(net).__name__, "config": getattr(net, "config", None)}
+    if model_choice is not None:
+        model["choice"] = model_choice
     return {"format": RUN_FORMAT, "version": RUN_VERSION, "command": command, "data": data, "shape": list(shape),
-            "seed": seed, "n_train": n_train, "sde": sde.to_config(),
-            "model": {"class": type(net).__name__, "config": getattr(net, "config", None)}, "sdediff": __version__,
-            "args": json_safe(options)}
+            "seed": seed, "n_train": n_train, "sde": sde.to_config(), "model": model, "sdediff": __version__,
+            "args": json_safe(options), "dataset": None if dataset is None else dataset.to_dict()}
 
 
 def read_run_record(directory: str | os.PathLike) -> dict[str, Any] | None:
@@ -314,5 +344,6 @@ def resumed_record(old: dict[str, Any], new: dict[str, Any], checkpoint: str | N
 
 
 def resume_conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """The :data:`RUN_IDENTITY` fields in which two run records differ (resuming across them would mix two runs)."""
-    return [k for k in RUN_IDENTITY if json_safe(old.get(k)) != json_safe(new.get(k))]
+    """The :data:`RUN_IDENTITY` fields in which two run records differ (resuming across them would mix two runs);
+    a field that the older record does not have (a ``"dataset"`` written by a later sdediff) is not compared."""
+    return [k for k in RUN_IDENTITY if k in old and json_safe(old.get(k)) != json_safe(new.get(k))]

@@ -65,7 +65,8 @@ def test_top_level_help_and_version(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--steps", "-1"], "--steps: must be a positive integer"),
-    (["train", "--data", "mnist"], "invalid choice: 'mnist'"),
+    (["train", "--data", "no_such_set"], "--data no_such_set: no such file or folder, and not a known name"),
+    (["train", "--data", "moons", "--image-size", "8"], "--image-size applies to images"),
     (["train", "--lr", "fast"], "--lr: must be a positive number"),
     (["sample", "--solver", "rk99"], "unknown solver 'rk99'"),
     (["sample", "--out", "x.txt"], "must end in .safetensors, .pt or .npy"),
@@ -118,7 +119,7 @@ def test_config_keys_map_to_flags_and_flags_win(tmp_path):
     ({"steps": "many"}, "must be a positive integer"),
     ({"steps": True}, "must be a number or string"),
     ({"amp": 1}, "is a switch"),
-    ({"data": "mnist"}, "must be one of"),
+    ({"resize": "stretch"}, "must be one of"),
     ({"config": "other.toml"}, "cannot name another config"),
     ({"train": 3}, "[train] must be a table"),
 ])

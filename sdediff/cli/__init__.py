@@ -8,13 +8,17 @@ Commands (sdediff COMMAND --help lists every option with its default):
               sliced-W2 next to the sampling-noise floor (target: at most twice the floor), compute
               the held-out NLL (exact ODE likelihood, ELBO bound, true value), and write
               samples.png, table.md, metrics.json and the checkpoints to ./sdediff-demo/.
-  train       Train a score network (an MLP for the 2-D sets, a UNet for the 8x8 digits) into a run
-              folder: checkpoints, metrics.json, run.json, config.toml (the options, reusable with
-              --config) and samples.png from a final evaluation.
+  train       Train a score network on your own data (a folder of images, an .npy/.npz array, a
+              torchvision set on disk, mnist) or a built-in set (2-D toy sets, 8x8 digits): a UNet for
+              images, an MLP otherwise, into a run folder: checkpoints, metrics.json, run.json (with the
+              data's record and split), config.toml (the options, reusable with --config) and
+              samples.png from a final evaluation.
   sample      Draw samples from a run's checkpoint with any registered solver; write .safetensors,
-              .pt or .npy plus a PNG.
+              .pt or .npy plus a PNG (and, for labelled images, scores in a small classifier's
+              features, which are not FID).
   likelihood  Negative log-likelihood of a data split through the probability-flow ODE (nats;
-              bits/dim for digits), the ELBO bound, and the true value where it is known.
+              bits/dim for quantised data such as images), the ELBO bound, and the true value where
+              it is known.
   bench       Compare solvers on an analytic 2-D Gaussian mixture with its exact score (sliced-W2
               to exact samples next to the noise floor, log-density gap, mode weights, NFE, time)
               and check the exact ODE likelihood; runs from any installation.

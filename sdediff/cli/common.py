@@ -33,7 +33,7 @@ from ..sdes import VESDE, VPSDE, SubVPSDE
 
 #: the ``--sde`` names
 SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
-#: the ``--data`` names: the 2-D toy sets and the 8x8 digits
+#: the built-in ``--data`` names with their own code paths: the 2-D toy sets and the 8x8 digits
 DATASETS = (*TOY_DATASETS, "digits")
 DIGITS_CLASSES = 10  # labels 0-9 of the digits; a class-conditional model adds a null token (classifier-free guidance)
 HELD_OUT = 1_000_003  # seed offset of held-out toy data (the training set uses the seed itself)

@@ -1,5 +1,6 @@
 """``sdediff likelihood``: the negative log-likelihood of a data split under a trained run through the
-probability-flow ODE (:func:`sdediff.log_likelihood`; nats, bits/dim for digits), its ELBO bound
+probability-flow ODE (:func:`sdediff.log_likelihood`; nats, bits/dim for quantised data such as the digits and
+images, nats in the data's own units for continuous arrays), its ELBO bound
 (:func:`sdediff.elbo.nll_bound`) and, for the exact mixture, the true value; in chunks shared out among the
 processes of a torchrun job."""
 
@@ -8,12 +9,14 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .. import __version__
+from ..data.digits import DIGITS_LEVELS
 from ..data.toy import make_toy, toy_mixture
 from ..distributed import chunk_generator, chunk_slices, local_device, process_rank, world_size
 from ..likelihood import LikelihoodResult, bits_per_dim, log_likelihood
@@ -34,6 +37,7 @@ from .common import (
     toy_train,
     write_json,
 )
+from .data import reload_data
 
 
 def load_points(args: argparse.Namespace, trained: Run, data: str) -> Tensor:
@@ -52,19 +56,35 @@ def load_points(args: argparse.Namespace, trained: Run, data: str) -> Tensor:
     return make_toy(data, n, held_out_generator(trained.seed))
 
 
+def own_points(args: argparse.Namespace, trained: Run) -> Tensor:
+    """The first ``--n`` points (default: up to 1000) of the run's recorded held-out split (``--split test``) or
+    training split, read again from its source; quantised data dequantised uniformly at their own levels."""
+    loaded, _ = reload_data(trained)
+    points = loaded.held_out if args.split == "test" else loaded.train
+    points = points[: args.n or 1000]
+    return loaded.transform.dequantize(points, torch.Generator().manual_seed(args.seed))
+
+
 def run(args: argparse.Namespace) -> int:
     """``sdediff likelihood``: NLL of a data split through the probability-flow ODE, plus the ELBO bound."""
     device = local_device(pick_device(args.device))
     trained = open_run(args.run, args.checkpoint, device, ema=not args.raw_weights)
+    own = trained.dataset is not None and trained.dataset.kind not in ("toy", "digits")
+    if own and args.data is not None and args.data != trained.data:
+        raise CLIError(f"--data {args.data}: {trained.directory} was trained on {trained.data}; --data chooses among "
+                       "the toy sets and digits for runs trained on them")
     data = args.data or trained.data
     if data is None:
         raise CLIError(f"{trained.directory} does not say which data it was trained on: pass --data")
-    image = data == "digits"
-    if (len(trained.shape) == 3) != image:
+    image = data == "digits" or (own and len(trained.shape) == 3)
+    if not own and (len(trained.shape) == 3) != image:
         raise CLIError(f"--data {data} does not fit the run's sample shape {trained.shape}")
     threads = set_threads(args.threads, device, small=not image)
-    out = check_output(args.out or trained.directory / f"likelihood_{data}_{args.split}.json", args.overwrite)
-    x = load_points(args, trained, data).to(device=device, dtype=torch.float64 if args.float64 else torch.float32)
+    name = (Path(data).stem or "data").replace(":", "-") if own else data
+    out = check_output(args.out or trained.directory / f"likelihood_{name}_{args.split}.json", args.overwrite)
+    values = trained.dataset.transform if own else None
+    points = own_points(args, trained) if own else load_points(args, trained, data)
+    x = points.to(device=device, dtype=torch.float64 if args.float64 else torch.float32)
     if args.float64:
         trained.net.double()
     eps = args.eps or trained.t_eps
@@ -109,24 +129,30 @@ def run(args: argparse.Namespace) -> int:
                            "integration_error_mean": float(res.integration_error.mean())}
     lines = [f"NLL {nll:.4f} ± {nll_se:.4f} nats ({nll / d:.4f} nats/dim), {res.nfe_mean:.1f} NFE per point (max "
              f"{res.nfe_max}), {seconds:.1f} s; integration error estimate {doc['integration_error_mean']:.2g} nats"]
-    if image:
-        from ..data.digits import DIGITS_LEVELS
-
-        bpd = bits_per_dim(res, d, levels=DIGITS_LEVELS)
+    levels = DIGITS_LEVELS if data == "digits" else (values.levels if own else None)
+    if levels is not None:
+        bpd = bits_per_dim(res, d, levels=levels)
         doc.update(bits_per_dim=bpd.mean, bits_per_dim_se=bpd.std_error, bits_per_dim_probe_se=bpd.probe_std_error)
         probe = (f"{bpd.probe_std_error:.4f} of it from the probes" if math.isfinite(bpd.probe_std_error) else
                  "probe part not estimated with one probe (--probes 2)")
-        lines.append(f"bits/dim {bpd.mean:.4f} ± {bpd.std_error:.4f} (standard error over points, {probe}; 17 grey "
-                     f"levels, uniform dequantisation; a uniform model scores {math.log2(17):.3f})")
+        lines.append(f"bits/dim {bpd.mean:.4f} ± {bpd.std_error:.4f} (standard error over points, {probe}; {levels} "
+                     f"levels, uniform dequantisation; a uniform model scores {math.log2(levels):.3f})")
+    elif own:  # continuous: nats in the data's units, log p_y(y) = log p_x(x) + D log(dx/dy), dx/dy = 1/scale
+        jacobian = d * math.log(values.scale)
+        doc.update(nll_data_units=nll + jacobian, nll_data_units_se=nll_se, log_jacobian=-jacobian)
+        lines.append(f"in the data's own units: NLL {nll + jacobian:.4f} ± {nll_se:.4f} nats "
+                     f"({(nll + jacobian) / d:.4f} nats/dim; the value map adds D log s = {jacobian:.4f})")
     if args.bound:
-        b, b_se = mean_se(torch.cat([part[1] for part in parts]))
+        bound = torch.cat([part[1] for part in parts])
+        b, b_se = mean_se(bound)
         doc.update(nll_bound=b, nll_bound_se=b_se)
         lines.append(f"NLL upper bound (ELBO, {args.bound_times} times per point) {b:.4f} ± {b_se:.4f} nats")
-        if image:
-            from ..data.digits import digits_bits_per_dim
-
-            doc["bits_per_dim_bound"] = float(digits_bits_per_dim(torch.tensor(-b)))
-            lines[-1] += f" = {doc['bits_per_dim_bound']:.4f} bits/dim"
+        if levels is not None:
+            doc["bits_per_dim_bound"], doc["bits_per_dim_bound_se"] = mean_se(bits_per_dim(-bound, d, levels=levels))
+            lines[-1] += f" = {doc['bits_per_dim_bound']:.4f} ± {doc['bits_per_dim_bound_se']:.4f} bits/dim"
+        elif own:
+            doc["nll_bound_data_units"] = b + d * math.log(values.scale)
+            lines[-1] += f" = {doc['nll_bound_data_units']:.4f} nats in the data's units"
     if data == "gaussian_mixture":
         true, true_se = mean_se(-toy_mixture().log_prob(x.double().cpu(), trained.sde, eps))
         doc.update(true_nll=true, true_nll_se=true_se)

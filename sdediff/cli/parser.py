@@ -15,6 +15,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import ConfigError, config_defaults, load_toml
+from ..data.images import RESIZE_MODES
 from ..data.toy import TOY_DATASETS
 from ..score import PREDICTIONS
 from ..solvers import available_solvers, get_solver
@@ -139,11 +140,24 @@ EPILOGS = {
   sdediff train --data checkerboard --sde subvp --steps 8000 --out runs/cb
   sdediff train --data digits --out runs/digits --device cuda
   sdediff train --config runs/moons/config.toml --steps 8000 --resume   # continue to 8000 steps
+  sdediff train --data photos/ --image-size 32 --hflip --out runs/photos   # a folder of images
+  sdediff train --data x.npy --out runs/x                                  # an array (N, ...)
+  sdediff train --data torchvision:CIFAR10 --data-root ~/data --class-cond --out runs/cifar
 
-defaults that depend on the data (2-D sets / digits): --steps 4000 / 2500, --batch-size 512 / 128,
+Your own data goes through sdediff.data.load: images are 8-bit (levels 0-255 mapped to [-1, 1] and
+dequantised uniformly each batch), float arrays map their training split's [min, max] onto [-1, 1],
+integer arrays keep their levels. --split of the data (default 0.1) is held out, drawn with --seed;
+run.json records the source, value map and split (split.safetensors holds its indices), so sample and
+likelihood --run read the same held-out data again and report in the data's own units. A UNet
+(sdediff.training.models.unet_config for the image size) is used for (C, H, W) samples, an MLP for
+any other shape. Labelled images also get a small feature classifier (classifier.safetensors) that
+sdediff sample uses to score samples; its distances are not FID.
+
+defaults that depend on the data (2-D sets and arrays / images): --steps 4000 / 2500, --batch-size 512 / 128,
 --lr 2e-3 / 1e-3, --warmup-steps 100 / 200, --ema-decay 0.995 / 0.999, --weighting simple /
 likelihood, --t-sampling uniform / importance, --eval-samples 2000 / 64, --eval-nll-points 256 / 64
-(the digits values are those of benchmarks/digits_nll.py). The run folder gets ckpt_*.safetensors,
+(the digits values are those of benchmarks/digits_nll.py; they apply to all (C, H, W) data). The run
+folder gets ckpt_*.safetensors,
 metrics.json (config, losses, evaluations), run.json, config.toml and samples.png.""",
     "sample": """examples:
   sdediff sample --run runs/moons --solver pc --steps 500 --solver-option snr=0.16 --n 4000
@@ -153,14 +167,27 @@ metrics.json (config, losses, evaluations), run.json, config.toml and samples.pn
       # shared out among 4 processes: the same samples as one process writes (docs/distributed.md)
 
 Writes the samples (.safetensors with key "samples", .pt or .npy), a PNG (scatter plot next to
-held-out data for 2-D sets, an image grid for digits) and a JSON sidecar with NFE and timings.""",
+held-out data for 2-D sets, an image grid for digits and images) and a JSON sidecar with NFE and timings.
+Samples of array data are saved in the data's own units; images (and the digits) on the model's
+[-1, 1], with the PNG grid in their own 8-bit levels (one row per class with --classes). A run with a
+feature classifier also gets, in its features, the Frechet and kernel distances of the samples to the
+held-out images, the classifier score, class balance and confidence, next to the same numbers for
+training images against the held-out ones (the floor). These are NOT FID/KID/IS: the classifier is
+trained on the run's own data. --fid computes FID with pytorch-fid where it and its Inception weights
+are installed (never downloaded).""",
     "likelihood": """examples:
   sdediff likelihood --run runs/moons --n 2000
   sdediff likelihood --run runs/digits --split test        # NLL in nats and bits/dim
   torchrun --nproc_per_node=4 -m sdediff -- likelihood --run runs/digits --batch-size 64   # same result, 4 processes
 
+  sdediff likelihood --run runs/photos --n 200              # bits/dim of held-out images
+
 Digits are dequantised uniformly (17 grey levels mapped to [-1, 1]); bits/dim follow
-sdediff.data.digits.digits_bits_per_dim. For the gaussian_mixture set the true NLL is printed too.""",
+sdediff.data.digits.digits_bits_per_dim. For the gaussian_mixture set the true NLL is printed too.
+Runs on your own data read the recorded held-out split again (--split train: the training split):
+quantised data (images, integer arrays) are dequantised uniformly at their own number of levels and
+scored in bits/dim; continuous arrays in nats of the data's own units, which adds the value map's
+log-Jacobian, -log p_y(y) = -log p_x(x) + D log s (s: data units per model unit).""",
     "bench": """examples:
   sdediff bench                          # 2000 samples per solver: 7.5 s wall on one CPU thread (2-core box)
   sdediff bench --sde ve --float64 --n 8000
@@ -225,54 +252,75 @@ def build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]
     add_common(p, device="cpu")
 
     # train
-    p = add("train", "train a score network on a toy 2-D set or the 8x8 digits into a run folder", train.run)
-    p.add_argument("--data", choices=DATASETS, default="moons", help="training data")
+    p = add("train", "train a score network on your own data (a folder of images, an .npy/.npz array, a "
+                     "torchvision set on disk, mnist) or a built-in set (the 2-D toy sets, the 8x8 digits) into a "
+                     "run folder", train.run)
+    p.add_argument("--data", default="moons", metavar="PATH|NAME",
+                   help=f"training data: a folder of PNG/JPEG images (class subfolders give labels), an .npy/.npz "
+                        f"array (N, ...), torchvision:NAME (with --data-root), mnist, or one of {', '.join(DATASETS)}")
     p.add_argument("--out", metavar="DIR", help="run folder (default: runs/DATA-SDE)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     add_sde_options(p)
     p.add_argument("--n-train", type=positive_int, default=20_000, help="training points drawn from a 2-D toy set")
+    g = p.add_argument_group("your own data (not the toy sets or digits)")
+    g.add_argument("--image-size", type=positive_int, metavar="N", help="make every image N x N (default: keep the "
+                   "images' common size; needed when their sizes differ)")
+    g.add_argument("--resize", choices=RESIZE_MODES, default="center_crop",
+                   help="with --image-size: center_crop cuts the largest centred square and resizes it (keeps the "
+                        "aspect ratio); resize stretches the whole image")
+    g.add_argument("--data-root", metavar="DIR", help="folder holding the torchvision:NAME set (never downloaded)")
+    g.add_argument("--split", type=unit_float, help="held-out fraction, drawn with --seed and saved with the run "
+                   "(default 0.1)")
+    g.add_argument("--hflip", action="store_true", help="flip training images left-right at random (each batch, "
+                   "after dequantisation)")
+    g.add_argument("--classifier-steps", type=nonneg_int, default=500, help="labelled images: steps of the small "
+                   "feature classifier saved in the run, which sdediff sample scores samples with (not FID; 0: none)")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=("auto", "mlp", "unet"), default="auto", help="network (auto: MLP for 2-D "
                    "data, UNet for images)")
     g.add_argument("--hidden", type=positive_int, default=128, help="MLP width")
     g.add_argument("--depth", type=positive_int, default=3, help="MLP residual blocks")
-    g.add_argument("--base-channels", type=positive_int, default=32, help="UNet channels at the first level")
-    g.add_argument("--channel-mults", type=positive_int, nargs="+", default=[1, 2], help="UNet channel multipliers")
-    g.add_argument("--num-res-blocks", type=positive_int, default=1, help="UNet residual blocks per level")
-    g.add_argument("--class-cond", action="store_true", help="class-conditional model on the data's labels (digits "
-                   "0-9; moons 0-1, checkerboard 0-7, rings 0-3, gaussian_mixture 0-7), trained with condition dropout "
+    g.add_argument("--base-channels", type=positive_int, help="UNet channels at the first level (default: 32 for "
+                   "digits; for other images, sdediff.training.models.unet_config's choice for their size)")
+    g.add_argument("--channel-mults", type=positive_int, nargs="+", help="UNet channel multipliers (default: 1 2 "
+                   "for digits, unet_config's for other images)")
+    g.add_argument("--num-res-blocks", type=positive_int, help="UNet residual blocks per level (default 1)")
+    g.add_argument("--class-cond", action="store_true", help="class-conditional model on the data's labels (class "
+                   "subfolders, an .npz's 'y', torchvision or mnist labels; digits 0-9; moons 0-1, checkerboard 0-7, rings "
+                   "0-3, gaussian_mixture 0-7), trained with condition dropout "
                    "for classifier-free guidance (sample with --classes, --guidance-scale)")
     g.add_argument("--cond-drop-prob", type=unit_float, default=0.1,
                    help="with --class-cond: probability of replacing a label by the null token")
     g.add_argument("--time-embed", choices=("fourier", "sinusoidal"), help="time embedding (default: fourier for "
                    "the MLP, sinusoidal for the UNet)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=positive_int, help="training steps (default: 4000 for 2-D sets, 2500 for digits)")
-    g.add_argument("--batch-size", type=positive_int, help="batch size (default: 512 for 2-D sets, 128 for digits)")
-    g.add_argument("--lr", type=positive_float, help="peak learning rate (default: 2e-3 for 2-D sets, 1e-3 for digits)")
+    g.add_argument("--steps", type=positive_int, help="training steps (default: 4000 for 2-D sets and arrays, 2500 for images)")
+    g.add_argument("--batch-size", type=positive_int, help="batch size (default: 512 for 2-D sets and arrays, 128 for images)")
+    g.add_argument("--lr", type=positive_float, help="peak learning rate (default: 2e-3 for 2-D sets and arrays, 1e-3 "
+                   "for images)")
     g.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine", help="after the warm-up")
     g.add_argument("--warmup-steps", type=nonneg_int, help="linear learning-rate warm-up (default: 100 for 2-D "
-                   "sets, 200 for digits)")
+                   "sets and arrays, 200 for images)")
     g.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=nonneg_float, default=1.0, help="gradient-norm clipping (0: none)")
-    g.add_argument("--ema-decay", type=unit_float, help="EMA decay (default: 0.995 for 2-D sets, 0.999 for digits)")
+    g.add_argument("--ema-decay", type=unit_float, help="EMA decay (default: 0.995 for 2-D sets and arrays, 0.999 for images)")
     g.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
     g = p.add_argument_group("loss")
     g.add_argument("--prediction", choices=PREDICTIONS, default="eps", help="what the network predicts")
     g.add_argument("--weighting", choices=("simple", "likelihood"), help="DSM loss weighting (default: simple for "
-                   "2-D sets, likelihood for digits)")
+                   "2-D sets and arrays, likelihood for images)")
     g.add_argument("--t-sampling", choices=("uniform", "importance"), help="how training times are drawn (default: "
-                   "uniform for 2-D sets, importance for digits)")
+                   "uniform for 2-D sets and arrays, importance for images)")
     g.add_argument("--t-eps", type=positive_float, default=1e-5, help="smallest training time")
     g = p.add_argument_group("logging, evaluation and checkpoints")
     g.add_argument("--log-every", type=positive_int, default=100, help="steps between loss log entries")
     g.add_argument("--eval-every", type=nonneg_int, default=0, help="steps between evaluations (0: only at the end)")
     g.add_argument("--eval-samples", type=nonneg_int, help="samples drawn at each evaluation and plotted "
-                   "(default: 2000 for 2-D sets, 64 for digits; 0: none)")
+                   "(default: 2000 for 2-D sets and arrays, 64 for images; 0: none)")
     g.add_argument("--eval-solver", type=solver_name, default="heun", help="solver of the evaluation samples")
     g.add_argument("--eval-sample-steps", type=positive_int, default=50, help="its steps")
     g.add_argument("--eval-nll-points", type=nonneg_int, help="held-out points of the evaluation NLL "
-                   "(default: 256 for 2-D sets, 64 for digits; 0: none)")
+                   "(default: 256 for 2-D sets and arrays, 64 for images; 0: none)")
     g.add_argument("--ckpt-every", type=nonneg_int, default=1000, help="steps between checkpoints (0: only the last)")
     g.add_argument("--keep-checkpoints", type=nonneg_int, default=3, help="periodic checkpoints kept (0: all)")
     g.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write samples.png")
@@ -307,18 +355,23 @@ def build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out and the .json and .png beside it if they exist (else it is an error)")
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
-                   help="write a PNG beside --out (2-D points, or the first 64 images)")
+                   help="write a PNG beside --out (2-D points, or the first 64 images; with --classes, one row per "
+                        "class)")
+    p.add_argument("--fid", action="store_true", help="runs on 8-bit images: also FID to the held-out images with "
+                   "pytorch-fid's Inception network, where pytorch-fid and its weights are installed (nothing is "
+                   "downloaded; an error otherwise). The default feature scores of a run with a classifier are not FID")
     add_common(p)
 
     # likelihood
-    p = add("likelihood", "negative log-likelihood of data under a trained run (nats; bits/dim for digits)",
-            likelihood.run)
+    p = add("likelihood", "negative log-likelihood of data under a trained run (nats; bits/dim for digits, images and "
+                          "other quantised data)", likelihood.run)
     add_run_options(p)
     p.add_argument("--data", choices=DATASETS, help="data set (default: the run's)")
     p.add_argument("--split", choices=("test", "train"), default="test",
-                   help="test: held-out points (digits: the fixed test split); train: the training set")
+                   help="test: held-out points (digits: the fixed test split; your own data: the recorded held-out "
+                        "split); train: the training set")
     p.add_argument("--n", type=positive_int, help="number of points (default: 1000 for 2-D sets, the whole split for "
-                                                 "digits)")
+                                                 "digits, up to 1000 of the split for your own data)")
     p.add_argument("--eps", type=positive_float, help="start time of the ODE (default: the run's --t-eps)")
     p.add_argument("--trace", choices=("auto", "exact", "hutchinson"), default="auto",
                    help="divergence estimator (auto: exact up to 16 dimensions)")

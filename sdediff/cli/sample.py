@@ -18,8 +18,10 @@ from .. import __version__
 from .._io import remove_stale_temporaries
 from ..calibrate import GRID_FILE, calibrate_grid, load_calibrated_grid
 from ..compare import nearest_class_accuracy
+from ..data import LoadedData
 from ..data.toy import TOY_DATASETS, make_toy
 from ..distributed import chunk_generator, chunk_slices, local_device, process_rank, world_size
+from ..features import frechet_distance
 from ..guidance import ClassifierFreeNet
 from ..runs import Run
 from ..sampling import sample
@@ -41,6 +43,15 @@ from .common import (
     set_threads,
     toy_metrics,
     write_json,
+)
+from .data import (
+    CLASSIFIER_FILE,
+    FeatureScores,
+    inception_features,
+    picture_kind,
+    reload_data,
+    save_grid,
+    to_data_units,
 )
 
 
@@ -99,6 +110,30 @@ def calibrated_grid(run: Run, args: argparse.Namespace, options: dict[str, Any],
 
 
 PLOT_IMAGES = 64  # images shown in the PNG of an image run (the first ones)
+GRID_COLUMNS = 8  # samples per class in the PNG of class-conditional samples
+
+
+def grid_rows(n: int, classes: list[int] | None) -> list[list[int]]:
+    """The indices of the samples in each row of a class-conditional grid, one row per class of ``classes`` (whose
+    samples come in equal consecutive blocks), all rows as long as the shortest (at most :data:`GRID_COLUMNS`);
+    ``[]`` without classes."""
+    if not classes:
+        return []
+    block = math.ceil(n / len(classes))
+    starts = [c * block for c in range(len(classes)) if c * block < n]
+    columns = min(GRID_COLUMNS, block, n - starts[-1])
+    return [list(range(start, start + columns)) for start in starts]
+
+
+def fid_report(inception, sample_features: Tensor, data: LoadedData, seed: int) -> dict[str, Any]:
+    """``--fid``: FID between the held-out images and the samples in pytorch-fid's Inception features, and the floor:
+    as many training images (at most all of them) against the same held-out images."""
+    values = data.transform
+    held = inception(to_data_units(data.held_out, values))
+    subset = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed + 29))[:len(sample_features)]
+    floor = inception(to_data_units(data.train[subset], values))
+    return {"fid": float(frechet_distance(held, sample_features)), "fid_floor": float(frechet_distance(held, floor)),
+            "fid_floor_n": len(subset)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,6 +150,22 @@ def run(args: argparse.Namespace) -> int:
     for beside in [out.with_suffix(".json")] + ([out.with_suffix(".png")] if args.plot else []):
         check_output(beside, args.overwrite, flag="the file beside --out")
     labels = sample_labels(trained, args.classes, args.guidance_scale, n)
+    own = trained.dataset is not None and trained.dataset.kind not in ("toy", "digits")
+    values = trained.dataset.transform if own else None
+    picture = picture_kind(trained.shape, values) if own else None
+    if args.fid and picture != "grid":
+        raise CLIError("--fid needs a run trained on 8-bit images with 1 or 3 channels")
+    inception = inception_features(device) if args.fid else None
+    has_classifier = own and (trained.directory / CLASSIFIER_FILE).is_file()
+    data = reload_data(trained)[0] if has_classifier or inception is not None or picture == "scatter" else None
+    if has_classifier and min(n, len(data.held_out)) < 2:
+        print(f"no feature scores: they need at least 2 samples and 2 held-out images ({len(data.held_out)} held out)")
+        has_classifier = False
+    scores = FeatureScores(trained.directory, data, device, args.seed) if has_classifier else None
+    array_units = own and trained.dataset.kind == "array"  # arrays are saved in their own units, images on [-1, 1]
+    rows = grid_rows(n, args.classes if picture == "grid" else None)
+    show = torch.zeros(n, dtype=torch.bool)  # the samples the PNG shows
+    show[torch.tensor([i for row in rows for i in row]) if rows else slice(0, PLOT_IMAGES)] = True
     chunks = chunk_slices(n, args.batch_size)
     main = process_rank() == 0
     if main:
@@ -155,16 +206,20 @@ def run(args: argparse.Namespace) -> int:
         return 0
     toy = trained.data in TOY_DATASETS and len(trained.shape) == 1
     kept: list[Tensor] = []  # what the summary needs: every 2-D point (for the metrics), else the images plotted
-    nfe, nfe_sum, nonfinite, held = 0, 0.0, 0, 0
+    fid_features: list[Tensor] = []
+    nfe, nfe_sum, nonfinite, done = 0, 0.0, 0, 0
     remove_stale_temporaries(out.parent, re.escape(out.name))  # of an earlier run of this command killed mid-write
     with sample_file(out, n) as put:  # each chunk goes to the file as it comes
         for x_k, per_sample, nfe_k in parts:
-            put(x_k)
+            put(to_data_units(x_k, values) if array_units else x_k)
             nfe, nfe_sum = nfe + nfe_k, nfe_sum + float(per_sample.sum())
             nonfinite += int((~torch.isfinite(x_k)).flatten(1).any(dim=1).sum())
-            if toy or held < PLOT_IMAGES:
-                kept.append(x_k if toy else x_k[:PLOT_IMAGES - held])
-                held += len(kept[-1])
+            kept.append(x_k if toy or picture == "scatter" else x_k[show[done:done + len(x_k)]])
+            done += len(x_k)
+            if scores is not None:
+                scores.add(x_k)
+            if inception is not None:
+                fid_features.append(inception(to_data_units(x_k, values)))
     seconds = time.perf_counter() - start
     x = torch.cat(kept)
     nfe_per_sample = nfe_sum / n
@@ -188,8 +243,27 @@ def run(args: argparse.Namespace) -> int:
     elif toy:
         doc.update(toy_metrics(x, trained.data, held_out_generator(trained.seed + 1)))
         line += f"; sliced W2 to held-out data {doc['sliced_w2']:.4f} (noise floor {doc['noise_floor']:.4f})"
+    if own:
+        doc["units"] = "the data's own" if array_units else "the model's [-1, 1]"
+    if scores is not None:
+        doc["features"] = scores.summary(labels)
+        line += "\n" + scores.describe(doc["features"])
+    if inception is not None:
+        doc.update(fid_report(inception, torch.cat(fid_features), data, args.seed))
+        line += (f"\nFID (pytorch-fid Inception features) {doc['fid']:.4g} to {len(data.held_out)} held-out images; "
+                 f"floor ({doc['fid_floor_n']} training images) {doc['fid_floor']:.4g}")
     print(line)
-    if args.plot:
+    if args.plot and own:
+        title = f"{args.solver}, {args.steps} steps, NFE {nfe_per_sample:.4g}"
+        if picture == "grid":
+            written.append(save_grid(out.with_suffix(".png"), x, values, columns=len(rows[0]) if rows else GRID_COLUMNS,
+                                     rows=len(rows) if rows else None))
+        elif picture == "scatter":
+            add_plot(written, plot_samples(out.with_suffix(".png"), values.to_data(x), None,
+                                           values.to_data(data.held_out[:2000]), title))
+        else:
+            print(f"no picture for samples of shape {list(trained.shape)}")
+    elif args.plot:
         ref, classes = None, None
         if toy and labels is not None:
             ref, ref_labels = make_toy(trained.data, 2000, held_out_generator(trained.seed), return_labels=True)
