@@ -419,6 +419,7 @@ def plot(r: dict[str, Any], png: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     rows = r["curves"]
@@ -435,6 +436,11 @@ def plot(r: dict[str, Any], png: Path) -> bool:
         ax.set_title(f"{row['sde']}, d = {row['d']}", fontsize=9)
         ax.set_xlabel("score evaluations per point", fontsize=8)
         ax.set_ylabel("mean |error| (nats)", fontsize=8)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 20, 50, 100, ... not 2 x 10^1
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks([t for t in (10, 20, 50, 100, 200, 500, 1000) if t <= ax.get_xlim()[1] * 1.01
+                       and t >= ax.get_xlim()[0] * 0.99])
+        ax.tick_params(labelsize=7)
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
