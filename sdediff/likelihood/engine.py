@@ -17,6 +17,7 @@ from ..sampling import check_eps
 from ..sdes.base import SDE
 from ..sdes.linear import LinearSDE
 from ..solvers.ode import ODE_METHODS, odeint
+from ..solvers.tables import work_dtype
 from .adams import AdamsLikelihood, state_columns
 from .divergence import NOISES, draw_probes
 from .flows import DEFAULT_NOISE_RANGE, NoiseLevelFlow, TimeFlow, ensure_finite
@@ -294,11 +295,16 @@ def _empty(x: Tensor) -> Part:
 def _adams(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float, tol: float | None, rtol: float | None,
            atol: float | None, num_probes: int, noise: str, generator: torch.Generator | None,
            opts: dict[str, Any]) -> Part:
-    event = tuple(x.shape[1:])
+    # The state and the times are kept in float64 whatever the data's dtype (the score is called in that): in
+    # float32 the rounding of a state near the data, times a score of order 1/sigma(eps), is already more than a
+    # tolerance such as 1e-4 nats in a few hundred dimensions, and no step would be small enough.
+    event, dtype = tuple(x.shape[1:]), x.dtype
+    x = x.to(work_dtype(x.device))
     if isinstance(sde, LinearSDE) and opts["time"] == "noise":
-        flow: NoiseLevelFlow | TimeFlow = NoiseLevelFlow(sde, score_fn, eps, event, tuple(opts["noise_range"]))
+        flow: NoiseLevelFlow | TimeFlow = NoiseLevelFlow(sde, score_fn, eps, event, tuple(opts["noise_range"]),
+                                                         score_dtype=dtype)
     else:
-        flow = TimeFlow(sde, score_fn, eps, event)
+        flow = TimeFlow(sde, score_fn, eps, event, score_dtype=dtype)
     solver = AdamsLikelihood(flow, tol=tol, rtol=rtol, atol=atol, order=opts["order"],
                              quadrature_order=opts["quadrature_order"], first_step=opts["first_step"],
                              max_steps=opts["max_steps"], num_probes=num_probes, noise=noise, generator=generator)
@@ -313,7 +319,8 @@ def _adams(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float, tol: float | None
     zs, ells, errs, vars_ = state_columns(flow.dim)
     latent, delta = flow.finish(sol.x[:, zs], sol.x[:, ells])
     std_error = sol.x[:, vars_].sqrt() if num_probes != 1 else torch.full_like(delta, math.nan)
-    return latent, delta, solver.calls, sol.stats["nfe_per_sample"], sol.x[:, errs], std_error
+    return (latent.to(dtype), delta.to(dtype), solver.calls, sol.stats["nfe_per_sample"], sol.x[:, errs].to(dtype),
+            std_error.to(dtype))
 
 
 def _torchdiffeq(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float, rtol: float, atol: float, probes: Tensor | None,

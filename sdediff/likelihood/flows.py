@@ -67,9 +67,10 @@ class Evaluation(NamedTuple):
     t: Tensor  #: ``(n,)`` the SDE times of the states
 
 
-def checked_score(score_fn: ScoreFn, x: Tensor, t: Tensor) -> Tensor:
+def checked_score(score_fn: ScoreFn, x: Tensor, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """``score_fn(x, t)``, checked: a floating tensor shaped like ``x`` in its dtype that autograd can differentiate
-    in ``x`` (when ``x`` requires a gradient).
+    in ``x`` (when ``x`` requires a gradient). With ``dtype`` (the data's, where the flow's state is kept in a wider
+    one) the score is evaluated at ``x`` and ``t`` cast to it and returned in ``x``'s dtype (differentiably).
 
     Raises
     ------
@@ -77,6 +78,8 @@ def checked_score(score_fn: ScoreFn, x: Tensor, t: Tensor) -> Tensor:
         If the output does not depend on ``x`` through autograd (computed under ``torch.no_grad()``, detached, or
         converted from an integer tensor).
     """
+    if dtype is not None and dtype != x.dtype:
+        return checked_score(score_fn, x.to(dtype), t.to(dtype)).to(x.dtype)
     out = score_fn(x, t)
     if not isinstance(out, Tensor) or out.shape != x.shape:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -143,14 +146,18 @@ class NoiseLevelFlow:
         Shape of one sample (the states are flat ``(n, D)``; the score sees ``(n, *event_shape)``).
     noise_range : (float, float)
         :math:`(a, b)` with :math:`0 < a < b`.
+    score_dtype : torch.dtype, optional
+        The dtype ``score_fn`` is called in, when the states are kept in a wider one.
     """
 
     def __init__(self, sde: LinearSDE, score_fn: ScoreFn, eps: float, event_shape: tuple[int, ...],
-                 noise_range: tuple[float, float] = DEFAULT_NOISE_RANGE) -> None:
+                 noise_range: tuple[float, float] = DEFAULT_NOISE_RANGE, score_dtype: torch.dtype | None = None
+                 ) -> None:
         a, b = noise_range
         check_float("noise_range[0]", a, 0.0, low_open=True)
         check_float("noise_range[1]", b, a, low_open=True)
         self.sde, self.score_fn, self.eps, self.event_shape = sde, score_fn, eps, tuple(event_shape)
+        self.score_dtype = score_dtype
         self.a, self.b, self.kappa = float(a), float(b), b / (b - a)
         self.dim = math.prod(self.event_shape)
 
@@ -203,7 +210,7 @@ class NoiseLevelFlow:
         m, s = self.sde.mean_coeff(t), self.sde.marginal_std(t)
         x_scale = m * (sigma + b) / b
         x = (z * x_scale[:, None]).reshape(z.shape[0], *self.event_shape)
-        score, div = _divergence(lambda q: checked_score(self.score_fn, q, t), x, probes)
+        score, div = _divergence(lambda q: checked_score(self.score_fn, q, t, self.score_dtype), x, probes)
         score = score.reshape(z.shape)
         if check:
             check_jacobian(score, div)
@@ -220,8 +227,10 @@ class TimeFlow:
     autograd too, so a non-linear drift is handled) and ``grad`` the score.
     """
 
-    def __init__(self, sde: SDE, score_fn: ScoreFn, eps: float, event_shape: tuple[int, ...]) -> None:
+    def __init__(self, sde: SDE, score_fn: ScoreFn, eps: float, event_shape: tuple[int, ...],
+                 score_dtype: torch.dtype | None = None) -> None:
         self.sde, self.score_fn, self.eps, self.event_shape = sde, score_fn, eps, tuple(event_shape)
+        self.score_dtype = score_dtype
         self.dim = math.prod(self.event_shape)
 
     def time(self, tau: Tensor) -> Tensor:
@@ -252,7 +261,7 @@ class TimeFlow:
         scores: list[Tensor] = []
 
         def velocity(q: Tensor) -> Tensor:
-            scores.append(checked_score(self.score_fn, q, tau))
+            scores.append(checked_score(self.score_fn, q, tau, self.score_dtype))
             return self.sde.drift(q, tau) + expand_as(weight, q) * scores[-1]
 
         v, div = _divergence(velocity, x, probes)
