@@ -114,6 +114,9 @@ class AdamsLikelihood(PerSampleAdaptiveSolver):
         Their distribution.
     generator : torch.Generator, optional
         Their source.
+    first_point : int
+        The batch row of the first point being solved, so that errors name points as the caller numbers them (the
+        chunks of :func:`~sdediff.likelihood.log_likelihood`'s ``batch_size``).
     """
 
     name = "adams"
@@ -124,7 +127,7 @@ class AdamsLikelihood(PerSampleAdaptiveSolver):
     def __init__(self, flow: NoiseLevelFlow | TimeFlow, tol: float | None = 1e-4, rtol: float | None = None,
                  atol: float | None = None, order: int = 5, quadrature_order: int = 6, first_step: float = 1e-4,
                  max_steps: int = 10_000, num_probes: int = 0, noise: str = "rademacher",
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, first_point: int = 0) -> None:
         super().__init__(max_steps=max_steps)
         self.flow = flow
         self.tol = check_float("tol", tol, 0.0, low_open=True, optional=True)
@@ -139,6 +142,7 @@ class AdamsLikelihood(PerSampleAdaptiveSolver):
         self.first_fraction = check_float("first_step", first_step, 0.0, 1.0, low_open=True)
         self.num_probes = check_int("num_probes", num_probes, 0)
         self.noise, self.generator = noise, generator
+        self.first_point = check_int("first_point", first_point, 0)
         self.exponent = 1.0 / (self.order + 1)
         self.floor = (self.safety / self.growth) ** (self.order + 1)  # an error this small grows the step by `growth`
         self.slots = max(self.order + 1, self.quadrature_order + 1)
@@ -157,7 +161,7 @@ class AdamsLikelihood(PerSampleAdaptiveSolver):
             if len(index) < self.rows:  # every row is drawn for, so that a point's draws do not depend on the others
                 probes = probes[index]
         ev = self.flow.evaluate(z, tau, probes, check=check)
-        ensure_finite(ev, index)
+        ensure_finite(ev, index, self.first_point)
         k = ev.h.shape[1]
         h_var = ev.h.var(1) / k if k > 1 else torch.zeros_like(ev.h[:, 0])  # one probe: no spread to see
         return ev, ev.h.mean(1), h_var

@@ -254,10 +254,10 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
         for start in range(0, n, chunk):
             xc = x[start:start + chunk].detach()
             if method == "adams":
-                part = _adams(sde, score_fn, xc, eps, tol, rtol, atol, k, noise, generator, opts)
+                part = _adams(sde, score_fn, xc, start, eps, tol, rtol, atol, k, noise, generator, opts)
             else:
                 probes = draw_probes(xc, k, noise, generator) if k else None
-                part = _torchdiffeq(sde, score_fn, xc, eps, rtol, atol, probes, method, opts)
+                part = _torchdiffeq(sde, score_fn, xc, start, eps, rtol, atol, probes, method, opts)
             parts.append(_result(sde, part, k, method))
             bar.update(len(xc))
     finally:
@@ -291,8 +291,8 @@ def _empty(x: Tensor) -> Part:
     return x[:0], zeros, 0, torch.zeros(0, dtype=torch.long, device=x.device), zeros, zeros
 
 
-def _adams(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float, tol: float | None, rtol: float | None,
-           atol: float | None, num_probes: int, noise: str, generator: torch.Generator | None,
+def _adams(sde: SDE, score_fn: ScoreFn, x: Tensor, first_point: int, eps: float, tol: float | None,
+           rtol: float | None, atol: float | None, num_probes: int, noise: str, generator: torch.Generator | None,
            opts: dict[str, Any]) -> Part:
     event = tuple(x.shape[1:])
     if isinstance(sde, LinearSDE) and opts["time"] == "noise":
@@ -301,7 +301,8 @@ def _adams(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float, tol: float | None
         flow = TimeFlow(sde, score_fn, eps, event)
     solver = AdamsLikelihood(flow, tol=tol, rtol=rtol, atol=atol, order=opts["order"],
                              quadrature_order=opts["quadrature_order"], first_step=opts["first_step"],
-                             max_steps=opts["max_steps"], num_probes=num_probes, noise=noise, generator=generator)
+                             max_steps=opts["max_steps"], num_probes=num_probes, noise=noise, generator=generator,
+                             first_point=first_point)
     state = torch.cat([flow.initial_state(x), x.new_zeros(x.shape[0], 3)], 1)
     try:
         sol = solver.solve(None, state, flow.span(x))
@@ -316,8 +317,8 @@ def _adams(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float, tol: float | None
     return latent, delta, solver.calls, sol.stats["nfe_per_sample"], sol.x[:, errs], std_error
 
 
-def _torchdiffeq(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float, rtol: float, atol: float, probes: Tensor | None,
-                 method: str, options: dict[str, Any]) -> Part:
+def _torchdiffeq(sde: SDE, score_fn: ScoreFn, x: Tensor, first_point: int, eps: float, rtol: float, atol: float,
+                 probes: Tensor | None, method: str, options: dict[str, Any]) -> Part:
     flow = TimeFlow(sde, score_fn, eps, tuple(x.shape[1:]))
     calls = [0]
     rows = torch.arange(x.shape[0], device=x.device)
@@ -326,7 +327,7 @@ def _torchdiffeq(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float, rtol: float
         calls[0] += 1
         tau = t.clamp(0.0, sde.T).expand(state[0].shape[0])
         ev = flow.evaluate(state[0], tau, probes, check=calls[0] == 1)
-        ensure_finite(ev, rows)
+        ensure_finite(ev, rows, first_point)
         return ev.f, ev.h
 
     columns = 1 if probes is None else probes.shape[1]
