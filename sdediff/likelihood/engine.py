@@ -171,7 +171,8 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
         (default ``1e-5``, or ``tol`` when that is given).
     trace : {"exact", "hutchinson"}
         Exact divergence (``D`` vector–Jacobian products per evaluation, batched; small ``D``) or Hutchinson's
-        unbiased estimate (one per probe, all probes in one batched backward pass).
+        unbiased estimate (one per probe, all probes in one batched backward pass; with ``method="adams"`` one more,
+        the control probe its error control uses, see :mod:`sdediff.likelihood.adams`).
     generator : torch.Generator, optional
         Draws the Hutchinson probes.
     tol : float, optional
@@ -179,7 +180,8 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
         unless ``rtol``/``atol`` are given). On Gaussian mixtures the mean absolute error comes out close to
         ``tol``; ``integration_error`` reports the estimate point by point.
     num_probes : int
-        Hutchinson probes per point, fixed along its path; with two or more, ``std_error`` is their standard error.
+        Hutchinson probes per point: drawn afresh at every evaluation with ``method="adams"``, fixed along the path
+        with the torchdiffeq methods; with two or more, ``std_error`` is their standard error.
     noise : {"rademacher", "gaussian"}
         Hutchinson probe distribution (Rademacher has the lower variance).
     method : str
@@ -193,7 +195,8 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
         ``torchdiffeq.odeint``.
     batch_size : int, optional
         Integrate the points in chunks of this many (memory grows with it; the results do not depend on it but for
-        floating-point rounding); default all at once.
+        floating-point rounding, except that with Hutchinson's trace and ``method="adams"`` the probes drawn differ);
+        default all at once.
     progress : bool
         Show a progress bar over the points.
 
