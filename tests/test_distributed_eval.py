@@ -1,10 +1,13 @@
 """Sharded evaluation: chunks and their seeds do not depend on the number of processes, so `sdediff sample` and
-`sdediff likelihood` under torchrun with 2 gloo processes write exactly (bit for bit) what one process writes."""
+`sdediff likelihood` under torchrun with 2 gloo processes write exactly (bit for bit) what one process writes, and
+`sharded_log_likelihood` finishes, without waiting on the other rank, when the ranks' work is very unequal."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -118,3 +121,85 @@ def test_a_failing_chunk_raises_on_every_rank_instead_of_hanging(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):  # chunk 3 ran on rank 1; both ranks learn of it
         assert f"rank {rank} caught: evaluation failed on rank 1: ValueError: chunk 3 is bad" in proc.stdout
+
+
+# Two ranks of very unequal work: 10 points in chunks of 4 give rank 0 chunks 0 and 2 (6 points), rank 1 chunk 1,
+# whose points lie far out in the tails (several times the steps of the others). The score is a
+# DistributedDataParallel module with a buffer: its own forward would broadcast the buffer (a collective) at every
+# call, which ranks with different numbers of calls would wait on forever; log_likelihood evaluates its .module.
+UNEQUAL = textwrap.dedent("""
+    import sys
+    import torch
+    from torch import nn
+    import sdediff
+    from sdediff.data import GaussianMixture
+    from sdediff.distributed import DistributedEval
+    from sdediff.likelihood import sharded_log_likelihood
+
+    class Score(nn.Module):
+        def __init__(self, score):
+            super().__init__()
+            self.score = score
+            self.scale = nn.Parameter(torch.ones((), dtype=torch.float64))
+            self.register_buffer("shift", torch.zeros((), dtype=torch.float64))
+
+        def forward(self, x, t):
+            return self.scale * self.score(x, t) + self.shift
+
+    torch.set_num_threads(1)
+    sde = sdediff.VPSDE()
+    gm = GaussianMixture.random(3, 2, generator=torch.Generator().manual_seed(1))
+    x = gm.marginal(sde, 1e-5).sample(10, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x[4:8] = torch.tensor([[6.0, -6.0], [7.0, -5.0], [8.0, -4.0], [4.0, -8.0]], dtype=torch.float64)
+    with DistributedEval("cpu") as group:
+        model = Score(gm.score_fn(sde))
+        if group.world_size > 1:
+            model = nn.parallel.DistributedDataParallel(model)
+        results = {trace: sharded_log_likelihood(sde, model, x, batch_size=4, seed=3, trace=trace, num_probes=2)
+                   for trace in ("exact", "hutchinson")}
+        if group.is_main:
+            plain = sdediff.log_likelihood(sde, gm.score_fn(sde), x, batch_size=4)
+            torch.save({"world_size": group.world_size, "plain": vars(plain),
+                        **{k: vars(v) for k, v in results.items()}}, sys.argv[1])
+""")
+
+
+def run_to_completion(cmd, timeout):
+    """Run ``cmd``; past ``timeout`` seconds stop it (SIGTERM, which torchrun passes on to its workers, which run in
+    sessions of their own; then SIGKILL) and fail."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        pytest.fail(f"{cmd[-2:]} did not finish within {timeout} s (a rank waiting on the other?)")
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def test_sharded_log_likelihood_with_unequal_ranks_finishes_and_matches_one_process(tmp_path):
+    script = tmp_path / "unequal.py"
+    script.write_text(UNEQUAL)
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    run_to_completion([sys.executable, str(script), str(one)], timeout=120)
+    run_to_completion([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                       str(two)], timeout=180)
+    single, multi = torch.load(one), torch.load(two)
+    assert (single["world_size"], multi["world_size"]) == (1, 2)
+    steps = multi["exact"]["nfe_per_point"]
+    rank1 = steps[4:8].double().mean()
+    assert rank1 > 3 * torch.cat([steps[:4], steps[8:]]).double().mean(), steps  # rank 1's points are much harder
+    for trace in ("exact", "hutchinson"):
+        for field, value in single[trace].items():
+            if field != "nfe":  # the calls add up over the chunks of each process
+                assert torch.equal(multi[trace][field], value) if torch.is_tensor(value) else multi[trace][field] == value
+        assert multi[trace]["log_prob"].shape == (10,)
+    # the exact trace does not depend on the chunks' generators: what log_likelihood gives in chunks of 4
+    for field in ("log_prob", "latent", "nfe_per_point", "integration_error"):
+        torch.testing.assert_close(multi["exact"][field], single["plain"][field], rtol=1e-12, atol=1e-12)
+    assert multi["hutchinson"]["std_error"].isfinite().all() and (multi["hutchinson"]["std_error"] > 0).all()

@@ -37,8 +37,14 @@ different nodes are independent: its variance is :math:`\sum_j W_j^2\,\mathrm{Va
 total weight of node :math:`j`, much less than with one probe kept along the path, where the errors of all the
 nodes add up coherently (about 10-20 times less on Gaussian mixtures and a trained network, see docs/likelihood.md).
 With two probes or more, :math:`\mathrm{Var}(\bar H_j)` is estimated from their spread and the sum is each point's
-probe variance. The noisy integrand carries no information on the quadrature's error, so the steps are then
-controlled by the state's error alone (and ``rtol``/``atol``); the integration-error estimate is the state's part.
+probe variance. The averaged integrand is noisy from node to node, so its divided differences say nothing of the
+quadrature's error; that error is estimated instead on a **control probe**, one more probe per point that is drawn
+at the start and kept along the path: :math:`u^\top J(\tau) u` is as smooth in :math:`\tau` as the trace (its
+expectation), so the quadrature's error estimate and the step control are those of the exact trace applied to it.
+The control probe costs one more vector–Jacobian product per evaluation (in the same batched backward pass) and does
+not enter :math:`\ell`, which keeps its variance. Without it the steps would follow the state's error alone, and the
+quadrature's error of the trace, which the probes' mean carries as a bias, would go unchecked (tens of times ``tol``
+on Gaussian mixtures).
 
 Each attempt checks the flow's values (one host synchronisation, beside the loop's own) and raises a
 :class:`FloatingPointError` naming the point and the time where they are not finite. Probes are drawn for every
@@ -76,6 +82,7 @@ class AdamsCarry(NamedTuple):
     f: Tensor  #: ``(n, S, D)`` the state's derivative there
     h: Tensor  #: ``(n, S)`` the divergence integrand there (the mean over the probes)
     h_var: Tensor  #: ``(n, S)`` the variance of that mean due to the probes (zero for the exact trace)
+    smooth: Tensor  #: ``(n, S)`` the integrand along the control probe (``h`` itself for the exact trace)
     weight: Tensor  #: ``(n, S)`` the quadrature weight each node has collected so far
     head: Tensor  #: ``(n,)`` the slot of the newest node
     count: Tensor  #: ``(n,)`` nodes so far (the start is one)
@@ -114,6 +121,9 @@ class AdamsLikelihood(PerSampleAdaptiveSolver):
         Their distribution.
     generator : torch.Generator, optional
         Their source.
+    first_point : int
+        The batch row of the first point being solved, so that errors name points as the caller numbers them (the
+        chunks of :func:`~sdediff.likelihood.log_likelihood`'s ``batch_size``).
     """
 
     name = "adams"
@@ -124,7 +134,7 @@ class AdamsLikelihood(PerSampleAdaptiveSolver):
     def __init__(self, flow: NoiseLevelFlow | TimeFlow, tol: float | None = 1e-4, rtol: float | None = None,
                  atol: float | None = None, order: int = 5, quadrature_order: int = 6, first_step: float = 1e-4,
                  max_steps: int = 10_000, num_probes: int = 0, noise: str = "rademacher",
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, first_point: int = 0) -> None:
         super().__init__(max_steps=max_steps)
         self.flow = flow
         self.tol = check_float("tol", tol, 0.0, low_open=True, optional=True)
@@ -139,16 +149,20 @@ class AdamsLikelihood(PerSampleAdaptiveSolver):
         self.first_fraction = check_float("first_step", first_step, 0.0, 1.0, low_open=True)
         self.num_probes = check_int("num_probes", num_probes, 0)
         self.noise, self.generator = noise, generator
+        self.first_point = check_int("first_point", first_point, 0)
         self.exponent = 1.0 / (self.order + 1)
         self.floor = (self.safety / self.growth) ** (self.order + 1)  # an error this small grows the step by `growth`
         self.slots = max(self.order + 1, self.quadrature_order + 1)
         self.calls = 0  # batched score evaluations
         self.rows = 0  # rows of the chunk being solved (probes are drawn for all of them)
+        self.control: Tensor | None = None  # (rows, 1, *event): each point's control probe, fixed along its path
 
-    def evaluate(self, z: Tensor, tau: Tensor, index: Tensor, check: bool = False) -> tuple[Evaluation, Tensor, Tensor]:
-        """The flow at ``(z, tau)`` for the points of rows ``index``: the evaluation and the mean of the divergence
-        integrand over the probes with its variance, ``(n,)`` each. Raises :class:`FloatingPointError` naming the
-        first point where the flow is not finite."""
+    def evaluate(self, z: Tensor, tau: Tensor, index: Tensor,
+                 check: bool = False) -> tuple[Evaluation, Tensor, Tensor, Tensor]:
+        """The flow at ``(z, tau)`` for the points of rows ``index``: the evaluation, the mean of the divergence
+        integrand over the probes with its variance, and the integrand along the control probe, ``(n,)`` each (the
+        exact integrand, zero and the exact integrand again for the exact trace). Raises
+        :class:`FloatingPointError` naming the first point where the flow is not finite."""
         self.calls += 1
         probes = None
         if self.num_probes:
@@ -156,11 +170,14 @@ class AdamsLikelihood(PerSampleAdaptiveSolver):
                                  self.generator)
             if len(index) < self.rows:  # every row is drawn for, so that a point's draws do not depend on the others
                 probes = probes[index]
+            probes = torch.cat([probes, self.control[index]], 1)
         ev = self.flow.evaluate(z, tau, probes, check=check)
-        ensure_finite(ev, index)
-        k = ev.h.shape[1]
-        h_var = ev.h.var(1) / k if k > 1 else torch.zeros_like(ev.h[:, 0])  # one probe: no spread to see
-        return ev, ev.h.mean(1), h_var
+        ensure_finite(ev, index, self.first_point)
+        if not self.num_probes:
+            return ev, ev.h[:, 0], torch.zeros_like(ev.h[:, 0]), ev.h[:, 0]
+        h, k = ev.h[:, :-1], self.num_probes
+        h_var = h.var(1) / k if k > 1 else torch.zeros_like(h[:, 0])  # one probe: no spread to see
+        return ev, h.mean(1), h_var, ev.h[:, -1]
 
     def begin(self, process: Any, x: Tensor, t: Tensor) -> Start:
         """One evaluation at the start; the carry holds it as the first node. Raises
@@ -169,19 +186,21 @@ class AdamsLikelihood(PerSampleAdaptiveSolver):
         n, d, S = x.shape[0], self.flow.dim, self.slots
         self.rows, self.end = n, self.flow.span(x)[1]
         index = torch.arange(n, device=x.device)
-        ev, h, h_var = self.evaluate(x[:, :d], t, index, check=True)
+        if self.num_probes:
+            self.control = draw_probes(x.new_empty(n, *self.flow.event_shape), 1, self.noise, self.generator)
+        ev, h, h_var, smooth = self.evaluate(x[:, :d], t, index, check=True)
         f = x.new_zeros(n, S, d)
         f[:, 0] = ev.f
         zero = torch.zeros(n, dtype=torch.long, device=x.device)
         carry = AdamsCarry(tau=t[:, None].repeat(1, S), f=f, h=F.pad(h[:, None], (0, S - 1)),
-                           h_var=F.pad(h_var[:, None], (0, S - 1)), weight=x.new_zeros(n, S), head=zero,
+                           h_var=F.pad(h_var[:, None], (0, S - 1)), smooth=F.pad(smooth[:, None], (0, S - 1)),
+                           weight=x.new_zeros(n, S), head=zero,
                            count=zero + 1, index=index)
         return Start(carry=carry, nfe=1)
 
     def attempt(self, process: Any, workspace: Any, x: Tensor, t: Tensor, h: Tensor, t_next: Tensor,
                 carry: AdamsCarry) -> Attempt:
         K, P, S = self.order, self.quadrature_order, self.slots
-        exact = not self.num_probes
         zs, ells, errs, vars_ = state_columns(self.flow.dim)
         z, ell = x[:, zs], x[:, ells]
         slots = torch.arange(S, device=x.device)
@@ -199,11 +218,10 @@ class AdamsLikelihood(PerSampleAdaptiveSolver):
         pred, corr, quad = rule(order_now, False), rule(order_now), rule(P - 1)
         lag = lagrange_integrals(nodes, torch.stack([pred, corr, quad], 1), t, t_next)  # (n, 3, S + 1)
         omega = node_polynomial_integral(nodes, torch.stack([corr, quad], 1), t, t_next)  # (n, 2)
-        dd_sets = [rule(K + 1)] + ([rule(P), rule(P + 1, False)] if exact else [])
-        dd = divided_difference_weights(nodes, torch.stack(dd_sets, 1))  # (n, 1 or 3, S + 1)
+        dd = divided_difference_weights(nodes, torch.stack([rule(K + 1), rule(P), rule(P + 1, False)], 1))  # (n, 3, S+1)
 
         z_pred = torch.baddbmm(z[:, None], lag[:, 0:1, 1:], carry.f).squeeze(1)
-        ev, h_new, var_new = self.evaluate(z_pred, t_next, carry.index)
+        ev, h_new, var_new, smooth_new = self.evaluate(z_pred, t_next, carry.index)
         # the corrector and the divided difference of f over its nodes and one more, in one pass over the buffer
         both = torch.bmm(torch.stack([lag[:, 1, 1:], dd[:, 0, 1:]], 1), carry.f)  # (n, 2, D)
         z_corr = both[:, 0].add_(z).addcmul_(lag[:, 1, :1], ev.f)
@@ -213,18 +231,16 @@ class AdamsLikelihood(PerSampleAdaptiveSolver):
             dz = torch.where(full[:, None], dz, z_corr - z_pred)
         est = torch.linalg.vecdot(ev.grad, dz).abs()  # its effect on the log-density
 
-        # the divergence quadrature, its weights collected per node, and (exact trace) its error
+        # the divergence quadrature, its weights collected per node, and its error (on the control probe's integrand)
         w = lag[:, 2]
         ell_next = ell + w[:, 0] * h_new + (w[:, 1:] * carry.h).sum(1)
         weight = carry.weight + w[:, 1:]
-        e_quad = torch.zeros_like(est)
-        if exact:
-            h_all = torch.cat([h_new[:, None], carry.h], 1)
-            pc = ((lag[:, 1] - lag[:, 0]) * h_all).sum(1).abs()  # corrector minus predictor rule on h
-            dd_h = (dd[:, 1:] * h_all[:, None]).sum(2)  # (n, 2): the current window's and the previous one's
-            dd_h[:, 1] = torch.where(carry.count >= P + 1, dd_h[:, 1], torch.zeros_like(dd_h[:, 1]))
-            e_quad = torch.where(carry.count >= P, torch.maximum(dd_h.abs().amax(1) * omega[:, 1].abs(), 0.1 * pc), pc)
-            est = est + e_quad
+        h_all = torch.cat([smooth_new[:, None], carry.smooth], 1)
+        pc = ((lag[:, 1] - lag[:, 0]) * h_all).sum(1).abs()  # corrector minus predictor rule on h
+        dd_h = (dd[:, 1:] * h_all[:, None]).sum(2)  # (n, 2): the current window's and the previous one's
+        dd_h[:, 1] = torch.where(carry.count >= P + 1, dd_h[:, 1], torch.zeros_like(dd_h[:, 1]))
+        e_quad = torch.where(carry.count >= P, torch.maximum(dd_h.abs().amax(1) * omega[:, 1].abs(), 0.1 * pc), pc)
+        est = est + e_quad
         # the probes' variance of every node whose weight is now final: the one leaving the window, or all at the end
         final = t_next == self.end
         done = quad[:, 1:] & (final[:, None] | (age == P - 2))
@@ -259,7 +275,8 @@ class AdamsLikelihood(PerSampleAdaptiveSolver):
             new_weight = torch.where(ok[:, None], weight, carry.weight)
             new_weight[rows, head] = torch.where(ok, w[:, 0], carry.weight[rows, carry.head])
             return carry._replace(tau=put(carry.tau, t_next), h=put(carry.h, h_new), h_var=put(carry.h_var, var_new),
-                                  weight=new_weight, head=head, count=carry.count + ok.long())
+                                  smooth=put(carry.smooth, smooth_new), weight=new_weight, head=head,
+                                  count=carry.count + ok.long())
 
         return Attempt(x=proposal, error=error, update=update, nfe=1)
 

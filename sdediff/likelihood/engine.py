@@ -172,7 +172,8 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
         (default ``1e-5``, or ``tol`` when that is given).
     trace : {"exact", "hutchinson"}
         Exact divergence (``D`` vector–Jacobian products per evaluation, batched; small ``D``) or Hutchinson's
-        unbiased estimate (one per probe, all probes in one batched backward pass).
+        unbiased estimate (one per probe, all probes in one batched backward pass; with ``method="adams"`` one more,
+        the control probe its error control uses, see :mod:`sdediff.likelihood.adams`).
     generator : torch.Generator, optional
         Draws the Hutchinson probes.
     tol : float, optional
@@ -180,7 +181,8 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
         unless ``rtol``/``atol`` are given). On Gaussian mixtures the mean absolute error comes out close to
         ``tol``; ``integration_error`` reports the estimate point by point.
     num_probes : int
-        Hutchinson probes per point, fixed along its path; with two or more, ``std_error`` is their standard error.
+        Hutchinson probes per point: drawn afresh at every evaluation with ``method="adams"``, fixed along the path
+        with the torchdiffeq methods; with two or more, ``std_error`` is their standard error.
     noise : {"rademacher", "gaussian"}
         Hutchinson probe distribution (Rademacher has the lower variance).
     method : str
@@ -194,7 +196,8 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
         ``torchdiffeq.odeint``.
     batch_size : int, optional
         Integrate the points in chunks of this many (memory grows with it; the results do not depend on it but for
-        floating-point rounding); default all at once.
+        floating-point rounding, except that with Hutchinson's trace and ``method="adams"`` the probes drawn differ);
+        default all at once.
     progress : bool
         Show a progress bar over the points.
 
@@ -255,10 +258,10 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
         for start in range(0, n, chunk):
             xc = x[start:start + chunk].detach()
             if method == "adams":
-                part = _adams(sde, score_fn, xc, eps, tol, rtol, atol, k, noise, generator, opts)
+                part = _adams(sde, score_fn, xc, start, eps, tol, rtol, atol, k, noise, generator, opts)
             else:
                 probes = draw_probes(xc, k, noise, generator) if k else None
-                part = _torchdiffeq(sde, score_fn, xc, eps, rtol, atol, probes, method, opts)
+                part = _torchdiffeq(sde, score_fn, xc, start, eps, rtol, atol, probes, method, opts)
             parts.append(_result(sde, part, k, method))
             bar.update(len(xc))
     finally:
@@ -292,8 +295,8 @@ def _empty(x: Tensor) -> Part:
     return x[:0], zeros, 0, torch.zeros(0, dtype=torch.long, device=x.device), zeros, zeros
 
 
-def _adams(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float, tol: float | None, rtol: float | None,
-           atol: float | None, num_probes: int, noise: str, generator: torch.Generator | None,
+def _adams(sde: SDE, score_fn: ScoreFn, x: Tensor, first_point: int, eps: float, tol: float | None,
+           rtol: float | None, atol: float | None, num_probes: int, noise: str, generator: torch.Generator | None,
            opts: dict[str, Any]) -> Part:
     # The state and the times are kept in float64 whatever the data's dtype (the score is called in that): in
     # float32 the rounding of a state near the data, times a score of order 1/sigma(eps), is already more than a
@@ -307,7 +310,8 @@ def _adams(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float, tol: float | None
         flow = TimeFlow(sde, score_fn, eps, event, score_dtype=dtype)
     solver = AdamsLikelihood(flow, tol=tol, rtol=rtol, atol=atol, order=opts["order"],
                              quadrature_order=opts["quadrature_order"], first_step=opts["first_step"],
-                             max_steps=opts["max_steps"], num_probes=num_probes, noise=noise, generator=generator)
+                             max_steps=opts["max_steps"], num_probes=num_probes, noise=noise, generator=generator,
+                             first_point=first_point)
     state = torch.cat([flow.initial_state(x), x.new_zeros(x.shape[0], 3)], 1)
     try:
         sol = solver.solve(None, state, flow.span(x))
@@ -323,8 +327,8 @@ def _adams(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float, tol: float | None
             std_error.to(dtype))
 
 
-def _torchdiffeq(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float, rtol: float, atol: float, probes: Tensor | None,
-                 method: str, options: dict[str, Any]) -> Part:
+def _torchdiffeq(sde: SDE, score_fn: ScoreFn, x: Tensor, first_point: int, eps: float, rtol: float, atol: float,
+                 probes: Tensor | None, method: str, options: dict[str, Any]) -> Part:
     flow = TimeFlow(sde, score_fn, eps, tuple(x.shape[1:]))
     calls = [0]
     rows = torch.arange(x.shape[0], device=x.device)
@@ -333,7 +337,7 @@ def _torchdiffeq(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float, rtol: float
         calls[0] += 1
         tau = t.clamp(0.0, sde.T).expand(state[0].shape[0])
         ev = flow.evaluate(state[0], tau, probes, check=calls[0] == 1)
-        ensure_finite(ev, rows)
+        ensure_finite(ev, rows, first_point)
         return ev.f, ev.h
 
     columns = 1 if probes is None else probes.shape[1]

@@ -98,15 +98,15 @@ def checked_score(score_fn: ScoreFn, x: Tensor, t: Tensor, dtype: torch.dtype | 
     return out
 
 
-def ensure_finite(ev: Evaluation, index: Tensor) -> None:
-    """Raise :class:`FloatingPointError` naming the first point (its row ``index``) and its time where the flow's values
-    are not finite (one host synchronisation)."""
+def ensure_finite(ev: Evaluation, index: Tensor, first_point: int = 0) -> None:
+    """Raise :class:`FloatingPointError` naming the first point (its row ``index`` of a chunk whose first point is
+    ``first_point`` of the batch) and its time where the flow's values are not finite (one host synchronisation)."""
     if all_finite(ev.f) and all_finite(ev.h):
         return
     bad = ~(torch.isfinite(ev.f).all(1) & torch.isfinite(ev.h).all(1))
     i = int(bad.nonzero()[0, 0])
     raise FloatingPointError(
-        f"log_likelihood: the probability flow is not finite at point {int(index[i])} at t = {float(ev.t[i]):.6g} "
+        f"log_likelihood: the probability flow is not finite at point {first_point + int(index[i])} at t = {float(ev.t[i]):.6g} "
         f"({int(bad.sum())} point(s) of this evaluation): score_fn returned NaN or Inf there, or the state blew up "
         "(check the score function and eps)")
 
