@@ -35,7 +35,7 @@ The step is accepted where :math:`E_n \le \mathrm{tol}` and scaled by :math:`\op
 averaged). The quadrature weights do not depend on the probes, so :math:`\ell` stays unbiased, and the errors of
 different nodes are independent: its variance is :math:`\sum_j W_j^2\,\mathrm{Var}(\bar H_j)` with :math:`W_j` the
 total weight of node :math:`j`, much less than with one probe kept along the path, where the errors of all the
-nodes add up coherently (about 10-20 times less on Gaussian mixtures and a trained network, see docs/likelihood.md).
+nodes add up coherently (measured in benchmarks/likelihood.py; see docs/likelihood.md).
 With two probes or more, :math:`\mathrm{Var}(\bar H_j)` is estimated from their spread and the sum is each point's
 probe variance. The averaged integrand is noisy from node to node, so its divided differences say nothing of the
 quadrature's error; that error is estimated instead on a **control probe**, one more probe per point that is drawn
