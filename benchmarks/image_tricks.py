@@ -29,8 +29,8 @@ the standard error of the paired differences.
 
 Writes ``image_tricks.{md,json}`` (``--quick``: ``*_quick.*``) into ``--out``.
 
-    python benchmarks/image_tricks.py            # the reported run (about 15 min of CPU time on one thread)
-    python benchmarks/image_tricks.py --quick    # smoke run (seconds)
+    python benchmarks/image_tricks.py            # the reported run (about 12 min of CPU time on one thread)
+    python benchmarks/image_tricks.py --quick    # smoke run (about 20 s)
 """
 
 from __future__ import annotations
@@ -295,7 +295,10 @@ def markdown(r: dict[str, Any]) -> str:
     lines += [
         "",
         "The final training loss (mean of the last 200 steps) is in each recipe's own weighting, so it compares runs "
-        "of one recipe only.",
+        "of one recipe only. The ODE gives the exact density of the probability-flow model and the ELBO bounds the "
+        "code length of the reverse-SDE model: two models built from the same score, so either can be the lower. "
+        f"EMA {a['ema_decay']} averages over about the last {1 / (1 - a['ema_decay']):.0f} steps "
+        f"(1 / (1 − decay)) of a {tr['steps']}-step run whose learning rate decays to 0 (cosine).",
         "",
         "## Sample quality in classifier features (not FID; lower distances are closer to the test images)",
         "",
