@@ -271,3 +271,37 @@ def test_help(script, capsys):
     with pytest.raises(SystemExit) as exc:
         script.main(["--help"])
     assert exc.value.code == 0 and "--quick" in capsys.readouterr().out and "--device" in script.build_parser().format_help()
+
+
+def test_image_tricks_quick_run_pairs_every_model_with_the_baseline(tmp_path):
+    bench = load_benchmark("image_tricks")
+    assert bench.main(["--quick", "--steps", "2", "--n-test", "4", "--samples", "12", "--sample-sets", "2",
+                       "--classifier-steps", "10", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "image_tricks_quick.json").read_text())
+    md = (tmp_path / "image_tricks_quick.md").read_text()
+    assert "PASS" not in md and "mirrored left-right" in md
+    rows, training = doc["models"], doc["training"]
+    assert list(rows) == ["baseline", "baseline_raw", "simple", "hflip"]
+    assert {k: (v["config"]["weighting"], v["config"]["t_sampling"], v["steps"]) for k, v in training.items()} == {
+        "baseline": ("likelihood", "importance", 2), "simple": ("simple", "uniform", 2),
+        "hflip": ("likelihood", "importance", 2)}
+    base = rows["baseline"]
+    for key in ("baseline_raw", "simple", "hflip"):
+        row = rows[key]
+        # paired over the same test points / sample seeds: the mean difference is the difference of the means
+        assert abs(row["ode_diff"] - (row["ode_bpd"] - base["ode_bpd"])) < 1e-9, key
+        assert abs(row["elbo_diff"] - (row["elbo_bpd"] - base["elbo_bpd"])) < 1e-9, key
+        assert abs(row["features"]["frechet_diff"] - (row["features"]["frechet"] - base["features"]["frechet"])) < 1e-6
+        assert all(math.isfinite(row[k]) for k in ("ode_bpd", "ode_se", "elbo_bpd", "elbo_se")), key
+    assert doc["floor"]["frechet"] >= 0 and len(doc["floor"]["per_set"]) == 2
+
+
+def test_image_tricks_judge_scores_the_test_images_at_zero_distance():
+    bench = load_benchmark("image_tricks")
+    data = sdediff.data.load("digits")
+    classifier = sdediff.features.train_classifier(data.train, data.train_labels, steps=100,
+                                                   generator=torch.Generator().manual_seed(0))
+    judge = bench.FeatureJudge(classifier, data, data.held_out, seed=0)
+    # the test images quantise to themselves, so their Fréchet distance to the test features is zero
+    assert judge.score(data.held_out)["frechet"] < 1e-6
+    assert judge.score(data.held_out.flip(-1))["frechet"] > 1.0
