@@ -280,7 +280,7 @@ def add_likelihood_args(p: argparse.ArgumentParser, *, bound_t: int) -> None:
     p.add_argument("--t-eps", type=float, default=1e-5, help="smallest training time, ODE start and bound t_eps")
     p.add_argument("--n-test", type=int, default=None, help="test images scored (default all 359; 16 with --quick)")
     p.add_argument("--tol", type=float, default=sdediff.likelihood.DEFAULT_TOL,
-                   help="accuracy of the ODE likelihood in nats (log_likelihood's tol; default the library's, %(default)g)")
+                   help="accuracy of the ODE likelihood in nats (log_likelihood's tol; default %(default)g)")
     p.add_argument("--nll-batch", type=int, default=180, help="test images per log_likelihood call")
     p.add_argument("--bound-t", type=int, default=bound_t, help="Monte Carlo times per image for the bound")
 
