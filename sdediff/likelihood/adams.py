@@ -43,8 +43,7 @@ at the start and kept along the path: :math:`u^\top J(\tau) u` is as smooth in :
 expectation), so the quadrature's error estimate and the step control are those of the exact trace applied to it.
 The control probe costs one more vector–Jacobian product per evaluation (in the same batched backward pass) and does
 not enter :math:`\ell`, which keeps its variance. Without it the steps would follow the state's error alone, and the
-quadrature's error of the trace, which the probes' mean carries as a bias, would go unchecked (tens of times ``tol``
-on Gaussian mixtures).
+quadrature's error of the trace, which the probes' mean carries as a bias, would not be bounded by ``tol``.
 
 Each attempt checks the flow's values (one host synchronisation, beside the loop's own) and raises a
 :class:`FloatingPointError` naming the point and the time where they are not finite. Probes are drawn for every
