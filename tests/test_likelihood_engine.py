@@ -364,3 +364,33 @@ def test_hutchinson_has_no_integration_bias_at_tight_tol(name):
     log_prob = res.log_prob.reshape(reps, 4)
     z = (log_prob.mean(0) - exact.log_prob) / (log_prob.std(0) / math.sqrt(reps))
     assert (z.abs() < 4).all(), z
+
+
+def test_float32_points_in_high_dimension_reach_tol():
+    """float32 points of a 784-d Gaussian (exact score computed in float32): the engine keeps its state in float64
+    and calls the score in float32, so the steps do not underflow and the error stays of the order of tol. Kept in
+    float32, the rounding of the state times a score of order 1/sigma(eps) exceeded 1e-4 nats at the first step.
+    Measured: error 9.6e-5 nats (float64 points: 3.2e-5), 57.5 evaluations per point (57.0)."""
+    sde, d, s0, tol = sdediff.VPSDE(), 784, 0.5, 1e-4
+
+    def variance(t):
+        return sde.mean_coeff(t) ** 2 * s0**2 + sde.marginal_std(t) ** 2
+
+    def score(x, t):
+        return -x / variance(t).view(-1, 1, 1, 1).to(x.dtype)
+
+    def log_p(x, t):
+        v = variance(torch.full((x.shape[0], 1), t, dtype=T64))
+        return (-0.5 * x.double().flatten(1) ** 2 / v - 0.5 * torch.log(2 * math.pi * v)).sum(1)
+
+    x64 = torch.randn(4, 1, 28, 28, generator=gen(0), dtype=T64) * variance(torch.tensor(EPS, dtype=T64)).sqrt()
+    nfe = {}
+    for dtype in (T64, torch.float32):
+        x = x64.to(dtype)
+        res = sdediff.log_likelihood(sde, score, x, tol=tol)
+        assert res.log_prob.dtype == dtype and torch.isfinite(res.log_prob).all()
+        engine = res.log_prob.double() - res.prior_log_prob.double() + log_p(res.latent, sde.T)
+        err = (engine - log_p(x, EPS)).abs()
+        assert float(err.max()) < 5 * tol, (dtype, err)
+        nfe[dtype] = res.nfe_mean
+    assert nfe[torch.float32] <= 1.5 * nfe[T64], nfe
