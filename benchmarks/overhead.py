@@ -497,10 +497,11 @@ def markdown(results: dict[str, Any]) -> str:
         out += ["", f"Where the time outside the network goes, for the fixed-step ODE solvers ({fit['rows']} rows): a "
                 f"least-squares line through their `outside µs/NFE` against `state ops/NFE` gives {fit['per_op_us']:.0f} µs "
                 f"per state operation plus {fit['intercept_us']:.0f} µs per NFE (R² = {fit['r2']:.2f}). At this network "
-                f"an in-situ ratio of {BUDGET_RATIO} leaves {fit['budget_us']:.0f} µs per NFE outside it, room for about "
-                f"{fit['ops_in_budget']:.1f} state operations: a one-stage update `a x + b s` takes 2 (eager PyTorch has "
-                "no fused `a x + b s`), a multistep update one more per past term it combines, and the final "
-                "finiteness check 1 per run."]
+                f"an in-situ ratio of {BUDGET_RATIO} leaves {fit['budget_us']:.0f} µs per NFE outside it, "
+                + (f"room for about {fit['ops_in_budget']:.1f} state operations" if fit["ops_in_budget"] > 0 else
+                   "less than the fitted per-NFE intercept alone (on this run's machine load)")
+                + ": a one-stage update `a x + b s` takes 2 (eager PyTorch has no fused `a x + b s`), a multistep "
+                "update one more per past term it combines, and the final finiteness check 1 per run."]
     if not sync:
         out += ["", "Host syncs are only counted on CUDA (`--device cuda`)."]
     return "\n".join(out)
@@ -560,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_overhead(bench, specs, nfe=args.nfe, tol=args.tol, kdiffusion=not args.no_peers,
                         torchdiffeq_methods={} if args.no_peers else None, schedulers=[] if args.no_peers else None,
                         torchode_methods=() if args.no_peers else None)
-    results = {"command": "python benchmarks/overhead.py " + " ".join(argv or sys.argv[1:]), "environment": env,
+    results = {"command": " ".join(["python benchmarks/overhead.py", *(argv or sys.argv[1:])]), "environment": env,
                "device": device.type,
                "network": f"MLP(3x32x32, hidden {args.hidden}, 4 linear layers, SiLU, 32-d time embedding)",
                "t_call_ms": 1e3 * t_call, "t_call_cpu_ms": 1e3 * t_call_cpu, "call_repeats": call_repeats,
