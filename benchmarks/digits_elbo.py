@@ -195,7 +195,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"steps, batch {a['batch_size']}, AdamW lr {a['lr']:g} (warm-up, cosine), EMA {a['ema_decay']}, t_eps "
         f"{a['t_eps']:g}, fresh dequantisation every step. (a) `loss=\"dsm\"`, importance-sampled t, network input t; "
         "(b) `loss=\"elbo\"` with `LearnedScheduleSDE()` (VDM's initial endpoints −13.3, 5), uniform t, network input "
-        f"`sde.noise_level(t)`. ODE: `log_likelihood` defaults, tol = {a['tol']:g} nats, Hutchinson trace, "
+        f"`sde.noise_level(t)`. ODE: `log_likelihood` defaults, tol = {vp['ode_tol']:g} nats, Hutchinson trace, "
         f"{vp['ode_nfe_per_point_mean']:.0f} (a) and {le['ode_nfe_per_point_mean']:.0f} (b) NFE per image. "
         f"Training {vp['train_seconds']:.0f} s (a) and {le['train_seconds']:.0f} s (b) wall; whole "
         f"script {r['total_seconds']:.0f} s wall, {r['total_cpu_seconds']:.0f} s CPU.",

@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                  "offset_bits": math.log2(DIGITS_LEVELS) - 1.0},
         "gaussian": {"bpd": g_mean, "se": g_se, "draws": args.draws, "fit_draws": args.fit_draws,
                      "per_draw_bpd": g_draws.mean(1).tolist(), "paired_bpd": mean_se(paired_g)[0]},
-        "model": {"bpd": m_mean, "se": m_se, "trace": args.trace, "tol": args.tol, "eps": args.t_eps,
+        "model": {"bpd": m_mean, "se": m_se, "trace": args.trace, "eps": args.t_eps,
                   **ode.summary(), "dequantisation_draws": 1,
                   "params": sum(p.numel() for p in net.parameters()), "unet": net.config},
         "former": {"bpd": f_mean, "se": f_se, "rtol": FORMER_TOL, "atol": FORMER_TOL, **former.summary(),

@@ -264,7 +264,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"{a['batch_size']}, AdamW lr {a['lr']:g} (warm-up, cosine), EMA {a['ema_decay']}, t_eps {a['t_eps']:g}, "
         "fresh dequantisation every step. (a) `loss=\"dsm\"`, importance-sampled t; (b) `loss=\"elbo\"` with "
         "`LearnedScheduleSDE()`, uniform t, network input `sde.noise_level(t)`. ODE: `log_likelihood` defaults (per-image Adams "
-        f"steps in the noise level), tol = {a['tol']:g} nats, Hutchinson trace (one Rademacher probe); bound: "
+        f"steps in the noise level), tol = {vp['ode_tol']:g} nats, Hutchinson trace (one Rademacher probe); bound: "
         f"{a['bound_t']} importance-sampled times per image, Gaussian decoder.",
         "",
         "## Training speed, one CPU thread",

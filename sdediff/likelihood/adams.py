@@ -156,6 +156,10 @@ class AdamsLikelihood(PerSampleAdaptiveSolver):
         self.rows = 0  # rows of the chunk being solved (probes are drawn for all of them)
         self.control: Tensor | None = None  # (rows, 1, *event): each point's control probe, fixed along its path
 
+    def probe_like(self, z: Tensor) -> Tensor:
+        """An empty ``(rows, *event)`` tensor in the dtype the score is called in, which the probes are drawn in."""
+        return torch.empty(self.rows, *self.flow.event_shape, dtype=self.flow.score_dtype or z.dtype, device=z.device)
+
     def evaluate(self, z: Tensor, tau: Tensor, index: Tensor,
                  check: bool = False) -> tuple[Evaluation, Tensor, Tensor, Tensor]:
         """The flow at ``(z, tau)`` for the points of rows ``index``: the evaluation, the mean of the divergence
@@ -165,8 +169,7 @@ class AdamsLikelihood(PerSampleAdaptiveSolver):
         self.calls += 1
         probes = None
         if self.num_probes:
-            probes = draw_probes(z.new_empty(self.rows, *self.flow.event_shape), self.num_probes, self.noise,
-                                 self.generator)
+            probes = draw_probes(self.probe_like(z), self.num_probes, self.noise, self.generator)
             if len(index) < self.rows:  # every row is drawn for, so that a point's draws do not depend on the others
                 probes = probes[index]
             probes = torch.cat([probes, self.control[index]], 1)
@@ -186,7 +189,7 @@ class AdamsLikelihood(PerSampleAdaptiveSolver):
         self.rows, self.end = n, self.flow.span(x)[1]
         index = torch.arange(n, device=x.device)
         if self.num_probes:
-            self.control = draw_probes(x.new_empty(n, *self.flow.event_shape), 1, self.noise, self.generator)
+            self.control = draw_probes(self.probe_like(x), 1, self.noise, self.generator)
         ev, h, h_var, smooth = self.evaluate(x[:, :d], t, index, check=True)
         f = x.new_zeros(n, S, d)
         f[:, 0] = ev.f
@@ -219,13 +222,14 @@ class AdamsLikelihood(PerSampleAdaptiveSolver):
         omega = node_polynomial_integral(nodes, torch.stack([corr, quad], 1), t, t_next)  # (n, 2)
         dd = divided_difference_weights(nodes, torch.stack([rule(K + 1), rule(P), rule(P + 1, False)], 1))  # (n, 3, S+1)
 
-        z_pred = torch.baddbmm(z[:, None], lag[:, 0:1, 1:], carry.f).squeeze(1)
+        # the history's parts of the predictor, the corrector and the divided difference of f over the corrector's
+        # nodes and one more, in one pass over the buffer
+        past = torch.bmm(torch.stack([lag[:, 0, 1:], lag[:, 1, 1:], dd[:, 0, 1:]], 1), carry.f)  # (n, 3, D)
+        z_pred = past[:, 0].add_(z)
         ev, h_new, var_new, smooth_new = self.evaluate(z_pred, t_next, carry.index)
-        # the corrector and the divided difference of f over its nodes and one more, in one pass over the buffer
-        both = torch.bmm(torch.stack([lag[:, 1, 1:], dd[:, 0, 1:]], 1), carry.f)  # (n, 2, D)
-        z_corr = both[:, 0].add_(z).addcmul_(lag[:, 1, :1], ev.f)
+        z_corr = past[:, 1].add_(z).addcmul_(lag[:, 1, :1], ev.f)
         full = carry.count >= K + 1
-        dz = both[:, 1].addcmul_(dd[:, 0, :1], ev.f).mul_(omega[:, :1])  # the corrector's local error
+        dz = past[:, 2].addcmul_(dd[:, 0, :1], ev.f).mul_(omega[:, :1])  # the corrector's local error
         if not bool(full.all()):  # too few nodes for the divided difference: the P-C difference instead
             dz = torch.where(full[:, None], dz, z_corr - z_pred)
         est = torch.linalg.vecdot(ev.grad, dz).abs()  # its effect on the log-density

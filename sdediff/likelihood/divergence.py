@@ -44,33 +44,38 @@ def vector_jacobian_products(v: Tensor, x: Tensor, vectors: Tensor, retain_graph
     return g
 
 
-def divergence_exact(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+def divergence_exact(fn: Callable[[Tensor], Tensor], x: Tensor, dtype: torch.dtype | None = None
+                     ) -> tuple[Tensor, Tensor]:
     r"""``(v, ∇·v)`` for ``v = fn(x)``: the divergence exactly, :math:`\sum_i \partial v_i/\partial x_i`.
 
     Costs ``D`` vector–Jacobian products (the basis vectors :math:`e_i`, :data:`EXACT_GROUP` per batched backward
-    pass), so it suits small dimensions ``D``. Returns ``v`` detached and the divergence, ``(batch,)``.
+    pass), so it suits small dimensions ``D``. Returns ``v`` detached and the divergence, ``(batch,)``, summed in
+    ``dtype`` (default ``x``'s; a wider one keeps the rounding of a sum of ``D`` terms out of it).
     """
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         v = fn(x)
         n, d = x.shape[0], x[0].numel()
-        div = x.new_zeros(n)
+        div = x.new_zeros(n, dtype=dtype)
         eye = torch.eye(d, dtype=x.dtype, device=x.device)
         for start in range(0, d, EXACT_GROUP):
             rows = eye[start:start + EXACT_GROUP]  # (g, d): the basis vectors e_start .. e_start+g-1
             vectors = rows[:, None, :].expand(len(rows), n, d).reshape(len(rows), *v.shape)
             grads = vector_jacobian_products(v, x, vectors, retain_graph=start + EXACT_GROUP < d)
-            div = div + (grads.reshape(len(rows), n, d) * rows[:, None, :]).sum(dim=(0, 2))
+            j = torch.arange(len(rows), device=x.device)
+            diagonal = grads.reshape(len(rows), n, d)[j, :, start + j]  # (g, n): d v_i / d x_i for i in the group
+            div = div + diagonal.to(div.dtype).sum(0)
     return v.detach(), div
 
 
-def divergence_hutchinson(fn: Callable[[Tensor], Tensor], x: Tensor, probe: Tensor) -> tuple[Tensor, Tensor]:
+def divergence_hutchinson(fn: Callable[[Tensor], Tensor], x: Tensor, probe: Tensor, dtype: torch.dtype | None = None
+                          ) -> tuple[Tensor, Tensor]:
     r"""``(v, z^T (∂v/∂x) z)``: Hutchinson's unbiased estimate of :math:`\nabla\cdot v` with probe ``z``.
 
     :math:`E_z[z^\top J z] = \operatorname{tr} J` for any probe with :math:`E[zz^\top] = I` (Rademacher or
     standard Gaussian). ``probe`` shaped like ``x`` gives one estimate per sample, ``(batch,)``, from one
     vector–Jacobian product; shaped ``(k, *x.shape)`` it gives ``k`` estimates, ``(k, batch)``, from one batched
-    backward pass.
+    backward pass. The products are summed in ``dtype`` (default ``x``'s).
     """
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
@@ -78,7 +83,9 @@ def divergence_hutchinson(fn: Callable[[Tensor], Tensor], x: Tensor, probe: Tens
         vectors = probe if probe.dim() == x.dim() + 1 else probe[None]
         vjp = vector_jacobian_products(v, x, vectors)
     flat = vectors.shape[0] * x.shape[0], -1
-    est = torch.linalg.vecdot(vjp.reshape(flat), vectors.reshape(flat)).reshape(vectors.shape[0], x.shape[0])
+    wide = dtype or x.dtype
+    est = torch.linalg.vecdot(vjp.reshape(flat).to(wide), vectors.reshape(flat).to(wide))
+    est = est.reshape(vectors.shape[0], x.shape[0])
     return v.detach(), est if probe.dim() == x.dim() + 1 else est[0]
 
 

@@ -51,7 +51,7 @@ __all__ = ["Evaluation", "NoiseLevelFlow", "TimeFlow", "NotDifferentiableError",
            "check_jacobian", "ensure_finite"]
 
 #: the default noise range ``(a, b)`` of :class:`NoiseLevelFlow`
-DEFAULT_NOISE_RANGE = (0.3, 3.0)
+DEFAULT_NOISE_RANGE = (0.2, 5.0)
 
 
 class NotDifferentiableError(TypeError):
@@ -67,10 +67,9 @@ class Evaluation(NamedTuple):
     t: Tensor  #: ``(n,)`` the SDE times of the states
 
 
-def checked_score(score_fn: ScoreFn, x: Tensor, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+def checked_score(score_fn: ScoreFn, x: Tensor, t: Tensor) -> Tensor:
     """``score_fn(x, t)``, checked: a floating tensor shaped like ``x`` in its dtype that autograd can differentiate
-    in ``x`` (when ``x`` requires a gradient). With ``dtype`` (the data's, where the flow's state is kept in a wider
-    one) the score is evaluated at ``x`` and ``t`` cast to it and returned in ``x``'s dtype (differentiably).
+    in ``x`` (when ``x`` requires a gradient).
 
     Raises
     ------
@@ -78,8 +77,6 @@ def checked_score(score_fn: ScoreFn, x: Tensor, t: Tensor, dtype: torch.dtype | 
         If the output does not depend on ``x`` through autograd (computed under ``torch.no_grad()``, detached, or
         converted from an integer tensor).
     """
-    if dtype is not None and dtype != x.dtype:
-        return checked_score(score_fn, x.to(dtype), t.to(dtype)).to(x.dtype)
     out = score_fn(x, t)
     if not isinstance(out, Tensor) or out.shape != x.shape:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -121,13 +118,20 @@ def check_jacobian(score: Tensor, div: Tensor) -> None:
             "score")
 
 
-def _divergence(fn: Callable[[Tensor], Tensor], x: Tensor, probes: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``(fn(x), div)`` with ``div`` ``(n, 1)`` exact, or ``(n, k)`` Hutchinson estimates for ``probes`` ``(n, k, ...)``."""
+def _divergence(fn: Callable[[Tensor], Tensor], x: Tensor, probes: Tensor | None,
+                dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    """``(fn(x), div)`` with ``div`` ``(n, 1)`` exact, or ``(n, k)`` Hutchinson estimates for ``probes`` ``(n, k, ...)``.
+
+    ``fn`` and its derivatives are evaluated at ``x`` cast to ``dtype`` (the score's, with the probes drawn in it),
+    the divergence's sums taken and both results returned in ``x``'s dtype: the state is kept wider than the network
+    computes.
+    """
+    x_in = x if dtype is None else x.to(dtype)
     if probes is None:
-        out, div = divergence_exact(fn, x)
-        return out, div[:, None]
-    out, est = divergence_hutchinson(fn, x, probes.transpose(0, 1))
-    return out, est.transpose(0, 1)
+        out, div = divergence_exact(fn, x_in, dtype=x.dtype)
+        return out.to(x.dtype), div[:, None]
+    out, est = divergence_hutchinson(fn, x_in, probes.transpose(0, 1), dtype=x.dtype)
+    return out.to(x.dtype), est.transpose(0, 1)
 
 
 class NoiseLevelFlow:
@@ -210,7 +214,8 @@ class NoiseLevelFlow:
         m, s = self.sde.mean_coeff(t), self.sde.marginal_std(t)
         x_scale = m * (sigma + b) / b
         x = (z * x_scale[:, None]).reshape(z.shape[0], *self.event_shape)
-        score, div = _divergence(lambda q: checked_score(self.score_fn, q, t, self.score_dtype), x, probes)
+        t_in = t.to(self.score_dtype or t.dtype)
+        score, div = _divergence(lambda q: checked_score(self.score_fn, q, t_in), x, probes, self.score_dtype)
         score = score.reshape(z.shape)
         if check:
             check_jacobian(score, div)
@@ -257,12 +262,14 @@ class TimeFlow:
         """``v``, ``∇·v`` and the score at the states ``z`` and times ``tau`` (one score evaluation); ``check`` is
         accepted for symmetry with :meth:`NoiseLevelFlow.evaluate` (the drift's divergence hides the score's here)."""
         x = z.reshape(z.shape[0], *self.event_shape)
-        weight = score_weight(self.sde, tau, 0.0)
+        t_in = tau.to(self.score_dtype or tau.dtype)
+        weight = score_weight(self.sde, t_in, 0.0)
         scores: list[Tensor] = []
 
         def velocity(q: Tensor) -> Tensor:
-            scores.append(checked_score(self.score_fn, q, tau, self.score_dtype))
-            return self.sde.drift(q, tau) + expand_as(weight, q) * scores[-1]
+            scores.append(checked_score(self.score_fn, q, t_in))
+            return self.sde.drift(q, t_in) + expand_as(weight, q) * scores[-1]
 
-        v, div = _divergence(velocity, x, probes)
-        return Evaluation(f=v.reshape(z.shape), h=div, grad=scores[-1].detach().reshape(z.shape), t=tau)
+        v, div = _divergence(velocity, x, probes, self.score_dtype)
+        grad = scores[-1].detach().to(z.dtype).reshape(z.shape)
+        return Evaluation(f=v.reshape(z.shape), h=div, grad=grad, t=tau)
