@@ -77,12 +77,14 @@ OURS = "sdediff (default: Adams, noise-level time)"
 # --------------------------------------------------------------------------------------------------
 # 1. error against NFE
 # --------------------------------------------------------------------------------------------------
-def problem(sde_name: str, d: int, points: int, components: int = 4) -> tuple[Any, GaussianMixture, Tensor]:
+def problem(sde_name: str, d: int, points: int, components: int = 4, seed: int = 0
+            ) -> tuple[Any, GaussianMixture, Tensor]:
     """The SDE, a random mixture in ``d`` dimensions and ``points`` points of :math:`p_\\epsilon`, as many from each
-    component (every mode represented)."""
+    component (every mode represented); ``seed`` picks another mixture and other points (held-out problems)."""
     sde = SDES[sde_name]()
-    gm = GaussianMixture.random(components, d, generator=torch.Generator().manual_seed(1000 + d))
-    x, labels = gm.marginal(sde, EPS).sample(points * components * 4, generator=torch.Generator().manual_seed(2000 + d),
+    gm = GaussianMixture.random(components, d, generator=torch.Generator().manual_seed(1000 + d + 7919 * seed))
+    x, labels = gm.marginal(sde, EPS).sample(points * components * 4,
+                                             generator=torch.Generator().manual_seed(2000 + d + 7919 * seed),
                                              dtype=T64, return_labels=True)
     per = points // components
     rows = torch.cat([torch.nonzero(labels == k).squeeze(1)[:per] for k in range(components)])
@@ -140,7 +142,7 @@ def run_curves(args: argparse.Namespace, kds) -> list[dict[str, Any]]:
     rows = []
     for sde_name in args.sdes:
         for d in args.dims:
-            sde, gm, x = problem(sde_name, d, args.points)
+            sde, gm, x = problem(sde_name, d, args.points, seed=args.problem_seed)
             score = gm.score_fn(sde)
             truth = gm.log_prob(x, sde, EPS)
             curves: dict[str, list[dict[str, float]]] = {}
@@ -347,7 +349,10 @@ def fmt(v: float | None, digits: int = 0) -> str:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    lines = ["# Exact likelihood: error against NFE, error bars, cost" + (" — quick run" if r["quick"] else ""), "",
+    seed = r.get("problem_seed", 0)
+    title = "Exact likelihood: error against NFE, error bars, cost" + (
+        f" — held-out problems (problem seed {seed})" if seed else "")
+    lines = ["# " + title + (" — quick run" if r["quick"] else ""), "",
              f"`{r['command']}`  ", r["environment"], "", r["kd_note"], "",
              f"Gaussian mixtures with the exact score (4 components, `GaussianMixture.random`), float64, exact "
              f"divergence, eps = {EPS:g}, {r['points']} points per problem ({r['points'] // 4} from each component). "
@@ -457,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=20, help="seeds of the error-bar section")
     p.add_argument("--train-steps", type=int, default=3000, help="training steps of the MLP of the error-bar section")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: curves, bars, cost, kinks")
+    p.add_argument("--problem-seed", type=int, default=0,
+                   help="other mixtures and points for the curves (held-out problems; results likelihood_seed<N>.*)")
     return p
 
 
@@ -465,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter()
     _, env = common.setup_torch("cpu")
     print(env)
-    command = "python benchmarks/likelihood.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python benchmarks/likelihood.py", *(sys.argv[1:] if argv is None else argv)])
     args.sdes, args.dims, args.tols = (("VP",), (2,), 3) if args.quick else (tuple(SDES), (2, 16, 64), len(PEER_TOLS))
     if args.quick:
         args.points, args.seeds, args.train_steps = 8, 4, 100
@@ -475,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     kds, kd_note = common.load_kdiffusion()
     print(kd_note)
     result: dict[str, Any] = {"command": command, "environment": env, "kd_note": kd_note, "quick": args.quick,
-                              "points": args.points}
+                              "points": args.points, "problem_seed": args.problem_seed}
     result["curves"] = run_curves(args, kds) if "curves" not in skip else []
     result["error_bars"] = error_bars(args, kds) if "bars" not in skip else None
     result["cost"] = cost(args, kds) if "cost" not in skip else None
@@ -483,10 +490,10 @@ def main(argv: list[str] | None = None) -> int:
     result["seconds"] = time.perf_counter() - wall
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "likelihood" + ("_quick" if args.quick else "")
+    stem = "likelihood" + (f"_seed{args.problem_seed}" if args.problem_seed else "") + ("_quick" if args.quick else "")
     md = markdown(result)
     png = common.plot_path(out, stem, "likelihood")
-    if result["curves"] and plot(result, png):
+    if result["curves"] and not args.problem_seed and plot(result, png):
         md = common.with_plot(md, out / f"{stem}.md", png)
     atomic_write(out / f"{stem}.json", json.dumps(result, indent=1, default=str))
     atomic_write(out / f"{stem}.md", md)

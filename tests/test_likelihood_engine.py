@@ -394,3 +394,21 @@ def test_float32_points_in_high_dimension_reach_tol():
         assert float(err.max()) < 5 * tol, (dtype, err)
         nfe[dtype] = res.nfe_mean
     assert nfe[torch.float32] <= 1.5 * nfe[T64], nfe
+
+
+def test_the_default_tol_follows_the_trace_and_is_reported():
+    """Exact trace: ``DEFAULT_TOL``; Hutchinson's: ``DEFAULT_HUTCHINSON_TOL_PER_DIM`` times the dimension (fewer
+    evaluations than at 1e-4, whose accuracy the probes' noise would hide); ``result.tol`` says which ran, ``None``
+    where only rtol/atol or a torchdiffeq method bounded the steps."""
+    from sdediff.likelihood import DEFAULT_HUTCHINSON_TOL_PER_DIM, DEFAULT_TOL
+
+    sde = sdediff.VPSDE()
+    gm = GaussianMixture.random(4, 16, generator=gen(3))
+    score, x = gm.score_fn(sde), every_mode(gm, sde, 1, seed=4)
+    assert sdediff.log_likelihood(sde, score, x).tol == DEFAULT_TOL == 1e-4
+    loose = sdediff.log_likelihood(sde, score, x, trace="hutchinson", generator=gen(5))
+    assert loose.tol == pytest.approx(DEFAULT_HUTCHINSON_TOL_PER_DIM * 16)
+    fine = sdediff.log_likelihood(sde, score, x, trace="hutchinson", tol=1e-4, generator=gen(5))
+    assert fine.tol == 1e-4 and loose.nfe_mean < fine.nfe_mean
+    assert sdediff.log_likelihood(sde, score, x, rtol=1e-4, atol=1e-4).tol is None
+    assert sdediff.log_likelihood(sde, score, x, method="dopri5").tol is None
