@@ -41,7 +41,7 @@ probe variance. The averaged integrand is noisy from node to node, so its divide
 quadrature's error; that error is estimated instead on a **control probe**, one more probe per point that is drawn
 at the start and kept along the path: :math:`u^\top J(\tau) u` is as smooth in :math:`\tau` as the trace (its
 expectation), so the quadrature's error estimate and the step control are those of the exact trace applied to it.
-The control probe costs one more vector–Jacobian product per evaluation (in the same batched backward pass) and does
+The control probe costs one more vector–Jacobian product per evaluation (through the same forward pass) and does
 not enter :math:`\ell`, which keeps its variance. Without it the steps would follow the state's error alone, and the
 quadrature's error of the trace, which the probes' mean carries as a bias, would not be bounded by ``tol``.
 

@@ -1,9 +1,12 @@
 r"""Divergences :math:`\nabla\cdot v = \operatorname{tr}(\partial v/\partial x)` by autograd: exactly, or by
 Hutchinson's estimate with one or several probes.
 
-Both need ``v`` differentiable in ``x``. The vector–Jacobian products :math:`u^\top (\partial v/\partial x)` of several
-vectors ``u`` are taken in one batched backward pass (``torch.autograd.grad(..., is_grads_batched=True)``, which
-vmaps the backward graph) and, where a network's operations do not support that, one after the other.
+Both need ``v`` differentiable in ``x``. The exact trace takes the vector–Jacobian products
+:math:`u^\top (\partial v/\partial x)` of its basis vectors in batched backward passes
+(``torch.autograd.grad(..., is_grads_batched=True)``, which vmaps the backward graph; one after the other where a
+network's operations do not support that). Hutchinson's few probes take one backward pass each through the same
+graph: for two to five vectors that was as fast on an MLP and 20–30% faster on a convolutional UNet than the
+vmapped pass.
 """
 
 from __future__ import annotations
@@ -26,22 +29,25 @@ _SHIFTS = torch.arange(8, dtype=torch.uint8)
 EXACT_GROUP = 64
 
 
-def vector_jacobian_products(v: Tensor, x: Tensor, vectors: Tensor, retain_graph: bool = False) -> Tensor:
+def vector_jacobian_products(v: Tensor, x: Tensor, vectors: Tensor, retain_graph: bool = False,
+                             batched: bool = True) -> Tensor:
     r""":math:`u_j^\top \partial v/\partial x` for the ``k`` vectors ``vectors[j]`` (each shaped like ``v``), ``(k, *x.shape)``.
 
-    One batched backward pass; if the graph cannot be vmapped (an operation without a batching rule), ``k``
-    passes. The graph is kept if ``retain_graph``.
+    ``batched``: one vmapped backward pass (``k`` passes if the graph cannot be vmapped, an operation without a
+    batching rule); else ``k`` passes. The graph is kept if ``retain_graph``.
     """
     if vectors.shape[0] == 1:
         (g,) = torch.autograd.grad(v, x, grad_outputs=vectors[0], retain_graph=retain_graph)
         return g[None]
-    try:
-        (g,) = torch.autograd.grad(v, x, grad_outputs=vectors, retain_graph=True, is_grads_batched=True)
-    except RuntimeError:  # no batching rule for an operation of the network: one pass per vector
-        g = torch.stack([torch.autograd.grad(v, x, grad_outputs=u, retain_graph=True)[0] for u in vectors])
-    if not retain_graph:
-        del v
-    return g
+    if batched:
+        try:
+            (g,) = torch.autograd.grad(v, x, grad_outputs=vectors, retain_graph=True, is_grads_batched=True)
+            return g
+        except RuntimeError:  # no batching rule for an operation of the network: one pass per vector
+            pass
+    last = vectors.shape[0] - 1
+    return torch.stack([torch.autograd.grad(v, x, grad_outputs=u, retain_graph=retain_graph or j < last)[0]
+                        for j, u in enumerate(vectors)])
 
 
 def divergence_exact(fn: Callable[[Tensor], Tensor], x: Tensor, dtype: torch.dtype | None = None
@@ -74,14 +80,14 @@ def divergence_hutchinson(fn: Callable[[Tensor], Tensor], x: Tensor, probe: Tens
 
     :math:`E_z[z^\top J z] = \operatorname{tr} J` for any probe with :math:`E[zz^\top] = I` (Rademacher or
     standard Gaussian). ``probe`` shaped like ``x`` gives one estimate per sample, ``(batch,)``, from one
-    vector–Jacobian product; shaped ``(k, *x.shape)`` it gives ``k`` estimates, ``(k, batch)``, from one batched
-    backward pass. The products are summed in ``dtype`` (default ``x``'s).
+    vector–Jacobian product; shaped ``(k, *x.shape)`` it gives ``k`` estimates, ``(k, batch)``, from ``k``
+    backward passes through one forward pass. The products are summed in ``dtype`` (default ``x``'s).
     """
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         v = fn(x)
         vectors = probe if probe.dim() == x.dim() + 1 else probe[None]
-        vjp = vector_jacobian_products(v, x, vectors)
+        vjp = vector_jacobian_products(v, x, vectors, batched=False)
     flat = vectors.shape[0] * x.shape[0], -1
     wide = dtype or x.dtype
     est = torch.linalg.vecdot(vjp.reshape(flat).to(wide), vectors.reshape(flat).to(wide))

@@ -180,8 +180,8 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
         (default ``1e-5``, or ``tol`` when that is given).
     trace : {"exact", "hutchinson"}
         Exact divergence (``D`` vector–Jacobian products per evaluation, batched; small ``D``) or Hutchinson's
-        unbiased estimate (one per probe, all probes in one batched backward pass; with ``method="adams"`` one more,
-        the control probe its error control uses, see :mod:`sdediff.likelihood.adams`).
+        unbiased estimate (one vector–Jacobian product per probe, through one forward pass; with ``method="adams"``
+        one more, the control probe its error control uses, see :mod:`sdediff.likelihood.adams`).
     generator : torch.Generator, optional
         Draws the Hutchinson probes.
     tol : float, optional
