@@ -26,6 +26,12 @@ def batch_time(t: Tensor | float, x: Tensor) -> Tensor:
     return t
 
 
+def work_dtype(device: torch.device) -> torch.dtype:
+    """The most accurate floating dtype on ``device``, for coefficient tables and exact computations: float64,
+    except where the device has none (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def all_finite(x: Tensor) -> bool:
     """Whether every element of the floating-point tensor ``x`` is finite, in one reduction pass (a host sync).
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .._utils import check_time
+from .._utils import check_time, work_dtype
 from .._validate import check_float, check_int, is_number
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -47,11 +47,6 @@ class _Params:
     evals: Tensor  # (K, d)
     sqrt_evals: Tensor  # (K, d)
     rotated_means: Tensor  # (K, d), U_k^T mu_k
-
-
-def _work_dtype(device: torch.device) -> torch.dtype:
-    """Most accurate floating dtype available on ``device`` (MPS has no float64)."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _as_float64(value: Any, name: str) -> Tensor:
@@ -287,7 +282,7 @@ class GaussianMixture:
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-        params = self._params(_work_dtype(draw_device), draw_device)
+        params = self._params(work_dtype(draw_device), draw_device)
         labels = torch.multinomial(params.weights, n, replacement=True, generator=generator)
         noise = torch.randn(n, self.dim, generator=generator, device=draw_device, dtype=params.means.dtype)
         x = torch.empty_like(noise)
@@ -442,7 +437,7 @@ class GaussianMixture:
             raise TypeError(f"t must be a float or a tensor, got {type(t).__name__}")
         if getattr(sde, "T", None) is not None:
             check_time(t, sde.T)
-        work = _work_dtype(x.device)
+        work = work_dtype(x.device)
         t = torch.as_tensor(t, dtype=work, device=x.device)
         if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, batch)):
             raise ValueError(f"t must be a scalar or a (batch,) tensor with batch = {batch}, "

@@ -10,14 +10,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._utils import all_finite
+from .._utils import all_finite, work_dtype
 from .._validate import check_bool, check_choice, check_float, check_int
 from ..processes import ScoreFn
 from ..sampling import check_eps
 from ..sdes.base import SDE
 from ..sdes.linear import LinearSDE
 from ..solvers.ode import ODE_METHODS, odeint
-from ..solvers.tables import work_dtype
 from .adams import AdamsLikelihood, state_columns
 from .divergence import NOISES, draw_probes
 from .flows import DEFAULT_NOISE_RANGE, NoiseLevelFlow, TimeFlow, ensure_finite

@@ -25,15 +25,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._utils import work_dtype
 from ..processes import ReverseProcess
 
 __all__ = ["LinearScheme", "SchemeRun", "rows_from_stages", "kernel", "work_dtype", "phi_terms", "exp_coefficients",
            "gauss_legendre", "lagrange_basis", "sigma_multistep_scheme"]
-
-
-def work_dtype(device: torch.device) -> torch.dtype:
-    """The dtype of coefficient tables: float64, except where the device has none (MPS)."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def kernel(sde, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
