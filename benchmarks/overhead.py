@@ -499,7 +499,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"per state operation plus {fit['intercept_us']:.0f} µs per NFE (R² = {fit['r2']:.2f}). At this network "
                 f"an in-situ ratio of {BUDGET_RATIO} leaves {fit['budget_us']:.0f} µs per NFE outside it, "
                 + (f"room for about {fit['ops_in_budget']:.1f} state operations" if fit["ops_in_budget"] > 0 else
-                   "less than the fitted per-NFE intercept alone (on this run's machine load)")
+                   "less than the fitted per-NFE intercept alone")
                 + ": a one-stage update `a x + b s` takes 2 (eager PyTorch has no fused `a x + b s`), a multistep "
                 "update one more per past term it combines, and the final finiteness check 1 per run."]
     if not sync:
