@@ -412,3 +412,21 @@ def test_the_default_tol_follows_the_trace_and_is_reported():
     assert fine.tol == 1e-4 and loose.nfe_mean < fine.nfe_mean
     assert sdediff.log_likelihood(sde, score, x, rtol=1e-4, atol=1e-4).tol is None
     assert sdediff.log_likelihood(sde, score, x, method="dopri5").tol is None
+
+
+def test_the_first_step_option_sets_the_first_attempted_step():
+    """``options={"first_step": f}`` starts every point at ``f`` times the span of the integration time (it was
+    accepted but ignored, every point starting at 1% of the span); a different first step changes the steps."""
+    from sdediff.likelihood.adams import AdamsLikelihood
+    from sdediff.likelihood.flows import NoiseLevelFlow
+
+    sde = sdediff.VPSDE()
+    gm = GaussianMixture.random(4, 2, generator=gen(7))
+    flow = NoiseLevelFlow(sde, gm.score_fn(sde), EPS, (2,))
+    lo, hi = flow.span(torch.zeros((), dtype=T64)).tolist()
+    assert AdamsLikelihood(flow, first_step=1e-3).first_step == pytest.approx(1e-3 * (hi - lo))
+    x = every_mode(gm, sde, 2, seed=8)
+    default = sdediff.log_likelihood(sde, gm.score_fn(sde), x, tol=1e-5)
+    small = sdediff.log_likelihood(sde, gm.score_fn(sde), x, tol=1e-5, options={"first_step": 1e-4})
+    assert not torch.equal(default.nfe_per_point, small.nfe_per_point)
+    assert (small.log_prob - default.log_prob).abs().max() < 1e-4

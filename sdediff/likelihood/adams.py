@@ -131,10 +131,12 @@ class AdamsLikelihood(PerSampleAdaptiveSolver):
     growth = 2.0
 
     def __init__(self, flow: NoiseLevelFlow | TimeFlow, tol: float | None = 1e-4, rtol: float | None = None,
-                 atol: float | None = None, order: int = 5, quadrature_order: int = 6, first_step: float = 1e-4,
+                 atol: float | None = None, order: int = 5, quadrature_order: int = 6, first_step: float = 1e-2,
                  max_steps: int = 10_000, num_probes: int = 0, noise: str = "rademacher",
                  generator: torch.Generator | None = None, first_point: int = 0) -> None:
-        super().__init__(max_steps=max_steps)
+        fraction = check_float("first_step", first_step, 0.0, 1.0, low_open=True)
+        lo, hi = flow.span(torch.zeros((), dtype=torch.float64)).tolist()
+        super().__init__(first_step=fraction * abs(hi - lo), max_steps=max_steps)
         self.flow = flow
         self.tol = check_float("tol", tol, 0.0, low_open=True, optional=True)
         self.rtol = check_float("rtol", rtol, 0.0, low_open=True, optional=True)
@@ -145,7 +147,6 @@ class AdamsLikelihood(PerSampleAdaptiveSolver):
             raise ValueError("give tol, or rtol and atol")
         self.order = check_int("order", order, 1, 8)
         self.quadrature_order = check_int("quadrature_order", quadrature_order, 2, 9)
-        self.first_fraction = check_float("first_step", first_step, 0.0, 1.0, low_open=True)
         self.num_probes = check_int("num_probes", num_probes, 0)
         self.noise, self.generator = noise, generator
         self.first_point = check_int("first_point", first_point, 0)

@@ -34,7 +34,7 @@ DEFAULT_TOL = 1e-4
 DEFAULT_HUTCHINSON_TOL_PER_DIM = 3e-4
 #: the options of ``method="adams"`` and their defaults
 ADAMS_OPTIONS: dict[str, Any] = {"time": "noise", "noise_range": DEFAULT_NOISE_RANGE, "order": 5,
-                                 "quadrature_order": 6, "first_step": 1e-4, "max_steps": 10_000}
+                                 "quadrature_order": 6, "first_step": 1e-2, "max_steps": 10_000}
 
 
 @dataclass
@@ -203,8 +203,8 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
     options : dict, optional
         For ``"adams"``: ``time`` (``"noise"``, default for linear SDEs, or ``"t"``), ``noise_range`` (``(a, b)``, the
         noise levels between which the noise-level time is logarithmic), ``order`` (5), ``quadrature_order`` (6),
-        ``first_step`` (as a fraction of the span), ``max_steps``. For torchdiffeq methods: passed to
-        ``torchdiffeq.odeint``.
+        ``first_step`` (the first attempted step as a fraction of the span, 0.01), ``max_steps``. For torchdiffeq
+        methods: passed to ``torchdiffeq.odeint``.
     batch_size : int, optional
         Integrate the points in chunks of this many (memory grows with it; the results do not depend on it but for
         floating-point rounding, except that with Hutchinson's trace and ``method="adams"`` the probes drawn differ);
