@@ -122,13 +122,14 @@ def run(args: argparse.Namespace) -> int:
     nll, nll_se = mean_se(-log_prob)
     doc: dict[str, Any] = {"checkpoint": str(trained.checkpoint), "step": trained.step, "data": data,
                            "split": args.split, "n": len(x), "eps": eps, "trace": trace, "probes": res.num_probes,
-                           "tol": args.tol, "rtol": args.rtol, "atol": args.atol, "nfe": res.nfe,
+                           "tol": res.tol, "rtol": args.rtol, "atol": args.atol, "nfe": res.nfe,
                            "nfe_per_point_mean": res.nfe_mean, "nfe_per_point_max": res.nfe_max,
                            "batch_size": args.batch_size, "world_size": world_size(), "seconds": seconds, "nll": nll,
                            "nll_se": nll_se, "nll_per_dim": nll / d,
                            "integration_error_mean": float(res.integration_error.mean())}
     lines = [f"NLL {nll:.4f} ± {nll_se:.4f} nats ({nll / d:.4f} nats/dim), {res.nfe_mean:.1f} NFE per point (max "
-             f"{res.nfe_max}), {seconds:.1f} s; integration error estimate {doc['integration_error_mean']:.2g} nats"]
+             f"{res.nfe_max}), {seconds:.1f} s; integration error estimate {doc['integration_error_mean']:.2g} nats"
+             + (f" (tol {res.tol:g} nats per step)" if res.tol is not None else "")]
     levels = DIGITS_LEVELS if data == "digits" else (values.levels if own else None)
     if levels is not None:
         bpd = bits_per_dim(res, d, levels=levels)
