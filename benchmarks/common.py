@@ -312,6 +312,11 @@ class ScriptRun:
         print(f"wrote {stem.with_suffix('.md')}, .json{extra}")
 
 
+def command_line(name: str, argv: list[str] | None) -> str:
+    """The command that ran ``benchmarks/<name>.py`` with ``argv`` (the process's own arguments when ``None``)."""
+    return " ".join([f"python benchmarks/{name}.py", *(sys.argv[1:] if argv is None else argv)])
+
+
 def start_run(name: str, args: argparse.Namespace, argv: list[str] | None) -> ScriptRun:
     """One CPU thread, the device (checked), ``args.steps`` filled in from :func:`add_run_args`'s defaults, and the
     environment and command lines printed; ``name`` is the script's file stem."""
@@ -325,7 +330,7 @@ def start_run(name: str, args: argparse.Namespace, argv: list[str] | None) -> Sc
         args.steps = quick_steps if args.quick else steps
     env = (f"sdediff {sdediff.__version__}, torch {torch.__version__}, device {device}, torch.set_num_threads(1), "
            f"python {platform.python_version()}")
-    command = " ".join([f"python benchmarks/{name}.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(name, argv)
     print(env)
     print(command)
     return ScriptRun(name, device, Path(args.out), "_quick" if args.quick else "", env, command, time.perf_counter())

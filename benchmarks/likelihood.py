@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter()
     _, env = common.setup_torch("cpu")
     print(env)
-    command = " ".join(["python benchmarks/likelihood.py", *(sys.argv[1:] if argv is None else argv)])
+    command = common.command_line("likelihood", argv)
     args.sdes, args.dims, args.tols = (("VP",), (2,), 3) if args.quick else (tuple(SDES), (2, 16, 64), len(PEER_TOLS))
     if args.quick:
         args.points, args.seeds, args.train_steps = 8, 4, 100

@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_overhead(bench, specs, nfe=args.nfe, tol=args.tol, kdiffusion=not args.no_peers,
                         torchdiffeq_methods={} if args.no_peers else None, schedulers=[] if args.no_peers else None,
                         torchode_methods=() if args.no_peers else None)
-    results = {"command": " ".join(["python benchmarks/overhead.py", *(argv or sys.argv[1:])]), "environment": env,
+    results = {"command": common.command_line("overhead", argv), "environment": env,
                "device": device.type,
                "network": f"MLP(3x32x32, hidden {args.hidden}, 4 linear layers, SiLU, 32-d time embedding)",
                "t_call_ms": 1e3 * t_call, "t_call_cpu_ms": 1e3 * t_call_cpu, "call_repeats": call_repeats,

@@ -261,6 +261,7 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
         score_fn = score_fn.module
     _check_model(score_fn, x)
     k = num_probes if trace == "hutchinson" else 0
+    ran_tol = tol if method == "adams" else None  # what the result reports
     n = x.shape[0]
     chunk = batch_size or max(n, 1)
     parts = []
@@ -273,11 +274,11 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
             else:
                 probes = draw_probes(xc, k, noise, generator) if k else None
                 part = _torchdiffeq(sde, score_fn, xc, start, eps, rtol, atol, probes, method, opts)
-            parts.append(_result(sde, part, k, method, tol if method == "adams" else None))
+            parts.append(_result(sde, part, k, method, ran_tol))
             bar.update(len(xc))
     finally:
         bar.close()
-    return cat_results(parts) if parts else _result(sde, _empty(x), k, method, tol if method == "adams" else None)
+    return cat_results(parts) if parts else _result(sde, _empty(x), k, method, ran_tol)
 
 
 def cat_results(results: list[LikelihoodResult]) -> LikelihoodResult:
