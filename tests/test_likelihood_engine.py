@@ -430,3 +430,23 @@ def test_the_first_step_option_sets_the_first_attempted_step():
     small = sdediff.log_likelihood(sde, gm.score_fn(sde), x, tol=1e-5, options={"first_step": 1e-4})
     assert not torch.equal(default.nfe_per_point, small.nfe_per_point)
     assert (small.log_prob - default.log_prob).abs().max() < 1e-4
+
+
+def test_auto_trace_is_exact_up_to_16_dimensions_and_hutchinson_above():
+    """``trace="auto"`` (what the CLI and the trainer's evaluation run): bit for bit the exact trace at D = 16, and
+    Hutchinson's estimate, with the same draws as ``trace="hutchinson"``, at D = 17."""
+    from sdediff.likelihood import auto_trace
+    from sdediff.likelihood.engine import AUTO_EXACT_MAX_DIM
+
+    assert AUTO_EXACT_MAX_DIM == 16
+    assert [auto_trace(d) for d in (1, 16, 17, 784)] == ["exact", "exact", "hutchinson", "hutchinson"]
+    with pytest.raises(ValueError, match="dim"):
+        auto_trace(0)
+    sde = sdediff.VPSDE()
+    for d, expected in ((16, "exact"), (17, "hutchinson")):
+        gm = GaussianMixture.random(2, d, generator=gen(d))
+        score, x = gm.score_fn(sde), every_mode(gm, sde, 2, seed=d)
+        auto = sdediff.log_likelihood(sde, score, x, trace="auto", generator=gen(1))
+        named = sdediff.log_likelihood(sde, score, x, trace=expected, generator=gen(1))
+        assert auto.num_probes == named.num_probes == (0 if expected == "exact" else 1)
+        assert torch.equal(auto.log_prob, named.log_prob) and auto.tol == named.tol

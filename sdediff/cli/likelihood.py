@@ -19,7 +19,7 @@ from .. import __version__
 from ..data.digits import DIGITS_LEVELS
 from ..data.toy import make_toy, toy_mixture
 from ..distributed import chunk_generator, chunk_slices, local_device, process_rank, world_size
-from ..likelihood import LikelihoodResult, bits_per_dim, log_likelihood
+from ..likelihood import LikelihoodResult, auto_trace, bits_per_dim, log_likelihood
 from ..likelihood.engine import cat_results
 from ..metrics import mean_se
 from ..runs import Run
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     eps = args.eps or trained.t_eps
     check_time_option("--eps" if args.eps else "the run's --t-eps", eps, trained.sde)
     d = math.prod(x.shape[1:])
-    trace = args.trace if args.trace != "auto" else ("exact" if d <= 16 else "hutchinson")
+    trace = args.trace if args.trace != "auto" else auto_trace(d)
     chunks = chunk_slices(len(x), args.batch_size)
     main = process_rank() == 0
     if main:

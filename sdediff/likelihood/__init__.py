@@ -19,10 +19,10 @@ Modules: :mod:`~sdediff.likelihood.engine` (the entry point and its result), :mo
 
 from .bits import BitsPerDim, bits_per_dim, dequantize
 from .divergence import divergence_exact, divergence_hutchinson
-from .engine import DEFAULT_HUTCHINSON_TOL_PER_DIM, DEFAULT_TOL, METHODS, LikelihoodResult, log_likelihood
+from .engine import DEFAULT_HUTCHINSON_TOL_PER_DIM, DEFAULT_TOL, METHODS, LikelihoodResult, auto_trace, log_likelihood
 from .flows import NotDifferentiableError
 from .sharded import sharded_log_likelihood
 
 __all__ = ["log_likelihood", "LikelihoodResult", "bits_per_dim", "BitsPerDim", "dequantize", "divergence_exact",
            "divergence_hutchinson", "NotDifferentiableError", "METHODS", "DEFAULT_TOL", "DEFAULT_HUTCHINSON_TOL_PER_DIM",
-           "sharded_log_likelihood"]
+           "sharded_log_likelihood", "auto_trace"]

@@ -21,10 +21,12 @@ from .adams import AdamsLikelihood, state_columns
 from .divergence import NOISES, draw_probes
 from .flows import DEFAULT_NOISE_RANGE, NoiseLevelFlow, TimeFlow, ensure_finite
 
-__all__ = ["LikelihoodResult", "log_likelihood", "cat_results", "METHODS", "TRACES", "DEFAULT_TOL",
-           "DEFAULT_HUTCHINSON_TOL_PER_DIM", "ADAMS_OPTIONS"]
+__all__ = ["LikelihoodResult", "log_likelihood", "cat_results", "auto_trace", "METHODS", "TRACES", "DEFAULT_TOL",
+           "DEFAULT_HUTCHINSON_TOL_PER_DIM", "ADAMS_OPTIONS", "AUTO_EXACT_MAX_DIM"]
 
-TRACES = ("exact", "hutchinson")
+TRACES = ("exact", "hutchinson", "auto")
+#: ``trace="auto"`` takes the exact trace up to this many dimensions per point and Hutchinson's estimate above
+AUTO_EXACT_MAX_DIM = 16
 #: ``"adams"`` (the default) and torchdiffeq's adaptive methods, which integrate the whole batch with one step size in t
 METHODS = ("adams", *sorted(m for m, adaptive in ODE_METHODS.items() if adaptive))
 #: the default accuracy with the exact trace: bound on each step's log-density error estimate, nats
@@ -177,10 +179,11 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
         Mixed tolerance on the latent and the integral (give both). With ``method="adams"`` they add to ``tol``
         (and replace its default when ``tol`` is not given); for the torchdiffeq methods they are its tolerances
         (default ``1e-5``, or ``tol`` when that is given).
-    trace : {"exact", "hutchinson"}
+    trace : {"exact", "hutchinson", "auto"}
         Exact divergence (``D`` vector–Jacobian products per evaluation, batched; small ``D``) or Hutchinson's
         unbiased estimate (one vector–Jacobian product per probe, through one forward pass; with ``method="adams"``
-        one more, the control probe its error control uses, see :mod:`sdediff.likelihood.adams`).
+        one more, the control probe its error control uses, see :mod:`sdediff.likelihood.adams`); ``"auto"``
+        chooses by the dimension ``D`` of a point (:func:`auto_trace`).
     generator : torch.Generator, optional
         Draws the Hutchinson probes.
     tol : float, optional
@@ -236,6 +239,8 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
     x = _check_points(x)
     eps = check_eps(eps, sde)
     check_choice("trace", trace, TRACES)
+    if trace == "auto":
+        trace = auto_trace(math.prod(x.shape[1:]))
     check_choice("noise", noise, NOISES)
     num_probes = check_int("num_probes", num_probes)
     batch_size = check_int("batch_size", batch_size, optional=True)
@@ -279,6 +284,14 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
     finally:
         bar.close()
     return cat_results(parts) if parts else _result(sde, _empty(x), k, method, ran_tol)
+
+
+def auto_trace(dim: int) -> str:
+    """The trace ``trace="auto"`` runs for points of ``dim`` dimensions: ``"exact"`` up to
+    :data:`AUTO_EXACT_MAX_DIM` (its cost, ``dim`` vector–Jacobian products per evaluation, is then small),
+    ``"hutchinson"`` above."""
+    dim = check_int("dim", dim)
+    return "exact" if dim <= AUTO_EXACT_MAX_DIM else "hutchinson"
 
 
 def cat_results(results: list[LikelihoodResult]) -> LikelihoodResult:

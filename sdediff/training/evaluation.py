@@ -5,8 +5,8 @@ At an evaluation the score model (the EMA weights with their schedule) is measur
 * ``eval_samples`` samples drawn with ``eval_solver`` in ``eval_sample_steps`` steps (denoised at the end): their
   mean, standard deviation and whether all are finite (the samples are saved when a path is given);
 * the first ``eval_nll_points`` held-out points :math:`x` (after the data ``transform``): the exact
-  :math:`-\log p(x)` from the probability-flow ODE (:func:`sdediff.log_likelihood`, exact trace for :math:`D \le 16`
-  dimensions, Hutchinson's estimate above; the engine's default tolerance) and the bound
+  :math:`-\log p(x)` from the probability-flow ODE (:func:`sdediff.log_likelihood`, ``trace="auto"``: exact for
+  :math:`D \le 16` dimensions, Hutchinson's estimate above; the engine's default tolerance) and the bound
   :func:`~sdediff.training.nll_bound`, both in nats and per dimension (divided by :math:`D`).
 
 Every random draw comes from one generator, in that order: the transform, the samples, the NLL, the bound.
@@ -95,8 +95,7 @@ def evaluate_model(score: ScoreModel, reference: Tensor, config: TrainConfig, ge
             save_safetensors(samples_path, {"samples": samples.detach().cpu().contiguous()})
     if config.eval_nll_points:
         d = flat_dim(points)
-        res = log_likelihood(sde, score, points, eps=config.t_eps, trace="exact" if d <= 16 else "hutchinson",
-                             generator=generator)
+        res = log_likelihood(sde, score, points, eps=config.t_eps, trace="auto", generator=generator)
         nll = float(-res.log_prob.mean())
         with torch.no_grad():
             bound = float(nll_bound(sde, score, points, t_eps=config.t_eps, generator=generator).mean())
