@@ -26,7 +26,6 @@ is counted by a wrapper; tables show the NFE each run used. Writes ``accuracy_pe
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import math
@@ -39,6 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import common  # a sibling script (benchmarks/README.md)
+import peers
+import tables
 import torch
 from torch import Tensor
 
@@ -46,20 +48,6 @@ import sdediff
 from sdediff._io import atomic_write
 from sdediff.data import GaussianMixture
 from sdediff.metrics import noise_floor, sliced_wasserstein
-
-
-def _load(name: str, file: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(file))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-common = _load("sdediff_bench_common", "common.py")
-peers = _load("sdediff_bench_peers", "peers.py")
-tables = _load("sdediff_bench_tables", "tables.py")
 
 NFES = (5, 10, 20, 50, 100)
 #: tolerances tried by adaptive solvers, loosest first; a ladder stops once a run exceeds the largest budget

@@ -30,7 +30,6 @@ into that folder).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -38,6 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import accuracy_per_nfe as apn  # a sibling script (benchmarks/README.md)
+import common
+import peers
 import torch
 from torch import Tensor
 
@@ -46,20 +48,6 @@ from sdediff._io import atomic_write, atomic_write_file
 from sdediff.calibrate import calibrate_grid
 from sdediff.interop.kdiffusion import sigma_of_time
 from sdediff.solvers import grids
-
-
-def _load(name: str, file: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(file))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-common = _load("sdediff_bench_common", "common.py")
-apn = _load("sdediff_bench_accuracy", "accuracy_per_nfe.py")
-peers = _load("sdediff_bench_peers", "peers.py")
 
 NFES = (5, 10, 20)
 #: sdediff solvers on the standard grids: label -> (solver, options); each is 1 NFE per step

@@ -22,7 +22,6 @@ GITS's and Align Your Steps' objectives, each scored on the evaluation starts ag
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -30,26 +29,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import accuracy_per_nfe as apn  # a sibling script (benchmarks/README.md)
+import common
+import tables
 import torch
 
 import sdediff
 from sdediff._io import atomic_write
 from sdediff.calibrate import calibrate_grid
 from sdediff.compare_model import deterministic_solvers
-
-
-def _load(name: str, file: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(file))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-common = _load("sdediff_bench_common", "common.py")
-apn = _load("sdediff_bench_accuracy", "accuracy_per_nfe.py")
-tables = _load("sdediff_bench_tables", "tables.py")
 
 NFES = (5, 10, 20)
 SDES, DIMS = ("vp", "ve", "subvp"), (2, 16, 64)

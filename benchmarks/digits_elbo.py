@@ -27,13 +27,12 @@ Writes ``digits_elbo.{md,json}`` (``--quick``: ``*_quick.*``) into ``--out``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+import common  # a sibling script (benchmarks/README.md)
 import torch
 from torch import Tensor
 
@@ -41,9 +40,6 @@ import sdediff
 from sdediff.data import DIGITS_LEVELS, digits_bits_per_dim, digits_to_model, load_digits
 from sdediff.metrics import mean_se
 from sdediff.training import TrainConfig, Trainer, UNet
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-common = importlib.import_module("common")  # benchmarks/common.py, also when this file is loaded by path
 
 D = 64
 DISCRETE_FRACTIONS = (0.5, 0.25, 0.125)  # discrete decoder hand-over: s/m as a fraction of the bin width

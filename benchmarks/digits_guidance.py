@@ -23,13 +23,12 @@ one panel per scale); ``--quick`` writes ``*_quick.*`` files and no grid unless 
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import common  # a sibling script (benchmarks/README.md)
 import torch
 from torch import Tensor
 
@@ -37,9 +36,6 @@ import sdediff
 from sdediff._io import atomic_write_file
 from sdediff.data import DIGITS_LEVELS, digits_to_model, load_digits, model_to_digits
 from sdediff.training import MLP, TrainConfig, Trainer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-common = importlib.import_module("common")  # benchmarks/common.py, also when this file is loaded by path
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "docs" / "img" / "guidance_grid.png"

@@ -25,13 +25,13 @@ Writes ``digits_nll.{md,json}`` and ``digits_samples.png`` (``--quick``: ``*_qui
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import common  # a sibling script (benchmarks/README.md)
 import torch
 from torch import Tensor
 
@@ -47,9 +47,6 @@ from sdediff.data import (
 )
 from sdediff.metrics import mean_se
 from sdediff.training import MLP, TrainConfig, Trainer, UNet, nll_bound
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-common = importlib.import_module("common")  # benchmarks/common.py, also when this file is loaded by path
 
 D = 64
 #: rtol = atol of the former default, dopri5 in t (the row the defaults are compared with)

@@ -36,13 +36,12 @@ Writes ``image_tricks.{md,json}`` (``--quick``: ``*_quick.*``) into ``--out``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import common  # a sibling script (benchmarks/README.md)
 import torch
 from torch import Tensor
 
@@ -60,9 +59,6 @@ from sdediff.features import (
 )
 from sdediff.metrics import mean_se
 from sdediff.training import TrainConfig, Trainer, UNet
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-common = importlib.import_module("common")  # benchmarks/common.py, also when this file is loaded by path
 
 LEVELS = 17
 

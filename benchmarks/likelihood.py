@@ -34,7 +34,6 @@ plot beside them).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -43,6 +42,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import common  # a sibling script (benchmarks/README.md)
+import likelihood_peers as peers
+import overhead
 import torch
 from torch import Tensor
 
@@ -51,19 +53,6 @@ from sdediff._io import atomic_write, atomic_write_file
 from sdediff.data import GaussianMixture
 from sdediff.interop.diffusers import DiscreteVPSDE
 from sdediff.score import ScoreModel
-
-
-def _load(name: str):
-    key = f"sdediff_bench_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
-
-
-common, peers, overhead = _load("common"), _load("likelihood_peers"), _load("overhead")
 
 T64 = torch.float64
 EPS = 1e-5

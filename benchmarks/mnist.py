@@ -29,12 +29,12 @@ split by ``torch.randperm`` seeded with 0 into 4,500 training and 500 test image
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import common  # a sibling script (benchmarks/README.md)
 import torch
 from torch import Tensor
 
@@ -52,9 +52,6 @@ from sdediff.features import (
 from sdediff.metrics import mean_se
 from sdediff.training import TrainConfig, Trainer, UNet
 from sdediff.training.models import unet_config
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-common = importlib.import_module("common")  # benchmarks/common.py, also when this file is loaded by path
 
 D = 784
 #: the three solvers of the sample-quality table: (name, NFE per step, time grid)

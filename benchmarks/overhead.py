@@ -32,41 +32,28 @@ fixed-step solver at N and 2N steps; a count that grows with the steps means a s
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
 import re
-import sys
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import common  # a sibling script (benchmarks/README.md)
 import numpy as np
+import peers
 import torch
 import torchdiffeq
+from loops import LOOPS
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 import sdediff
 from sdediff._io import atomic_write
 from sdediff.solvers.grids import make_grid
-
-
-def _load(name: str, file: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(file))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-common = _load("sdediff_bench_common", "common.py")
-peers = _load("sdediff_bench_peers", "peers.py")
-LOOPS = _load("sdediff_bench_loops", "loops.py").LOOPS
 
 EPS = 1e-3
 #: the in-situ ratio whose time outside the network the pass-cost fit turns into a number of state operations

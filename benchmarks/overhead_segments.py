@@ -15,28 +15,17 @@ writes the state once.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
+import overhead  # a sibling script (benchmarks/README.md)
 import torch
 
 from sdediff._io import atomic_write
 
 
-def _load_overhead():
-    spec = importlib.util.spec_from_file_location("sdediff_bench_overhead", Path(__file__).with_name("overhead.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def main() -> int:
-    overhead = _load_overhead()
     device, env = overhead.common.setup_torch("cpu")
     bench = overhead.Bench(device)
     net, x_T = bench.net, bench.x_T

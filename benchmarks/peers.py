@@ -44,17 +44,15 @@ Nothing here is part of the ``sdediff`` package; the scripts load this file by p
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
 from typing import Any
 
+import common  # a sibling script (benchmarks/README.md)
 import torch
 import torchdiffeq
 import torchsde
@@ -64,18 +62,6 @@ import sdediff
 from sdediff.interop.kdiffusion import KDiffusionDenoiser, sigma_of_time
 from sdediff.solvers.grids import GRIDS
 
-
-def _load_common():
-    name = "sdediff_bench_common"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("common.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-common = _load_common()
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 #: knots of the scheduler's training schedule (diffusers' usual num_train_timesteps)
 N_TRAIN = 1000

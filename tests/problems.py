@@ -14,7 +14,7 @@
   for a peer's module that casts to float32.
 """
 
-import importlib.util
+import importlib
 import math
 import sys
 import types
@@ -37,16 +37,15 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
 def load_benchmark(name: str):
-    """The script ``benchmarks/{name}.py`` loaded by path as module ``sdediff_bench_{name}`` (once per session)."""
-    module_name = f"sdediff_bench_{name}"
-    if module_name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
+    """The script ``benchmarks/{name}.py`` imported as module ``name``, as ``python benchmarks/{name}.py`` imports
+    its siblings (the folder goes first on ``sys.path``), so that every script and test shares one copy of each."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
 
 
 class Float64Torch(types.ModuleType):
