@@ -3,7 +3,7 @@ timing, and k-diffusion's noise levels (its loader and denoiser adapter come fro
 for the scripts that train a model and write results: common options, the run preamble (:func:`start_run`),
 timed training, the likelihood ODE in chunks and the results files.
 
-Nothing here is part of the ``sdediff`` package; the scripts load this file by path.
+Nothing here is part of the ``sdediff`` package; the scripts import this file by its plain name (benchmarks/README.md).
 """
 
 from __future__ import annotations

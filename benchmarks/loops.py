@@ -2,7 +2,7 @@
 diffusion, ancestral, PC, Langevin): coefficients precomputed as Python floats, no checks, out-of-place tensor ops.
 ``overhead.py`` times them as the floor of each update (for the SDE solvers drawing the noise is part of it).
 
-Nothing here is part of the ``sdediff`` package; the scripts load this file by path.
+Nothing here is part of the ``sdediff`` package; the scripts import this file by its plain name (benchmarks/README.md).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ evaluates the whole batch at every iteration, so its NFE per sample is its numbe
 **k-diffusion, torchdiffeq, torchsde.** :func:`kd_sample`, :func:`torchdiffeq_sample` and :func:`torchsde_sample`
 run those libraries' samplers on the same problems (benchmarks/README.md describes the conventions).
 
-Nothing here is part of the ``sdediff`` package; the scripts load this file by path.
+Nothing here is part of the ``sdediff`` package; the scripts import this file by its plain name (benchmarks/README.md).
 """
 
 from __future__ import annotations

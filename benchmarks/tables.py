@@ -3,7 +3,7 @@ run with ``problem, impl, label, kind, budget, tol, steps, schedule, nfe`` and i
 ``rmse_median_sample``, ``sw2``, ...), or ``error`` for a run that raised. Here: which run a table cell shows and
 the best run of a library within a budget.
 
-Nothing here is part of the ``sdediff`` package; the scripts load this file by path.
+Nothing here is part of the ``sdediff`` package; the scripts import this file by its plain name (benchmarks/README.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Smoke-with-truth tests of the benchmark scripts (benchmarks/*.py) at tiny sizes.
 
-The scripts are loaded by path. The k-diffusion parts are skipped when k-diffusion is not installed
-(it is an optional peer: ``pip install --no-deps k-diffusion``, see benchmarks/README.md).
+The scripts are imported by their plain names (``problems.load_benchmark``). The k-diffusion parts are skipped when
+k-diffusion is not installed (it is an optional peer: ``pip install --no-deps k-diffusion``, see benchmarks/README.md).
 """
 
 import json

@@ -17,6 +17,7 @@ from .. import __version__
 from ..config import ConfigError, config_defaults, load_toml
 from ..data.images import RESIZE_MODES
 from ..data.toy import TOY_DATASETS
+from ..likelihood.engine import AUTO_EXACT_MAX_DIM, TRACES
 from ..score import PREDICTIONS
 from ..solvers import available_solvers, get_solver
 from . import bench, demo, likelihood, sample, train
@@ -373,8 +374,8 @@ def build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]
     p.add_argument("--n", type=positive_int, help="number of points (default: 1000 for 2-D sets, the whole split for "
                                                  "digits, up to 1000 of the split for your own data)")
     p.add_argument("--eps", type=positive_float, help="start time of the ODE (default: the run's --t-eps)")
-    p.add_argument("--trace", choices=("auto", "exact", "hutchinson"), default="auto",
-                   help="divergence estimator (auto: exact up to 16 dimensions)")
+    p.add_argument("--trace", choices=TRACES, default="auto",
+                   help=f"divergence estimator (auto: exact up to {AUTO_EXACT_MAX_DIM} dimensions)")
     p.add_argument("--tol", type=positive_float, help="accuracy of each log-density in nats (default 1e-4 with the "
                                                        "exact trace, 3e-4 per dimension with Hutchinson's; only "
                                                        "--rtol/--atol when given)")
